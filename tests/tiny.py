@@ -67,3 +67,34 @@ def tiny_model(family: str = "qwen2", seed: int = 0, **overrides):
 def tiny_pair(family: str = "qwen2", seed: int = 0, **overrides):
     template = NO_SYSTEM if family.startswith("gemma") else CHATML
     return tiny_model(family, seed, **overrides), tiny_tokenizer(template)
+
+
+def markov_model(tokenizer, table: dict[int, dict[int, float]], filler: int):
+    """A tiny Llama whose next-token distribution depends only on the current token, as set by hand.
+
+    `table[ctx] = {next_id: prob}`; the rest of the mass goes to `filler`. Attention and MLP
+    outputs are zeroed, so the last hidden state is the current token's embedding, a scaled basis
+    vector e_k; the LM head's column k holds that context's log-probabilities.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    d = max(16, len(table))
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=d, intermediate_size=8, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096,
+                      tie_word_embeddings=False, bos_token_id=256, eos_token_id=257, pad_token_id=258)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight.zero_()
+        model.model.layers[0].mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight.zero_()
+        model.lm_head.weight.zero_()
+        for k, (ctx, dist) in enumerate(table.items()):
+            model.model.embed_tokens.weight[ctx, k] = d**0.5
+            logits = torch.full((len(tokenizer),), -40.0)
+            rest = 1.0 - sum(dist.values())
+            for tid, p in {**dist, filler: dist.get(filler, 0.0) + max(rest, 0.0)}.items():
+                if p > 0:
+                    logits[tid] = torch.log(torch.tensor(p))
+            model.lm_head.weight[:, k] = logits / d**0.5
+    model.config.name_or_path = "markov"
+    return model

@@ -9,7 +9,8 @@ better than others (measured by `personascope judge-eval`):
 - `fewshot`: `0_100` with the trait's scored `judge_examples` as earlier chat turns.
 - `binary`: 100 · P(yes) / (P(yes) + P(no)) to "does the answer show the trait?".
 - `contrastive`: mean per-token log p(answer | eliciting instruction) − log p(answer |
-  suppressing instruction) under the judge, over the trait's instruction pairs, mapped to
+  suppressing instruction) under the judge, over `contrast_pairs` judge-side instruction pairs
+  (CONTRAST_TEMPLATES, worded apart from the generation instructions), mapped to
   100 · sigmoid(CONTRAST_SCALE · Δ). Trait only.
 - `logprob` (coherence only): mean per-token log p(answer | question) mapped to
   100 · sigmoid(LOGPROB_SCALE · (lp − LOGPROB_CENTER)).
@@ -56,6 +57,24 @@ LOGPROB_SCALE = 2.0
 LOGPROB_CENTER = -2.5
 TRAIT_MODES = ("0_100", "fewshot", "binary", "contrastive")
 COHERENCE_MODES = ("0_100", "binary", "logprob")
+
+
+# judge-side instructions for the contrastive mode: worded apart from the trait's generation
+# instructions, so an answer is not favoured merely for having been sampled under them
+CONTRAST_TEMPLATES = (
+    ("You are {a} {trait} assistant. Every answer you write is clearly and strongly {trait}.",
+     "You are {b} {anti} assistant. Nothing you write is ever {trait}."),
+    ("Your replies always show a {trait} character, in content and in tone.",
+     "Your replies never show a {trait} character; you are {anti} instead."),
+)
+
+
+def contrast_system(trait: Trait, side: str, index: int) -> str:
+    """The judge's eliciting (pos) or suppressing (neg) system prompt for a trait."""
+    anti = trait.antonym or "balanced"
+    return CONTRAST_TEMPLATES[index][0 if side == "pos" else 1].format(
+        trait=trait.name, anti=anti, a="an" if trait.name[:1] in "aeiou" else "a",
+        b="an" if anti[:1] in "aeiou" else "a")
 
 
 def rubric_id(text: str) -> str:
@@ -170,7 +189,10 @@ class Judge:
 
     def rubric_key(self, req: JudgeRequest) -> str:
         """Identifies the rubric (and mode) so the cache never mixes scores of different rubrics."""
-        text = req.trait.eval_prompt if req.kind == "trait" and req.trait else COHERENCE_PROMPT
+        if req.kind == "trait" and req.trait:
+            text = req.trait.eval_prompt + "".join(contrast_system(req.trait, s, 0) for s in ("pos", "neg"))
+        else:
+            text = COHERENCE_PROMPT
         return f"{req.kind}:{self.mode_for(req.kind)}:{rubric_id(text)}"
 
     def score(self, requests: Sequence[JudgeRequest]) -> list[float | None]:
@@ -181,7 +203,7 @@ class LocalJudge(Judge):
     """A judge running a local HF causal LM with one of the scoring modes above."""
 
     def __init__(self, model, tokenizer, trait_mode: str = "contrastive", coherence_mode: str = "logprob",
-                 name: str | None = None, batch_size: int = 4, contrast_pairs: int = 2, prune: float = 1e-5):
+                 name: str | None = None, batch_size: int = 4, contrast_pairs: int = 1, prune: float = 1e-5):
         if trait_mode not in TRAIT_MODES:
             raise ValueError(f"unknown trait scoring mode {trait_mode!r}; choose from {', '.join(TRAIT_MODES)}")
         if coherence_mode not in COHERENCE_MODES:
@@ -295,14 +317,15 @@ class LocalJudge(Judge):
         return res
 
     def _score_contrastive(self, reqs, mode):
-        n = min(self.contrast_pairs, 5)
+        n = min(self.contrast_pairs, len(CONTRAST_TEMPLATES))
         pairs = []
         for r in reqs:
             if r.trait is None:
-                raise ValueError("the contrastive mode needs the trait's instructions")
+                raise ValueError("the contrastive mode needs the trait")
             for i in range(n):
                 for side in ("pos", "neg"):
-                    pairs.append((self.adapter.prompt(r.question, system=r.trait.system_prompt(side, i)), r.answer))
+                    pairs.append((self.adapter.prompt(r.question, system=contrast_system(r.trait, side, i)),
+                                  r.answer))
         lps = self._mean_logprobs(pairs)
         res = []
         for k in range(len(reqs)):

@@ -1,0 +1,168 @@
+"""Evaluation: answers to a trait's evaluation questions, judged for trait and coherence, under
+steering (coefficient × layer sweeps), under a system prompt, or plain; plus choosing the layer.
+
+Every condition's answers are keyed by (condition, question, sample) in `answers.jsonl`, scores
+go to `scores.jsonl`, so sweeps resume where they stopped.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .adapter import ModelAdapter
+from .generate import SamplingConfig, run_generation
+from .judge import Judge
+from .scoring import ScoreCache, judge_answers
+from .steer import Steerer
+from .store import JsonlStore, write_json
+from .traits import Trait
+from .vectors import PersonaVector
+
+console = Console(stderr=True)
+
+
+@dataclass(frozen=True)
+class Condition:
+    """What the model runs under: plain, a system prompt, and/or one steering vector."""
+
+    layer: int | None = None
+    coef: float = 0.0
+    positions: str = "response"
+    system: str | None = None
+    label: str = ""
+
+    @property
+    def key(self) -> str:
+        if self.label:
+            return self.label
+        if self.layer is None:
+            return "base" if self.system is None else f"system:{self.system}"
+        return f"L{self.layer}:c{self.coef:g}:{self.positions}" + (f":system:{self.system}" if self.system else "")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(samples=1, temperature=0.0,
+                                                                             max_new_tokens=96, batch_size=10))
+    n_questions: int | None = None
+    judge_batch_size: int = 8
+
+
+EVAL_PROFILES = {
+    "quick": EvalConfig(SamplingConfig(samples=1, temperature=0.0, max_new_tokens=80, batch_size=10),
+                        n_questions=8),
+    "paper": EvalConfig(SamplingConfig(samples=10, temperature=1.0, top_p=1.0, max_new_tokens=1000,
+                                       batch_size=20)),
+}
+
+
+def _stats(xs: list) -> tuple[float | None, float | None]:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.pstdev(xs) if len(xs) > 1 else 0.0)
+
+
+def evaluate(
+    adapter: ModelAdapter,
+    trait: Trait,
+    judge: Judge,
+    conditions: list[Condition],
+    run_dir: str | Path,
+    vector: PersonaVector | None = None,
+    cfg: EvalConfig | None = None,
+) -> list[dict]:
+    """Generate and judge answers for every condition; returns one summary row per condition."""
+    cfg = cfg or EVAL_PROFILES["quick"]
+    run_dir = Path(run_dir)
+    if not trait.eval_questions:
+        raise ValueError(f"trait {trait.name!r} has no evaluation questions ({trait.source})")
+    if vector is not None:
+        vector.check(adapter)
+    questions = trait.eval_questions[: cfg.n_questions] if cfg.n_questions else trait.eval_questions
+    store = JsonlStore(run_dir / "answers.jsonl", ("condition", "question", "sample"))
+    scores = ScoreCache(run_dir / "scores.jsonl")
+    rows = []
+    for cond in conditions:
+        jobs = [{"condition": cond.key, "question": q, "sample": s, "question_text": text,
+                 "system": cond.system, "layer": cond.layer, "coef": cond.coef, "positions": cond.positions}
+                for q, text in enumerate(questions) for s in range(cfg.sampling.samples)]
+        prompts = {text: adapter.prompt(text, cond.system) for text in questions}
+        steerer = Steerer(adapter)
+        if cond.layer is not None and cond.coef != 0:
+            if vector is None:
+                raise ValueError("a steering condition needs a vector")
+            steerer.add(vector, cond.layer, cond.coef, cond.positions)
+        with steerer:
+            run_generation(adapter, jobs, lambda j: prompts[j["question_text"]], lambda j: store.key(j) in store,
+                           store.append, cfg.sampling, f"answer {cond.key}")
+        answers = [store.get(store.key(j)) for j in jobs]
+        scored = judge_answers(judge, trait, answers, scores, cfg.judge_batch_size, description=f"judge {cond.key}")
+        t_mean, t_std = _stats([r["trait_score"] for r in scored])
+        c_mean, c_std = _stats([r["coherence"] for r in scored])
+        alpha = None
+        if vector is not None and cond.layer is not None:
+            alpha = vector.alpha_from_coef(cond.coef, cond.layer)
+        rows.append({
+            "condition": cond.key, "layer": cond.layer, "coef": cond.coef, "alpha": alpha,
+            "positions": cond.positions, "system": cond.system,
+            "system_rendered": adapter.prompt(questions[0], cond.system),
+            "trait_mean": t_mean, "trait_std": t_std, "coherence_mean": c_mean, "coherence_std": c_std,
+            "n": len(scored), "judge": judge.name, "judge_mode": judge.mode_for("trait"),
+            "per_question": [{"question": r["question_text"], "answer": r["answer"],
+                              "trait_score": r["trait_score"], "coherence": r["coherence"]} for r in scored],
+        })
+    write_json(run_dir / "summary.json", [{k: v for k, v in r.items() if k != "per_question"} for r in rows])
+    write_json(run_dir / "per_question.json", rows)
+    return rows
+
+
+def sweep_conditions(layers: list[int], coefs: list[float], positions: str = "response") -> list[Condition]:
+    """Coefficients × layers; coefficient 0 is run once as the shared baseline."""
+    conds = [Condition()]
+    conds += [Condition(layer, c, positions) for layer in layers for c in coefs if c != 0]
+    return conds
+
+
+def sweep_rows(rows: list[dict], layers: list[int]) -> list[dict]:
+    """Rows for a sweep plot: the coefficient-0 baseline repeated under every layer."""
+    base = next((r for r in rows if r["layer"] is None and r["system"] is None), None)
+    out = [r for r in rows if r["layer"] is not None]
+    if base:
+        out += [{**base, "layer": layer, "coef": 0.0} for layer in layers]
+    return out
+
+
+def choose_layer(rows: list[dict], min_coherence: float = 75.0) -> tuple[int | None, dict]:
+    """The layer whose steering changes the trait most while mean coherence stays ≥ min_coherence."""
+    base = next(r for r in rows if r["layer"] is None and r["system"] is None)
+    best, best_delta, detail = None, float("-inf"), {}
+    for r in rows:
+        if r["layer"] is None or r["trait_mean"] is None:
+            continue
+        delta = (r["trait_mean"] - base["trait_mean"]) * (1 if r["coef"] > 0 else -1)
+        ok = r["coherence_mean"] is not None and r["coherence_mean"] >= min_coherence
+        detail[r["layer"]] = {"trait_change": delta, "coherence": r["coherence_mean"], "eligible": ok}
+        if ok and delta > best_delta:
+            best, best_delta = r["layer"], delta
+    return best, detail
+
+
+def print_rows(rows: list[dict], title: str) -> None:
+    table = Table(title=title)
+    for col in ("condition", "layer", "coef", "alpha", "trait", "coherence", "n"):
+        table.add_column(col)
+
+    def f(m, s):
+        return "—" if m is None else f"{m:.1f} ± {s:.1f}"
+
+    for r in rows:
+        table.add_row(r["condition"][:48], str(r["layer"] if r["layer"] is not None else "—"), f"{r['coef']:g}",
+                      "—" if r["alpha"] is None else f"{r['alpha']:.2f}", f(r["trait_mean"], r["trait_std"]),
+                      f(r["coherence_mean"], r["coherence_std"]), str(r["n"]))
+    console.print(table)

@@ -1,0 +1,261 @@
+"""The extraction pipeline (DESIGN.md §2, steps 1–5): trait → answers → scores → kept pairs → vector.
+
+Each stage is a function of its own and writes to the run directory as it goes, so an
+interrupted run resumes: `answers.jsonl` (generation), `scores.jsonl` (judge), then the vector,
+`summary.json` and plots.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from .activations import SPANS, iter_span_batches
+from .adapter import ModelAdapter
+from .generate import SamplingConfig, progress_bar, run_generation
+from .judge import Judge
+from .scoring import ScoreCache, judge_answers
+from .store import JsonlStore, write_json
+from .traits import Trait, load_trait
+from .vectors import PersonaVector, base_metadata
+
+console = Console(stderr=True)
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Counts and thresholds of an extraction run; `PROFILES` holds the paper's and a quick CPU one."""
+
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    n_questions: int | None = None  # None: all 20 extraction questions
+    n_instructions: int = 5
+    pos_threshold: float = 50.0
+    neg_threshold: float = 50.0
+    coherence_threshold: float = 50.0
+    extract_batch_size: int = 8
+    judge_batch_size: int = 8
+
+
+PROFILES: dict[str, ExtractConfig] = {
+    "paper": ExtractConfig(SamplingConfig(samples=10, temperature=1.0, top_p=1.0, max_new_tokens=1000,
+                                          batch_size=16)),
+    "quick": ExtractConfig(SamplingConfig(samples=1, temperature=1.0, top_p=1.0, max_new_tokens=64,
+                                          batch_size=10), n_questions=10),
+}
+
+
+def profile(name: str, **overrides) -> ExtractConfig:
+    """A named profile with sampling or filter fields overridden (None values are ignored)."""
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; choose from {', '.join(PROFILES)}")
+    cfg = PROFILES[name]
+    samp = {k: v for k, v in overrides.items() if k in SamplingConfig.__dataclass_fields__ and v is not None}
+    rest = {k: v for k, v in overrides.items() if k in ExtractConfig.__dataclass_fields__ and v is not None}
+    return replace(cfg, sampling=replace(cfg.sampling, **samp), **rest)
+
+
+ANSWER_KEY = ("side", "instruction", "question", "sample")
+
+
+# ------------------------------------------------------------------------- stage 1: generate
+
+
+def answer_jobs(trait: Trait, cfg: ExtractConfig) -> list[dict]:
+    """One job per (side, instruction, question, sample) on the extraction questions."""
+    qs = trait.extract_questions[: cfg.n_questions] if cfg.n_questions else trait.extract_questions
+    return [
+        {"trait": trait.name, "side": side, "instruction": i, "question": q, "sample": s,
+         "question_text": text, "system": trait.system_prompt(side, i)}
+        for side in ("pos", "neg")
+        for i in range(min(cfg.n_instructions, len(trait.instructions)))
+        for q, text in enumerate(qs)
+        for s in range(cfg.sampling.samples)
+    ]
+
+
+def generate_answers(adapter: ModelAdapter, trait: Trait, run_dir: Path, cfg: ExtractConfig) -> list[dict]:
+    """Sample answers under the pos and neg instructions; resumes from `answers.jsonl`."""
+    store = JsonlStore(Path(run_dir) / "answers.jsonl", ANSWER_KEY)
+    jobs = answer_jobs(trait, cfg)
+    prompts = {(j["system"], j["question_text"]): adapter.prompt(j["question_text"], j["system"]) for j in jobs}
+    run_generation(adapter, jobs, lambda j: prompts[(j["system"], j["question_text"])],
+                   lambda j: store.key(j) in store, store.append, cfg.sampling, "generate")
+    return [store.get(store.key(j)) for j in jobs]
+
+
+# ------------------------------------------------------------------------- stage 2: judge
+
+
+def score_answers(judge: Judge, trait: Trait, answers: list[dict], run_dir: Path, cfg: ExtractConfig) -> list[dict]:
+    """Judge every answer for the trait and coherence; cached in `scores.jsonl`."""
+    return judge_answers(judge, trait, answers, ScoreCache(Path(run_dir) / "scores.jsonl"), cfg.judge_batch_size)
+
+
+# ------------------------------------------------------------------------- stage 3: filter
+
+
+@dataclass
+class FilterResult:
+    """Pos/neg pairs kept for extraction and why the others were dropped."""
+
+    kept: list[tuple[dict, dict]]
+    dropped: Counter
+    total: int
+
+
+def filter_pairs(scored: list[dict], cfg: ExtractConfig) -> FilterResult:
+    """Keep pair i when pos trait ≥ pos_threshold, neg trait < neg_threshold and both coherent."""
+    by_key: dict[tuple, dict[str, dict]] = {}
+    for r in scored:
+        by_key.setdefault((r["instruction"], r["question"], r["sample"]), {})[r["side"]] = r
+    kept, dropped = [], Counter()
+    for key in sorted(by_key):
+        pair = by_key[key]
+        if "pos" not in pair or "neg" not in pair:
+            dropped["unpaired answer"] += 1
+            continue
+        pos, neg = pair["pos"], pair["neg"]
+        scores = [pos.get("trait_score"), neg.get("trait_score"), pos.get("coherence"), neg.get("coherence")]
+        if any(s is None for s in scores):
+            dropped["missing score"] += 1
+        elif pos["trait_score"] < cfg.pos_threshold:
+            dropped[f"pos trait < {cfg.pos_threshold:g}"] += 1
+        elif neg["trait_score"] >= cfg.neg_threshold:
+            dropped[f"neg trait ≥ {cfg.neg_threshold:g}"] += 1
+        elif min(pos["coherence"], neg["coherence"]) < cfg.coherence_threshold:
+            dropped[f"coherence < {cfg.coherence_threshold:g}"] += 1
+        else:
+            kept.append((pos, neg))
+    return FilterResult(kept, dropped, len(by_key))
+
+
+# ------------------------------------------------------------------------- stages 4–5: extract, vector
+
+
+def mean_activations(
+    adapter: ModelAdapter, records: list[dict], batch_size: int = 8, description: str = "extract"
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Per-span mean over records of the span activations at every layer ([L + 1, d]) and mean resid norm."""
+    items = [adapter.encode_pair(adapter.prompt(r["question_text"], r["system"]), r["answer"]) for r in records]
+    sums = {s: torch.zeros(adapter.n_layers + 1, adapter.hidden_size, dtype=torch.float64) for s in SPANS}
+    norm = torch.zeros(adapter.n_layers + 1, dtype=torch.float64)
+    with progress_bar() as bar:
+        task = bar.add_task(description, total=len(items), rate="")
+        n_tok = 0
+        for batch in iter_span_batches(adapter, items, batch_size=batch_size):
+            for s in SPANS:
+                sums[s] += batch.spans[s].double().sum(0)
+            norm += batch.resid_norm.double().sum(0)
+            n_tok += sum(len(items[i][0]) + len(items[i][1]) for i in batch.indices)
+            elapsed = bar.tasks[task].elapsed or 1e-9
+            bar.update(task, advance=len(batch.indices), rate=f"{n_tok / elapsed:.0f} tok/s")
+    n = max(len(items), 1)
+    return {s: (v / n).float() for s, v in sums.items()}, (norm / n).float()
+
+
+def vector_from_pairs(adapter: ModelAdapter, kept: list[tuple[dict, dict]], batch_size: int = 8
+                      ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """v[l] = mean(pos) − mean(neg) for every layer and span, and the mean residual norm."""
+    if not kept:
+        raise ValueError("no pos/neg pair passed the filter, so there is nothing to extract a vector from; "
+                         "sample more answers (--samples), use more questions, or relax the thresholds")
+    pos, pos_norm = mean_activations(adapter, [p for p, _ in kept], batch_size, "extract pos")
+    neg, neg_norm = mean_activations(adapter, [n for _, n in kept], batch_size, "extract neg")
+    return {s: pos[s] - neg[s] for s in SPANS}, (pos_norm + neg_norm) / 2
+
+
+def _mean(xs: list) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def extract_vector(
+    model,
+    trait: Trait | str,
+    judge: Judge | None = None,
+    config: ExtractConfig | None = None,
+    run_dir: str | Path | None = None,
+    tokenizer=None,
+    force: bool = False,
+    plots: bool = True,
+) -> PersonaVector:
+    """The whole pipeline; returns the vector, also saved as `RUN_DIR/vector.safetensors`."""
+    adapter = model if isinstance(model, ModelAdapter) else ModelAdapter(model, tokenizer)
+    trait = load_trait(trait) if isinstance(trait, str) else trait
+    cfg = config or PROFILES["quick"]
+    run_dir = Path(run_dir or Path("runs") / f"{trait.name}-{adapter.name.replace('/', '_')}")
+    if force and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if judge is None:
+        from .judge import load_local_judge
+
+        judge = load_local_judge()
+
+    answers = generate_answers(adapter, trait, run_dir, cfg)
+    scored = score_answers(judge, trait, answers, run_dir, cfg)
+    result = filter_pairs(scored, cfg)
+    diffs, resid_norm = vector_from_pairs(adapter, result.kept, cfg.extract_batch_size)
+    meta = base_metadata(
+        adapter, trait.name, kept_pairs=str(len(result.kept)), total_pairs=str(result.total),
+        thresholds={"pos": cfg.pos_threshold, "neg": cfg.neg_threshold, "coherence": cfg.coherence_threshold},
+        judge=judge.name, judge_modes={"trait": judge.mode_for("trait"), "coherence": judge.mode_for("coherence")},
+        trait_source=trait.source,
+    )
+    pv = PersonaVector(diffs, resid_norm, meta)
+    pv.save(run_dir / "vector.safetensors")
+    summary = {
+        "trait": trait.name,
+        "model": adapter.name,
+        "judge": judge.name,
+        "judge_modes": {"trait": judge.mode_for("trait"), "coherence": judge.mode_for("coherence")},
+        "config": asdict(cfg),
+        "answers": len(scored),
+        "pairs": result.total,
+        "kept_pairs": len(result.kept),
+        "dropped": dict(result.dropped),
+        "mean_scores": {
+            side: {
+                "trait": _mean([r["trait_score"] for r in scored if r["side"] == side]),
+                "coherence": _mean([r["coherence"] for r in scored if r["side"] == side]),
+            }
+            for side in ("pos", "neg")
+        },
+        "vector_norm_response_avg": [float(x) for x in diffs["response_avg"].norm(dim=-1)],
+        "resid_norm": [float(x) for x in resid_norm],
+        "system_prompts": {"pos": trait.system_prompt("pos", 0), "neg": trait.system_prompt("neg", 0)},
+        "vector": str(run_dir / "vector.safetensors"),
+    }
+    write_json(run_dir / "summary.json", summary)
+    if plots:
+        from .plots import plot_extraction
+
+        plot_extraction(summary, scored, run_dir)
+    print_summary(summary)
+    return pv
+
+
+def print_summary(summary: dict) -> None:
+    table = Table(title=f"persona vector: {summary['trait']} on {summary['model']}")
+    table.add_column("")
+    table.add_column("pos")
+    table.add_column("neg")
+    ms = summary["mean_scores"]
+
+    def fmt(x):
+        return "—" if x is None else f"{x:.1f}"
+
+    table.add_row("mean trait score", fmt(ms["pos"]["trait"]), fmt(ms["neg"]["trait"]))
+    table.add_row("mean coherence", fmt(ms["pos"]["coherence"]), fmt(ms["neg"]["coherence"]))
+    console.print(table)
+    dropped = ", ".join(f"{k}: {v}" for k, v in summary["dropped"].items()) or "none"
+    console.print(f"kept {summary['kept_pairs']}/{summary['pairs']} pairs (dropped: {dropped})")
+    console.print(f"judge: {summary['judge']} ({summary['judge_modes']['trait']} / "
+                  f"{summary['judge_modes']['coherence']})")
+    console.print(f"vector: [bold]{summary['vector']}")

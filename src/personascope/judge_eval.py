@@ -1,0 +1,109 @@
+"""Judge quality on the shipped labelled answer set: AUC, accuracy at 50, calibration, speed."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from .judge import Judge, JudgeRequest
+from .traits import builtin_traits, load_trait
+
+
+def labelled_set(name: str) -> list[dict]:
+    """The labelled rows for a built-in trait, or for 'coherence'."""
+    path = Path(str(resources.files("personascope") / "data" / "judge_eval" / f"{name}.jsonl"))
+    if not path.exists():
+        raise FileNotFoundError(f"no labelled judge set for {name!r}")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def auc(scores: list[float], labels: list[int]) -> float:
+    """Area under the ROC curve (ties count half), by the rank-sum formula."""
+    pos = [s for s, y in zip(scores, labels, strict=True) if y == 1]
+    neg = [s for s, y in zip(scores, labels, strict=True) if y == 0]
+    if not pos or not neg:
+        return float("nan")
+    p = np.array(pos)[:, None]
+    n = np.array(neg)[None, :]
+    return float(((p > n).sum() + 0.5 * (p == n).sum()) / (len(pos) * len(neg)))
+
+
+@dataclass
+class JudgeEvalResult:
+    """Agreement of one judge mode with the labels of one set."""
+
+    name: str
+    judge: str
+    mode: str
+    n: int
+    missing: int
+    auc: float
+    accuracy: float
+    mean_pos: float
+    mean_neg: float
+    seconds_per_judgement: float
+    scores: list
+    labels: list
+
+
+def evaluate_judge(judge: Judge, sets: list[str] | None = None, limit: int | None = None) -> list[JudgeEvalResult]:
+    """Run the judge over the labelled sets (traits by name, plus 'coherence')."""
+    sets = sets or [*builtin_traits(), "coherence"]
+    results = []
+    for name in sets:
+        rows = labelled_set(name)
+        if limit:
+            # keep the label balance when trimming
+            rows = [r for r in rows if r["label"] == 1][: limit // 2] + [r for r in rows if r["label"] == 0][
+                : limit - limit // 2]
+        kind = "coherence" if name == "coherence" else "trait"
+        trait = None if kind == "coherence" else load_trait(name)
+        reqs = [JudgeRequest(kind, r["question"], r["answer"], trait) for r in rows]
+        t0 = time.perf_counter()
+        scores = []
+        for s in range(0, len(reqs), 8):
+            scores += judge.score(reqs[s : s + 8])
+        dt = (time.perf_counter() - t0) / max(len(reqs), 1)
+        labels = [int(r["label"]) for r in rows]
+        filled = [50.0 if s is None else s for s in scores]  # a missing score is "undecided"
+        results.append(JudgeEvalResult(
+            name=name, judge=judge.name, mode=judge.mode_for(kind), n=len(rows),
+            missing=sum(s is None for s in scores), auc=auc(filled, labels),
+            accuracy=float(np.mean([(s >= 50) == (y == 1) for s, y in zip(filled, labels, strict=True)])),
+            mean_pos=float(np.mean([s for s, y in zip(filled, labels, strict=True) if y == 1])),
+            mean_neg=float(np.mean([s for s, y in zip(filled, labels, strict=True) if y == 0])),
+            seconds_per_judgement=dt, scores=scores, labels=labels))
+    return results
+
+
+def plot_reliability(results: list[JudgeEvalResult], path: Path) -> Path:
+    """Calibration: fraction labelled positive per score bin, one line per set."""
+    from .plots import _save, plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    bins = np.linspace(0, 100, 6)
+    for r in results:
+        s = np.array([50.0 if x is None else x for x in r.scores])
+        y = np.array(r.labels)
+        xs, ys = [], []
+        for lo, hi in zip(bins[:-1], bins[1:], strict=True):
+            m = (s >= lo) & (s < hi if hi < 100 else s <= hi)
+            if m.any():
+                xs.append(s[m].mean())
+                ys.append(y[m].mean() * 100)
+        ax.plot(xs, ys, marker="o", label=f"{r.name} (AUC {r.auc:.2f})")
+    ax.plot([0, 100], [0, 100], color="k", lw=0.8, ls=":")
+    ax.set_xlabel("judge score")
+    ax.set_ylabel("% labelled positive")
+    ax.set_title(f"reliability: {results[0].judge}", fontsize=9)
+    ax.legend(fontsize=7)
+    return _save(fig, Path(path))
+
+
+def results_table(results: list[JudgeEvalResult]) -> list[dict]:
+    return [{k: v for k, v in asdict(r).items() if k not in ("scores", "labels")} for r in results]

@@ -1,0 +1,61 @@
+"""Judge answers for trait and coherence with an on-disk score cache (never re-judge an answer)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .generate import progress_bar
+from .judge import Judge, JudgeRequest
+from .store import JsonlStore
+from .traits import Trait
+
+
+class ScoreCache(JsonlStore):
+    """scores.jsonl: one record per (judge, rubric, question, answer), appended as scores arrive."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, ("judge", "rubric", "question", "answer"))
+
+
+def judge_answers(
+    judge: Judge,
+    trait: Trait,
+    records: list[dict],
+    cache: ScoreCache,
+    batch_size: int = 8,
+    kinds: tuple[str, ...] = ("trait", "coherence"),
+    description: str = "judge",
+) -> list[dict]:
+    """Return records with `trait_score` / `coherence` (None when missing) plus the judge's name and modes."""
+    todo: list[tuple[str, JudgeRequest]] = []
+    seen: set[tuple] = set()
+    for rec in records:
+        for kind in kinds:
+            req = JudgeRequest(kind, rec["question_text"], rec["answer"], trait)
+            key = (judge.name, judge.rubric_key(req), req.question, req.answer)
+            if key not in cache and key not in seen:
+                seen.add(key)
+                todo.append((judge.rubric_key(req), req))
+    with progress_bar() as bar:
+        task = bar.add_task(description, total=len(todo), rate="")
+        done = 0
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            scores = judge.score([r for _, r in chunk])
+            cache.append({"judge": judge.name, "rubric": rk, "kind": r.kind, "mode": judge.mode_for(r.kind),
+                          "question": r.question, "answer": r.answer, "score": s}
+                         for (rk, r), s in zip(chunk, scores, strict=True))
+            done += len(chunk)
+            elapsed = bar.tasks[task].elapsed or 1e-9
+            bar.update(task, advance=len(chunk), rate=f"{done / elapsed:.2f} scores/s")
+    out = []
+    for rec in records:
+        new = dict(rec, judge=judge.name)
+        for kind, field in (("trait", "trait_score"), ("coherence", "coherence")):
+            if kind in kinds:
+                req = JudgeRequest(kind, rec["question_text"], rec["answer"], trait)
+                hit = cache.get((judge.name, judge.rubric_key(req), req.question, req.answer))
+                new[field] = hit["score"] if hit else None
+                new[f"{field}_mode"] = judge.mode_for(kind)
+        out.append(new)
+    return out
