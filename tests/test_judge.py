@@ -102,7 +102,8 @@ def test_logprob_coherence_prefers_likely_text(tok):
     a, b = tid(tok, "a"), tid(tok, "b")
     model = markov_model(tok, {a: {a: 0.9, b: 0.05}, b: {a: 0.9, b: 0.05}}, filler=tid(tok, "x"))
     judge = LocalJudge(model, tok, coherence_mode="logprob")
-    fluent, broken = judge.score([JudgeRequest("coherence", "q", "aaaaaaaa"), JudgeRequest("coherence", "q", "abbbbbbb")])
+    fluent, broken = judge.score([JudgeRequest("coherence", "q", "aaaaaaaa"),
+                                  JudgeRequest("coherence", "q", "abbbbbbb")])
     assert 0 <= broken < fluent <= 100
 
 

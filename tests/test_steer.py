@@ -2,7 +2,14 @@ import pytest
 import torch
 from tiny import tiny_pair
 
-from personascope.adapter import ModelAdapter, block_output, pad_batch, pad_id, position_ids_for, with_block_output
+from personascope.adapter import (
+    ModelAdapter,
+    block_output,
+    pad_batch,
+    pad_id,
+    position_ids_for,
+    with_block_output,
+)
 from personascope.steer import Steerer, steer
 from personascope.vectors import PersonaVector, VectorMismatchError
 

@@ -1,3 +1,18 @@
 """personascope: find, monitor and control character traits (persona vectors) in language models."""
 
 __version__ = "0.1.0"
+
+from .activations import collect_spans, project  # noqa: E402
+from .adapter import ModelAdapter  # noqa: E402
+from .extract import extract_vector, filter_pairs, generate_answers, score_answers  # noqa: E402
+from .judge import LocalJudge, load_local_judge  # noqa: E402
+from .models import load_model  # noqa: E402
+from .steer import Steerer, steer  # noqa: E402
+from .traits import Trait, load_trait  # noqa: E402
+from .vectors import PersonaVector, load_vector  # noqa: E402
+
+__all__ = [
+    "LocalJudge", "ModelAdapter", "PersonaVector", "Steerer", "Trait", "collect_spans", "extract_vector",
+    "filter_pairs", "generate_answers", "load_local_judge", "load_model", "load_trait", "load_vector",
+    "project", "score_answers", "steer",
+]

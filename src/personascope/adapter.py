@@ -94,7 +94,7 @@ class ModelAdapter:
     def hidden_size(self) -> int:
         cfg = self.model.config
         cfg = getattr(cfg, "text_config", None) or cfg
-        return int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd"))
+        return int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
 
     @property
     def device(self) -> torch.device:

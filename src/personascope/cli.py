@@ -162,6 +162,160 @@ def vector_info(path: Path) -> None:
     console.print("‖v[l]‖: " + " ".join(f"{i}:{float(n):.2f}" for i, n in enumerate(norms)))
 
 
+# ---------------------------------------------------------------- steering and evaluation
+
+
+def _floats(values: list[str] | None) -> list[float]:
+    out = []
+    for v in values or []:
+        out += [float(x) for x in str(v).split(",") if x.strip()]
+    return out
+
+
+def _load_vector_for(adapter, path: Path | None):
+    from .vectors import VectorMismatchError, load_vector
+
+    if path is None:
+        return None
+    try:
+        pv = load_vector(path)
+        pv.check(adapter)
+    except (FileNotFoundError, VectorMismatchError, ValueError) as e:
+        _fail(str(e))
+    return pv
+
+
+@app.command()
+def evaluate(
+    trait: Annotated[str, typer.Argument(help="Built-in trait name or trait JSON path.")],
+    model: ModelOpt = DEFAULT_MODEL,
+    vector: Annotated[Path | None, typer.Option(help="Persona vector file to steer with.")] = None,
+    layer: Annotated[list[str] | None, typer.Option(help="Layer(s), e.g. --layer 12,16 (default: the "
+                                                        "vector's chosen layer).")] = None,
+    coef: Annotated[list[str] | None, typer.Option(help="Raw coefficient(s), e.g. --coef -2,0,2.")] = None,
+    alpha: Annotated[list[str] | None, typer.Option(help="Relative coefficient(s): coef·‖v‖/resid_norm.")] = None,
+    positions: Annotated[str, typer.Option(help="all, prompt or response.")] = "response",
+    system: Annotated[list[str] | None, typer.Option(help="'pos', 'neg' (the trait's instruction 0) or any "
+                                                          "system text; repeatable.")] = None,
+    profile: ProfileOpt = "quick",
+    questions: Annotated[int | None, typer.Option(help="Use the first N evaluation questions.")] = None,
+    samples: Annotated[int | None, typer.Option()] = None,
+    capability: Annotated[bool, typer.Option(help="Also report multiple-choice accuracy.")] = False,
+    capability_file: Annotated[Path | None, typer.Option(help="MMLU-style JSONL (default: built-in).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run directory.")] = None,
+    judge_model: JudgeModelOpt = DEFAULT_JUDGE_MODEL,
+    judge_mode: JudgeModeOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Judge answers to the evaluation questions: plain, prompted and/or steered (sweeps)."""
+    from dataclasses import replace
+
+    from .evaluate import EVAL_PROFILES, Condition, print_rows, sweep_conditions, sweep_rows
+    from .plots import plot_sweep
+    from .traits import TraitError, load_trait
+
+    try:
+        t = load_trait(trait)
+    except TraitError as e:
+        _fail(str(e))
+    adapter = _adapter(model, device)
+    pv = _load_vector_for(adapter, vector)
+    cfg = EVAL_PROFILES[profile]
+    if questions or samples:
+        cfg = replace(cfg, n_questions=questions or cfg.n_questions,
+                      sampling=replace(cfg.sampling, samples=samples or cfg.sampling.samples))
+    conditions = [Condition()]
+    layers = [int(x) for x in _floats(layer)] or ([pv.default_layer()] if pv else [])
+    if pv is not None:
+        for la in layers:
+            try:
+                adapter.check_layer(la)
+            except ValueError as e:
+                _fail(str(e))
+        if alpha and len(layers) > 1:
+            _fail("--alpha is converted per layer; give one --layer with --alpha, or use --coef for a sweep")
+        coefs = _floats(coef) + [pv.coef_from_alpha(a, layers[0]) for a in _floats(alpha)]
+        conditions = sweep_conditions(layers, coefs or [1.0], positions)
+    for sys_text in system or []:
+        text = t.system_prompt(sys_text, 0) if sys_text in ("pos", "neg") else sys_text
+        conditions.append(Condition(system=text, label=f"system:{sys_text}"))
+    run_dir = out or Path("runs") / f"eval-{t.name}-{adapter.name.replace('/', '_')}"
+    judge = _judge(judge_model, judge_mode, device)
+    from .evaluate import evaluate as run_eval
+
+    rows = run_eval(adapter, t, judge, conditions, run_dir, vector=pv, cfg=cfg)
+    if capability:
+        from .capability import load_mc, mc_accuracy
+        from .steer import Steerer
+
+        mc = load_mc(capability_file)
+        for r in rows:
+            st = Steerer(adapter)
+            if r["layer"] is not None and r["coef"]:
+                st.add(pv, r["layer"], r["coef"], r["positions"])
+            prompt_sys = r["system"]
+            if prompt_sys:
+                r["capability"] = None  # system-prompted MC is not measured
+                continue
+            r["capability"] = mc_accuracy(adapter, mc, steerer=st).accuracy
+    print_rows(rows, f"{t.name} on {adapter.name} (judge {judge.name}, {judge.mode_for('trait')})")
+    if capability:
+        for r in rows:
+            if r.get("capability") is not None:
+                console.print(f"capability accuracy {r['condition']}: {r['capability']:.3f}")
+    if pv is not None and len(conditions) > 2:
+        plot_sweep(sweep_rows(rows, layers), run_dir / "sweep.png", f"{t.name} steering sweep ({adapter.name})")
+        console.print(f"sweep plot: {run_dir / 'sweep.png'}")
+    from .store import write_json
+
+    write_json(run_dir / "summary.json", [{k: v for k, v in r.items() if k != "per_question"} for r in rows])
+    console.print(f"results: {run_dir / 'summary.json'}")
+
+
+@app.command("choose-layer")
+def choose_layer_cmd(
+    trait: str,
+    vector: Annotated[Path, typer.Option(help="Persona vector file.")],
+    model: ModelOpt = DEFAULT_MODEL,
+    layers: Annotated[str | None, typer.Option(help="Candidate layers, e.g. 8,12,16,20 (default: every "
+                                                     "fourth layer from L/4).")] = None,
+    coef: Annotated[float | None, typer.Option(help="Raw coefficient for the sweep.")] = None,
+    alpha: Annotated[float, typer.Option(help="Relative coefficient used when --coef is not given.")] = 0.5,
+    min_coherence: Annotated[float, typer.Option()] = 75.0,
+    questions: Annotated[int | None, typer.Option()] = None,
+    out: Annotated[Path | None, typer.Option()] = None,
+    judge_model: JudgeModelOpt = DEFAULT_JUDGE_MODEL,
+    judge_mode: JudgeModeOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Steer at one coefficient over candidate layers; record the best layer in the vector file."""
+    from dataclasses import replace
+
+    from .evaluate import EVAL_PROFILES, Condition, choose_layer, evaluate, print_rows
+    from .traits import load_trait
+
+    t = load_trait(trait)
+    adapter = _adapter(model, device)
+    pv = _load_vector_for(adapter, vector)
+    cands = [int(x) for x in layers.split(",")] if layers else list(range(max(1, adapter.n_layers // 4),
+                                                                          adapter.n_layers, 4))
+    conds = [Condition()]
+    for la in cands:
+        c = coef if coef is not None else pv.coef_from_alpha(alpha, la)
+        conds.append(Condition(la, c, "response"))
+    cfg = EVAL_PROFILES["quick"]
+    if questions:
+        cfg = replace(cfg, n_questions=questions)
+    judge = _judge(judge_model, judge_mode, device)
+    rows = evaluate(adapter, t, judge, conds, out or Path("runs") / f"choose-layer-{t.name}", vector=pv, cfg=cfg)
+    print_rows(rows, f"choose layer for {t.name}")
+    best, detail = choose_layer(rows, min_coherence)
+    if best is None:
+        _fail(f"no candidate layer kept mean coherence ≥ {min_coherence}; try a smaller --alpha/--coef")
+    pv.with_metadata(best_layer=best, layer_choice=json.dumps(detail)).save(vector)
+    console.print(f"best layer: [bold]{best}[/] (recorded in {vector})")
+
+
 # ---------------------------------------------------------------- judge quality
 
 
@@ -226,9 +380,14 @@ def demo(
     run_demo(trait, model, out, device)
 
 
-def _json(obj) -> str:
-    return json.dumps(obj, indent=2)
+def _register_command_groups() -> None:
+    from .commands import finetune, monitor, screen, serve
 
+    for module in (monitor, finetune, screen, serve):
+        module.register(app)
+
+
+_register_command_groups()
 
 if __name__ == "__main__":
     app()

@@ -1,0 +1,7 @@
+"""CLI commands for finetune."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add the finetune commands to the main app."""

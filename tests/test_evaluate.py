@@ -1,0 +1,96 @@
+import json
+
+import pytest
+import torch
+from tiny import tiny_pair
+
+from personascope.adapter import ModelAdapter
+from personascope.capability import load_mc, mc_accuracy, mc_prompt
+from personascope.evaluate import EvalConfig, choose_layer, evaluate, sweep_conditions, sweep_rows
+from personascope.generate import SamplingConfig
+from personascope.judge import LocalJudge
+from personascope.plots import plot_sweep
+from personascope.steer import steer
+from personascope.traits import load_trait
+from personascope.vectors import PersonaVector, base_metadata
+
+
+@pytest.fixture
+def setup():
+    model, tok = tiny_pair("qwen2", seed=11)
+    a = ModelAdapter(model, tok)
+    torch.manual_seed(0)
+    vecs = {"response_avg": torch.randn(a.n_layers + 1, a.hidden_size)}
+    pv = PersonaVector(vecs, torch.ones(a.n_layers + 1), base_metadata(a, "humorous"))
+    judge = LocalJudge(model, tok, trait_mode="contrastive", coherence_mode="logprob")
+    cfg = EvalConfig(SamplingConfig(samples=1, temperature=0.0, max_new_tokens=5, batch_size=4), n_questions=3)
+    return a, pv, judge, cfg
+
+
+def test_sweep_resumes_and_plots(tmp_path, setup):
+    a, pv, judge, cfg = setup
+    trait = load_trait("humorous")
+    conds = sweep_conditions([1, 2], [-4.0, 0.0, 4.0])
+    assert len(conds) == 5  # one shared baseline
+    rows = evaluate(a, trait, judge, conds, tmp_path, vector=pv, cfg=cfg)
+    assert [r["n"] for r in rows] == [3] * 5
+    assert all(0 <= r["trait_mean"] <= 100 for r in rows)
+    answers = (tmp_path / "answers.jsonl").read_text().splitlines()
+    assert len(answers) == 15
+    steered = {r["condition"]: [q["answer"] for q in r["per_question"]] for r in rows}
+    assert steered["base"] != steered["L2:c4:response"]
+    # rerun: nothing regenerated or re-judged
+    again = evaluate(a, trait, judge, conds, tmp_path, vector=pv, cfg=cfg)
+    assert (tmp_path / "answers.jsonl").read_text().splitlines() == answers
+    assert [r["trait_mean"] for r in again] == [r["trait_mean"] for r in rows]
+    png = plot_sweep(sweep_rows(rows, [1, 2]), tmp_path / "sweep.png", "t")
+    assert png.stat().st_size > 1000
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary[0]["condition"] == "base"
+
+
+def test_system_prompt_condition(tmp_path, setup):
+    from personascope.evaluate import Condition
+
+    a, pv, judge, cfg = setup
+    trait = load_trait("humorous")
+    rows = evaluate(a, trait, judge, [Condition(system=trait.system_prompt("pos", 0), label="system:pos")],
+                    tmp_path, cfg=cfg)
+    assert "You are a humorous assistant." in rows[0]["system_rendered"]
+
+
+def test_choose_layer_respects_coherence():
+    rows = [
+        {"layer": None, "system": None, "coef": 0.0, "trait_mean": 20.0, "coherence_mean": 90.0},
+        {"layer": 4, "system": None, "coef": 2.0, "trait_mean": 90.0, "coherence_mean": 40.0},
+        {"layer": 8, "system": None, "coef": 2.0, "trait_mean": 60.0, "coherence_mean": 80.0},
+        {"layer": 12, "system": None, "coef": 2.0, "trait_mean": 30.0, "coherence_mean": 95.0},
+    ]
+    best, detail = choose_layer(rows, 75)
+    assert best == 8 and not detail[4]["eligible"]
+
+
+def test_capability_accuracy_matches_direct_argmax(setup):
+    a, pv, judge, cfg = setup
+    rows = load_mc()[:12]
+    assert len(load_mc()) >= 100
+    res = mc_accuracy(a, rows, batch_size=5)
+    correct = 0
+    tok = a.tokenizer
+    for r in rows:
+        ids = torch.tensor([a.encode_prompt(mc_prompt(a, r))])
+        with torch.no_grad():
+            p = a.model(ids).logits[0, -1].softmax(-1)
+        scores = [float(p[tok(L, add_special_tokens=False)["input_ids"][0]] + p[tok(" " + L, add_special_tokens=False)
+                                                                               ["input_ids"][0]]) for L in "ABCD"]
+        correct += int(max(range(4), key=lambda i: scores[i]) == r["answer"])
+    assert res.accuracy == pytest.approx(correct / len(rows))
+    steered = mc_accuracy(a, rows, steerer=steer(a, pv.vector(2) * 50, 2, 1.0, "all"))
+    assert 0 <= steered.accuracy <= 1
+
+
+def test_malformed_mc_row_is_named(tmp_path):
+    p = tmp_path / "mc.jsonl"
+    p.write_text('{"question": "q", "choices": ["a","b","c","d"], "answer": "B"}\n{"question": "q", "choices": ["a"]}\n')
+    with pytest.raises(ValueError, match="mc.jsonl:2"):
+        load_mc(p)
