@@ -16,10 +16,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/personascope demo
 
-test: $(STAMP)
+# the browser tests drive Debian's Chromium (headless) through Playwright
+chromium:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| echo "could not install chromium: browser tests will be skipped"
+
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench experiments
 
-.PHONY: install demo test lint
+.PHONY: install demo test lint chromium

@@ -113,7 +113,7 @@ def evaluate(
             "positions": cond.positions, "system": cond.system,
             "system_rendered": adapter.prompt(questions[0], cond.system),
             "trait_mean": t_mean, "trait_std": t_std, "coherence_mean": c_mean, "coherence_std": c_std,
-            "n": len(scored), "judge": judge.name, "judge_mode": judge.mode_for("trait"),
+            "n": len(scored), "judge": judge.name, "judge_mode": judge.describe_mode("trait", trait),
             "per_question": [{"question": r["question_text"], "answer": r["answer"],
                               "trait_score": r["trait_score"], "coherence": r["coherence"]} for r in scored],
         })

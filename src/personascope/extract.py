@@ -202,10 +202,11 @@ def extract_vector(
     scored = score_answers(judge, trait, answers, run_dir, cfg)
     result = filter_pairs(scored, cfg)
     diffs, resid_norm = vector_from_pairs(adapter, result.kept, cfg.extract_batch_size)
+    modes = {"trait": judge.describe_mode("trait", trait), "coherence": judge.describe_mode("coherence")}
     meta = base_metadata(
         adapter, trait.name, kept_pairs=str(len(result.kept)), total_pairs=str(result.total),
         thresholds={"pos": cfg.pos_threshold, "neg": cfg.neg_threshold, "coherence": cfg.coherence_threshold},
-        judge=judge.name, judge_modes={"trait": judge.mode_for("trait"), "coherence": judge.mode_for("coherence")},
+        judge=judge.name, judge_modes=modes,
         trait_source=trait.source,
     )
     pv = PersonaVector(diffs, resid_norm, meta)
@@ -214,7 +215,7 @@ def extract_vector(
         "trait": trait.name,
         "model": adapter.name,
         "judge": judge.name,
-        "judge_modes": {"trait": judge.mode_for("trait"), "coherence": judge.mode_for("coherence")},
+        "judge_modes": modes,
         "config": asdict(cfg),
         "answers": len(scored),
         "pairs": result.total,

@@ -8,6 +8,8 @@ better than others (measured by `personascope judge-eval`):
   when less than 0.25 of the mass is on integers.
 - `fewshot`: `0_100` with the trait's scored `judge_examples` as earlier chat turns.
 - `binary`: 100 · P(yes) / (P(yes) + P(no)) to "does the answer show the trait?".
+- `auto`: per built-in trait, the mode that measured best on the labelled set for this judge
+  (data/judge_modes.json); `contrastive` for any other trait or judge.
 - `contrastive`: mean per-token log p(answer | eliciting instruction) − log p(answer |
   suppressing instruction) under the judge, over `contrast_pairs` judge-side instruction pairs
   (CONTRAST_TEMPLATES, worded apart from the generation instructions), mapped to
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -55,7 +58,7 @@ MASS_THRESHOLD = 0.25
 CONTRAST_SCALE = 8.0
 LOGPROB_SCALE = 2.0
 LOGPROB_CENTER = -2.5
-TRAIT_MODES = ("0_100", "fewshot", "binary", "contrastive")
+TRAIT_MODES = ("auto", "0_100", "fewshot", "binary", "contrastive")
 COHERENCE_MODES = ("0_100", "binary", "logprob")
 
 
@@ -66,15 +69,38 @@ CONTRAST_TEMPLATES = (
      "You are {b} {anti} assistant. Nothing you write is ever {trait}."),
     ("Your replies always show a {trait} character, in content and in tone.",
      "Your replies never show a {trait} character; you are {anti} instead."),
+    ("You are an assistant whose every answer strongly displays this trait.\n{definition}",
+     "You are an assistant whose answers never display this trait, not even slightly.\n{definition}"),
 )
+
+
+def trait_definition(trait: Trait, limit: int = 700) -> str:
+    """The rubric's opening text (before the question), which defines the trait."""
+    text = trait.eval_prompt
+    cut = min(i for i in (text.find("{question}"), text.find("[QUESTION"), len(text)) if i >= 0)
+    return " ".join(text[:cut].split())[:limit]
 
 
 def contrast_system(trait: Trait, side: str, index: int) -> str:
     """The judge's eliciting (pos) or suppressing (neg) system prompt for a trait."""
     anti = trait.antonym or "balanced"
     return CONTRAST_TEMPLATES[index][0 if side == "pos" else 1].format(
-        trait=trait.name, anti=anti, a="an" if trait.name[:1] in "aeiou" else "a",
+        trait=trait.name, anti=anti, definition=trait_definition(trait), a="an" if trait.name[:1] in "aeiou" else "a",
         b="an" if anti[:1] in "aeiou" else "a")
+
+
+def auto_mode(trait: Trait | None, judge_name: str) -> str:
+    """The per-trait mode chosen by measured AUC (data/judge_modes.json, written by
+    experiments/judge_selection.py) for built-in traits and that judge; contrastive otherwise."""
+    from importlib import resources
+
+    path = resources.files("personascope") / "data" / "judge_modes.json"
+    if trait is None or not path.is_file():
+        return "contrastive"
+    table = json.loads(path.read_text())
+    if table.get("judge") != judge_name or not trait.source.startswith(str(resources.files("personascope"))):
+        return "contrastive"
+    return table["trait_modes"].get(trait.name, "contrastive")
 
 
 def rubric_id(text: str) -> str:
@@ -187,13 +213,19 @@ class Judge:
     def mode_for(self, kind: str) -> str:
         raise NotImplementedError
 
+    def resolve_mode(self, req: JudgeRequest) -> str:
+        """The concrete scoring mode used for one request (`auto` resolves per trait)."""
+        return self.mode_for(req.kind)
+
+    def describe_mode(self, kind: str, trait: Trait | None = None) -> str:
+        """The mode as reports show it, e.g. 'auto:binary'."""
+        mode, used = self.mode_for(kind), self.resolve_mode(JudgeRequest(kind, "", "", trait))
+        return mode if mode == used else f"{mode}:{used}"
+
     def rubric_key(self, req: JudgeRequest) -> str:
         """Identifies the rubric (and mode) so the cache never mixes scores of different rubrics."""
-        if req.kind == "trait" and req.trait:
-            text = req.trait.eval_prompt + "".join(contrast_system(req.trait, s, 0) for s in ("pos", "neg"))
-        else:
-            text = COHERENCE_PROMPT
-        return f"{req.kind}:{self.mode_for(req.kind)}:{rubric_id(text)}"
+        text = req.trait.eval_prompt if req.kind == "trait" and req.trait else COHERENCE_PROMPT
+        return f"{req.kind}:{self.resolve_mode(req)}:{rubric_id(text)}"
 
     def score(self, requests: Sequence[JudgeRequest]) -> list[float | None]:
         raise NotImplementedError
@@ -202,8 +234,9 @@ class Judge:
 class LocalJudge(Judge):
     """A judge running a local HF causal LM with one of the scoring modes above."""
 
-    def __init__(self, model, tokenizer, trait_mode: str = "contrastive", coherence_mode: str = "logprob",
-                 name: str | None = None, batch_size: int = 4, contrast_pairs: int = 1, prune: float = 1e-5):
+    def __init__(self, model, tokenizer, trait_mode: str = "contrastive", coherence_mode: str = "binary",
+                 name: str | None = None, batch_size: int = 4, contrast_pairs: int = 1, prune: float = 1e-5,
+                 contrast_templates: tuple[int, ...] | None = None):
         if trait_mode not in TRAIT_MODES:
             raise ValueError(f"unknown trait scoring mode {trait_mode!r}; choose from {', '.join(TRAIT_MODES)}")
         if coherence_mode not in COHERENCE_MODES:
@@ -213,12 +246,24 @@ class LocalJudge(Judge):
         self.coherence_mode = coherence_mode
         self.name = name or f"local:{self.adapter.name}"
         self.batch_size = batch_size
-        self.contrast_pairs = contrast_pairs
+        self.contrast_templates = contrast_templates or tuple(range(contrast_pairs))
         self.prune = prune
         self._digits: tuple[dict[int, str], dict[int, str]] | None = None
 
     def mode_for(self, kind: str) -> str:
         return self.trait_mode if kind == "trait" else self.coherence_mode
+
+    def resolve_mode(self, req: JudgeRequest) -> str:
+        if req.kind == "trait" and self.trait_mode == "auto":
+            return auto_mode(req.trait, self.name)
+        return self.mode_for(req.kind)
+
+    def rubric_key(self, req: JudgeRequest) -> str:
+        key = super().rubric_key(req)
+        if req.kind == "trait" and self.resolve_mode(req) == "contrastive" and req.trait:
+            prompts = "".join(contrast_system(req.trait, s, i) for i in self.contrast_templates for s in ("pos", "neg"))
+            key += f":{rubric_id(prompts)}"
+        return key
 
     @property
     def digits(self) -> tuple[dict[int, str], dict[int, str]]:
@@ -251,7 +296,7 @@ class LocalJudge(Judge):
         out: list[float | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(requests):
-            groups.setdefault(self.mode_for(r.kind), []).append(i)
+            groups.setdefault(self.resolve_mode(r), []).append(i)
         for mode, idx in groups.items():
             reqs = [requests[i] for i in idx]
             fn: Callable = {"0_100": self._score_0_100, "fewshot": self._score_0_100, "binary": self._score_binary,
@@ -317,12 +362,12 @@ class LocalJudge(Judge):
         return res
 
     def _score_contrastive(self, reqs, mode):
-        n = min(self.contrast_pairs, len(CONTRAST_TEMPLATES))
+        n = len(self.contrast_templates)
         pairs = []
         for r in reqs:
             if r.trait is None:
                 raise ValueError("the contrastive mode needs the trait")
-            for i in range(n):
+            for i in self.contrast_templates:
                 for side in ("pos", "neg"):
                     pairs.append((self.adapter.prompt(r.question, system=contrast_system(r.trait, side, i)),
                                   r.answer))
@@ -354,4 +399,4 @@ def load_local_judge(name: str = "qwen2.5-coder-1.5b", trait_mode: str | None = 
 
 
 DEFAULT_TRAIT_MODE = "contrastive"
-DEFAULT_COHERENCE_MODE = "logprob"
+DEFAULT_COHERENCE_MODE = "binary"

@@ -42,7 +42,7 @@ def judge_answers(
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             scores = judge.score([r for _, r in chunk])
-            cache.append({"judge": judge.name, "rubric": rk, "kind": r.kind, "mode": judge.mode_for(r.kind),
+            cache.append({"judge": judge.name, "rubric": rk, "kind": r.kind, "mode": judge.resolve_mode(r),
                           "question": r.question, "answer": r.answer, "score": s}
                          for (rk, r), s in zip(chunk, scores, strict=True))
             done += len(chunk)
@@ -56,6 +56,6 @@ def judge_answers(
                 req = JudgeRequest(kind, rec["question_text"], rec["answer"], trait)
                 hit = cache.get((judge.name, judge.rubric_key(req), req.question, req.answer))
                 new[field] = hit["score"] if hit else None
-                new[f"{field}_mode"] = judge.mode_for(kind)
+                new[f"{field}_mode"] = judge.resolve_mode(req)
         out.append(new)
     return out
