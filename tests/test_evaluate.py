@@ -81,8 +81,8 @@ def test_capability_accuracy_matches_direct_argmax(setup):
         ids = torch.tensor([a.encode_prompt(mc_prompt(a, r))])
         with torch.no_grad():
             p = a.model(ids).logits[0, -1].softmax(-1)
-        scores = [float(p[tok(L, add_special_tokens=False)["input_ids"][0]] + p[tok(" " + L, add_special_tokens=False)
-                                                                               ["input_ids"][0]]) for L in "ABCD"]
+        scores = [float(p[tok(L, add_special_tokens=False)["input_ids"][0]]
+                        + p[tok(" " + L, add_special_tokens=False)["input_ids"][0]]) for L in "ABCD"]
         correct += int(max(range(4), key=lambda i: scores[i]) == r["answer"])
     assert res.accuracy == pytest.approx(correct / len(rows))
     steered = mc_accuracy(a, rows, steerer=steer(a, pv.vector(2) * 50, 2, 1.0, "all"))

@@ -141,3 +141,27 @@ def test_unknown_mode_is_named():
     model, tok = tiny_pair("qwen2")
     with pytest.raises(ValueError, match="unknown trait scoring mode 'likert'"):
         LocalJudge(model, tok, trait_mode="likert")
+
+
+def test_auto_mode_uses_the_measured_table_only_for_its_judge_and_builtin_traits(tmp_path):
+    import json as _json
+    from importlib import resources
+
+    from personascope.judge import auto_mode
+
+    trait = load_trait("optimistic")
+    assert auto_mode(trait, "local:some-other-judge") == "contrastive"
+    assert auto_mode(None, "local:qwen2.5-coder-1.5b") == "contrastive"
+    table_path = resources.files("personascope") / "data" / "judge_modes.json"
+    if table_path.is_file():
+        table = _json.loads(table_path.read_text())
+        assert auto_mode(trait, table["judge"]) == table["trait_modes"]["optimistic"]
+        user = tmp_path / "optimistic.json"
+        user.write_text(_json.dumps({"instruction": [{"pos": "a", "neg": "b"}] * 5,
+                                     "questions": [f"q{i}?" for i in range(40)], "eval_prompt": "{question}{answer}"}))
+        assert auto_mode(load_trait(str(user)), table["judge"]) == "contrastive"
+    model, tok = tiny_pair("qwen2")
+    judge = LocalJudge(model, tok, trait_mode="auto", name="local:tiny")
+    req = JudgeRequest("trait", "q", "a", trait)
+    assert judge.resolve_mode(req) == "contrastive" and judge.describe_mode("trait", trait) == "auto:contrastive"
+    assert ":contrastive:" in judge.rubric_key(req)

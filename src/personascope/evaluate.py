@@ -155,7 +155,9 @@ def choose_layer(rows: list[dict], min_coherence: float = 75.0) -> tuple[int | N
 
 def print_rows(rows: list[dict], title: str) -> None:
     table = Table(title=title)
-    for col in ("condition", "layer", "coef", "alpha", "trait", "coherence", "n"):
+    with_cap = any("capability" in r for r in rows)
+    cols = ["condition", "layer", "coef", "alpha", "trait", "coherence", "n"] + (["MC accuracy"] if with_cap else [])
+    for col in cols:
         table.add_column(col)
 
     def f(m, s):
@@ -164,5 +166,6 @@ def print_rows(rows: list[dict], title: str) -> None:
     for r in rows:
         table.add_row(r["condition"][:48], str(r["layer"] if r["layer"] is not None else "—"), f"{r['coef']:g}",
                       "—" if r["alpha"] is None else f"{r['alpha']:.2f}", f(r["trait_mean"], r["trait_std"]),
-                      f(r["coherence_mean"], r["coherence_std"]), str(r["n"]))
+                      f(r["coherence_mean"], r["coherence_std"]), str(r["n"]),
+                      *([("—" if r.get("capability") is None else f"{r['capability']:.3f}")] if with_cap else []))
     console.print(table)

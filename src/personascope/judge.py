@@ -234,7 +234,7 @@ class Judge:
 class LocalJudge(Judge):
     """A judge running a local HF causal LM with one of the scoring modes above."""
 
-    def __init__(self, model, tokenizer, trait_mode: str = "contrastive", coherence_mode: str = "binary",
+    def __init__(self, model, tokenizer, trait_mode: str = "auto", coherence_mode: str = "binary",
                  name: str | None = None, batch_size: int = 4, contrast_pairs: int = 1, prune: float = 1e-5,
                  contrast_templates: tuple[int, ...] | None = None):
         if trait_mode not in TRAIT_MODES:
@@ -398,5 +398,5 @@ def load_local_judge(name: str = "qwen2.5-coder-1.5b", trait_mode: str | None = 
                       coherence_mode=coherence_mode or DEFAULT_COHERENCE_MODE, name=f"local:{name}")
 
 
-DEFAULT_TRAIT_MODE = "contrastive"
+DEFAULT_TRAIT_MODE = "auto"
 DEFAULT_COHERENCE_MODE = "binary"
