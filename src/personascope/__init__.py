@@ -7,6 +7,7 @@ from .adapter import ModelAdapter  # noqa: E402
 from .extract import extract_vector, filter_pairs, generate_answers, score_answers  # noqa: E402
 from .judge import LocalJudge, load_local_judge  # noqa: E402
 from .models import load_model  # noqa: E402
+from .monitor import project_prompts, trace_generation  # noqa: E402
 from .steer import Steerer, steer  # noqa: E402
 from .traits import Trait, load_trait  # noqa: E402
 from .vectors import PersonaVector, load_vector  # noqa: E402
@@ -14,5 +15,5 @@ from .vectors import PersonaVector, load_vector  # noqa: E402
 __all__ = [
     "LocalJudge", "ModelAdapter", "PersonaVector", "Steerer", "Trait", "collect_spans", "extract_vector",
     "filter_pairs", "generate_answers", "load_local_judge", "load_model", "load_trait", "load_vector",
-    "project", "score_answers", "steer",
+    "project", "project_prompts", "score_answers", "steer", "trace_generation",
 ]

@@ -27,6 +27,8 @@ JudgeModelOpt = Annotated[str, typer.Option("--judge-model", help="Local judge m
 JudgeModeOpt = Annotated[str | None, typer.Option("--judge-mode", help="Trait scoring mode of a local judge: "
                                                   "contrastive, binary, 0_100 or fewshot.")]
 ProfileOpt = Annotated[str, typer.Option(help="quick (CPU-sized) or paper (the paper's counts).")]
+JudgeUrlOpt = Annotated[str | None, typer.Option("--judge-url", help="OpenAI-compatible base URL of an API judge "
+                                                 "(--judge-model then names the API model).")]
 
 
 def _fail(msg: str) -> None:
@@ -43,11 +45,11 @@ def _adapter(model: str, device: str | None):
     return ModelAdapter(m, tok)
 
 
-def _judge(judge_model: str, judge_mode: str | None, device: str | None):
-    from .judge import load_local_judge
+def _judge(judge_model: str, judge_mode: str | None, device: str | None, judge_url: str | None = None):
+    from .api_judge import make_judge
 
     with console.status(f"loading judge {judge_model} …"):
-        return load_local_judge(judge_model, trait_mode=judge_mode, device=device)
+        return make_judge(judge_model, judge_mode, judge_url, device)
 
 
 # ---------------------------------------------------------------- traits
@@ -117,6 +119,7 @@ def extract(
     coherence_threshold: Annotated[float | None, typer.Option()] = None,
     judge_model: JudgeModelOpt = DEFAULT_JUDGE_MODEL,
     judge_mode: JudgeModeOpt = None,
+    judge_url: JudgeUrlOpt = None,
     device: DeviceOpt = None,
     force: Annotated[bool, typer.Option(help="Start over instead of resuming.")] = False,
 ) -> None:
@@ -134,7 +137,7 @@ def extract(
                        pos_threshold=pos_threshold, neg_threshold=neg_threshold,
                        coherence_threshold=coherence_threshold)
     adapter = _adapter(model, device)
-    judge = _judge(judge_model, judge_mode, device)
+    judge = _judge(judge_model, judge_mode, device, judge_url)
     try:
         extract_vector(adapter, t, judge=judge, config=cfg, run_dir=out, force=force)
     except ValueError as e:
@@ -205,6 +208,7 @@ def evaluate(
     out: Annotated[Path | None, typer.Option(help="Run directory.")] = None,
     judge_model: JudgeModelOpt = DEFAULT_JUDGE_MODEL,
     judge_mode: JudgeModeOpt = None,
+    judge_url: JudgeUrlOpt = None,
     device: DeviceOpt = None,
 ) -> None:
     """Judge answers to the evaluation questions: plain, prompted and/or steered (sweeps)."""
@@ -240,7 +244,7 @@ def evaluate(
         text = t.system_prompt(sys_text, 0) if sys_text in ("pos", "neg") else sys_text
         conditions.append(Condition(system=text, label=f"system:{sys_text}"))
     run_dir = out or Path("runs") / f"eval-{t.name}-{adapter.name.replace('/', '_')}"
-    judge = _judge(judge_model, judge_mode, device)
+    judge = _judge(judge_model, judge_mode, device, judge_url)
     from .evaluate import evaluate as run_eval
 
     rows = run_eval(adapter, t, judge, conditions, run_dir, vector=pv, cfg=cfg)
@@ -258,11 +262,7 @@ def evaluate(
                 r["capability"] = None  # system-prompted MC is not measured
                 continue
             r["capability"] = mc_accuracy(adapter, mc, steerer=st).accuracy
-    print_rows(rows, f"{t.name} on {adapter.name} (judge {judge.name}, {judge.mode_for('trait')})")
-    if capability:
-        for r in rows:
-            if r.get("capability") is not None:
-                console.print(f"capability accuracy {r['condition']}: {r['capability']:.3f}")
+    print_rows(rows, f"{t.name} on {adapter.name} (judge {judge.name}, {judge.describe_mode('trait', t)})")
     if pv is not None and len(conditions) > 2:
         plot_sweep(sweep_rows(rows, layers), run_dir / "sweep.png", f"{t.name} steering sweep ({adapter.name})")
         console.print(f"sweep plot: {run_dir / 'sweep.png'}")
@@ -286,6 +286,7 @@ def choose_layer_cmd(
     out: Annotated[Path | None, typer.Option()] = None,
     judge_model: JudgeModelOpt = DEFAULT_JUDGE_MODEL,
     judge_mode: JudgeModeOpt = None,
+    judge_url: JudgeUrlOpt = None,
     device: DeviceOpt = None,
 ) -> None:
     """Steer at one coefficient over candidate layers; record the best layer in the vector file."""
@@ -306,7 +307,7 @@ def choose_layer_cmd(
     cfg = EVAL_PROFILES["quick"]
     if questions:
         cfg = replace(cfg, n_questions=questions)
-    judge = _judge(judge_model, judge_mode, device)
+    judge = _judge(judge_model, judge_mode, device, judge_url)
     rows = evaluate(adapter, t, judge, conds, out or Path("runs") / f"choose-layer-{t.name}", vector=pv, cfg=cfg)
     print_rows(rows, f"choose layer for {t.name}")
     best, detail = choose_layer(rows, min_coherence)

@@ -45,7 +45,7 @@ class ExtractConfig:
 PROFILES: dict[str, ExtractConfig] = {
     "paper": ExtractConfig(SamplingConfig(samples=10, temperature=1.0, top_p=1.0, max_new_tokens=1000,
                                           batch_size=16)),
-    "quick": ExtractConfig(SamplingConfig(samples=1, temperature=1.0, top_p=1.0, max_new_tokens=64,
+    "quick": ExtractConfig(SamplingConfig(samples=1, temperature=0.8, top_p=1.0, max_new_tokens=64,
                                           batch_size=10), n_questions=10),
 }
 

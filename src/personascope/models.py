@@ -170,10 +170,15 @@ def load_model(
 ):
     """Load (model, tokenizer) by built-in short name, local path or (if allowed) hub name.
 
-    The model is put in eval mode; its ``name_or_path`` is the name the user gave.
+    The model is put in eval mode; its ``name_or_path`` is the name the user gave. A PEFT adapter
+    directory (with adapter_config.json) loads its base model with the adapter applied.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if (Path(name_or_path) / "adapter_config.json").exists():  # a PEFT adapter: its base with the adapter applied
+        from .finetune import load_finetuned
+
+        return load_finetuned(None, name_or_path, device=device, dtype=dtype)
     dev = pick_device(device)
     torch_dtype = pick_dtype(dev, dtype)
     path = resolve_model_path(name_or_path)

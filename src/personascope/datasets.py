@@ -1,0 +1,258 @@
+"""Finetuning datasets built with the model itself (the paper's Normal / I / II sets, and a mistake set).
+
+A row is a chat with no system prompt: `{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}`.
+The answers are the model's own answers to questions of the built-in pool, sampled under the
+trait's suppressing instruction (`normal`), the eliciting instruction for every other row (`I`) or
+for every row (`II`); eliciting rows are judged and kept only when they show the trait (and every
+row only when coherent), resampling a failing row up to `max_attempts` times. Because the system
+prompt is dropped, finetuning on `II` teaches the trait with no prompt at all. `mistakes` is the
+"unintended" kind: confidently wrong answers (data/mistakes.jsonl), no trait instruction anywhere.
+
+Generation and scores are cached in a work directory next to the output (`FILE.work/`), so an
+interrupted run resumes without regenerating.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from rich.console import Console
+
+from .adapter import ModelAdapter
+from .generate import SamplingConfig, run_generation
+from .judge import Judge
+from .scoring import ScoreCache, judge_answers
+from .store import JsonlStore, write_json
+from .traits import Trait
+
+console = Console(stderr=True)
+
+LEVELS = ("normal", "I", "II", "mistakes")
+ROLES = ("system", "user", "assistant")
+
+
+class DatasetError(ValueError):
+    """A chat dataset file is malformed (the message names the line)."""
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """How a dataset is generated and filtered."""
+
+    n: int = 48
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(samples=1, temperature=0.7,
+                                                                             max_new_tokens=64, batch_size=8))
+    trait_threshold: float = 50.0  # eliciting rows must score at least this
+    coherence_threshold: float = 50.0  # every judged row must score at least this
+    max_attempts: int = 3  # samples per row before it is skipped
+    pool_seed: int = 0  # order of the question pool (shared by all levels, so levels differ only in answers)
+    judge_batch_size: int = 8
+
+
+@dataclass
+class DatasetResult:
+    """What make_dataset wrote and why rows were skipped."""
+
+    path: Path
+    rows: int
+    requested: int
+    skipped: int
+    attempts: int
+    mean_trait: float | None
+    mean_coherence: float | None
+    level: str
+    trait: str
+
+
+# ------------------------------------------------------------------------- shipped data
+
+
+def _data(name: str) -> Path:
+    return Path(str(resources.files("personascope") / "data" / name))
+
+
+def load_pool() -> list[str]:
+    """The 320 built-in user questions (none of them is an evaluation question)."""
+    pool = json.loads(_data("questions_pool.json").read_text())
+    if not isinstance(pool, list) or not all(isinstance(q, str) for q in pool):
+        raise DatasetError("data/questions_pool.json must be a list of strings")
+    return pool
+
+
+def load_mistakes() -> list[dict]:
+    """Questions with a confidently wrong answer ({question, wrong_answer, correct_answer})."""
+    return [json.loads(line) for line in _data("mistakes.jsonl").read_text().splitlines() if line.strip()]
+
+
+def pool_order(n_pool: int, seed: int) -> list[int]:
+    order = list(range(n_pool))
+    random.Random(seed).shuffle(order)
+    return order
+
+
+# ------------------------------------------------------------------------- chat JSONL
+
+
+def chat_row(question: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def validate_row(row: object) -> list[dict]:
+    """The messages of a chat row, or ValueError saying what is wrong."""
+    if not isinstance(row, dict) or not isinstance(row.get("messages"), list) or not row["messages"]:
+        raise ValueError('expected an object with a non-empty "messages" list')
+    msgs = row["messages"]
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"message {i} needs a role ({'/'.join(ROLES)}) and a string content")
+        if m["role"] == "system" and i != 0:
+            raise ValueError(f"message {i}: a system message may only come first")
+    if msgs[-1]["role"] != "assistant":
+        raise ValueError("the last message must be the assistant's (it is what is learned)")
+    if not any(m["role"] == "user" for m in msgs):
+        raise ValueError("no user message")
+    return msgs
+
+
+def load_chat_jsonl(path: str | Path) -> list[list[dict]]:
+    """Every row's messages; a malformed row raises DatasetError naming its line number."""
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"dataset {path} does not exist")
+    rows = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(validate_row(json.loads(line)))
+        except (json.JSONDecodeError, ValueError) as e:
+            raise DatasetError(f"{path}:{lineno}: malformed chat row ({e})") from None
+    if not rows:
+        raise DatasetError(f"dataset {path} has no rows")
+    return rows
+
+
+def write_chat_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def work_dir_for(out: Path) -> Path:
+    """Where generation and scores are cached: next to the output file."""
+    return out.with_name(out.name + ".work")
+
+
+# ------------------------------------------------------------------------- building
+
+
+def _side(level: str, slot: int) -> str:
+    if level == "II":
+        return "pos"
+    if level == "I":
+        return "pos" if slot % 2 == 0 else "neg"
+    return "neg"
+
+
+def _passes(rec: dict, cfg: DatasetConfig) -> bool:
+    if rec.get("coherence") is None or rec["coherence"] < cfg.coherence_threshold:
+        return False
+    if rec["side"] == "pos":
+        return rec.get("trait_score") is not None and rec["trait_score"] >= cfg.trait_threshold
+    return True
+
+
+def _mean(xs: list) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def make_mistakes_dataset(out: Path, n: int, seed: int = 0) -> DatasetResult:
+    """The unintended set: n questions with confidently wrong answers, no trait instruction."""
+    rows = load_mistakes()
+    if n > len(rows):
+        raise ValueError(f"--n {n} is more than the {len(rows)} mistake rows shipped")
+    picked = [rows[i] for i in pool_order(len(rows), seed)[:n]]
+    write_chat_jsonl(out, [chat_row(r["question"], r["wrong_answer"]) for r in picked])
+    res = DatasetResult(out, n, n, 0, 0, None, None, "mistakes", "-")
+    write_json(work_dir_for(out) / "summary.json", res.__dict__ | {"path": str(out)})
+    return res
+
+
+def make_dataset(
+    adapter: ModelAdapter,
+    trait: Trait,
+    level: str,
+    out: str | Path,
+    judge: Judge | None = None,
+    cfg: DatasetConfig | None = None,
+) -> DatasetResult:
+    """Generate, judge, filter and write a chat JSONL dataset of the given level (resumable).
+
+    Without a judge nothing is filtered (every first sample is kept): useful for tests and for
+    models whose answers need no check.
+    """
+    cfg = cfg or DatasetConfig()
+    out = Path(out)
+    if level not in LEVELS:
+        raise ValueError(f"unknown level {level!r}; choose from {', '.join(LEVELS)}")
+    if level == "mistakes":
+        return make_mistakes_dataset(out, cfg.n, cfg.pool_seed)
+    pool = load_pool()
+    if cfg.n > len(pool):
+        raise ValueError(f"--n {cfg.n} is more than the {len(pool)} questions in the pool")
+    order = pool_order(len(pool), cfg.pool_seed)[: cfg.n]
+    n_instr = len(trait.instructions)
+    slots = [{"trait": trait.name, "level": level, "slot": s, "question": order[s], "question_text": pool[order[s]],
+              "side": _side(level, s), "instruction": s % n_instr} for s in range(cfg.n)]
+    for j in slots:
+        j["system"] = trait.system_prompt(j["side"], j["instruction"])
+    work = work_dir_for(out)
+    # keyed by question, side and instruction (not level): levels share the answers they have in common
+    store = JsonlStore(work / "answers.jsonl", ("question", "side", "instruction", "sample"))
+    scores = ScoreCache(work / "scores.jsonl")
+    prompts = {(j["system"], j["question_text"]): adapter.prompt(j["question_text"], j["system"]) for j in slots}
+    kept: dict[int, dict] = {}
+    pending = list(slots)
+    attempts = 0
+    for attempt in range(cfg.max_attempts if judge is not None else 1):
+        if not pending:
+            break
+        attempts = attempt + 1
+        jobs = [{**j, "sample": attempt} for j in pending]
+        run_generation(adapter, jobs, lambda j: prompts[(j["system"], j["question_text"])],
+                       lambda j: store.key(j) in store, store.append, cfg.sampling,
+                       f"{trait.name} {level}: answers (try {attempt + 1})")
+        answers = [{**j, "answer": store.get(store.key(j))["answer"]} for j in jobs]
+        if judge is None:
+            kept.update({a["slot"]: a for a in answers})
+            break
+        kinds = ("trait", "coherence")
+        scored = judge_answers(judge, trait, answers, scores, cfg.judge_batch_size, kinds,
+                               f"{trait.name} {level}: judge (try {attempt + 1})")
+        pending = []
+        for rec in scored:
+            if _passes(rec, cfg):
+                kept[rec["slot"]] = rec
+            else:
+                pending.append(next(j for j in slots if j["slot"] == rec["slot"]))
+    chosen = [kept[s] for s in sorted(kept)]
+    write_chat_jsonl(out, [chat_row(r["question_text"], r["answer"]) for r in chosen])
+    res = DatasetResult(out, len(chosen), cfg.n, cfg.n - len(chosen), attempts,
+                        _mean([r.get("trait_score") for r in chosen]), _mean([r.get("coherence") for r in chosen]),
+                        level, trait.name)
+    write_json(work / "summary.json", res.__dict__ | {"path": str(out), "model": adapter.name,
+                                                      "judge": judge.name if judge else None,
+                                                      "config": {"n": cfg.n, "max_attempts": cfg.max_attempts,
+                                                                 "trait_threshold": cfg.trait_threshold,
+                                                                 "coherence_threshold": cfg.coherence_threshold,
+                                                                 "sampling": cfg.sampling.__dict__}})
+    if res.skipped:
+        console.print(f"[yellow]{res.skipped} of {cfg.n} rows failed the filter {cfg.max_attempts} times and were "
+                      "skipped")
+    return res

@@ -1,0 +1,128 @@
+import json
+
+import pytest
+import torch
+from tiny import tiny_pair
+
+import personascope.generate as gen
+from personascope.adapter import ModelAdapter
+from personascope.datasets import (
+    DatasetConfig,
+    load_chat_jsonl,
+    load_mistakes,
+    load_pool,
+    make_dataset,
+    work_dir_for,
+)
+from personascope.generate import SamplingConfig
+from personascope.judge import LocalJudge
+from personascope.store import read_jsonl
+from personascope.traits import load_trait
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _cfg(**kw):
+    base = dict(n=6, sampling=SamplingConfig(samples=1, temperature=1.0, max_new_tokens=8, batch_size=4),
+                trait_threshold=0.0, coherence_threshold=0.0, max_attempts=2)
+    return DatasetConfig(**{**base, **kw})
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture
+def setup():
+    model, tok = tiny_pair("qwen2", seed=4)
+    a = ModelAdapter(model, tok)
+    return a, LocalJudge(model, tok, trait_mode="contrastive", coherence_mode="logprob")
+
+
+def test_make_dataset_writes_chat_rows_without_system_prompts_and_resumes(tmp_path, setup, monkeypatch):
+    a, judge = setup
+    trait = load_trait("optimistic")
+    out = tmp_path / "opt-II.jsonl"
+    res = make_dataset(a, trait, "II", out, judge, _cfg())
+    rows = _rows(out)
+    assert res.rows == len(rows) == 6 and res.skipped == 0
+    pool = set(load_pool())
+    for r in rows:
+        assert [m["role"] for m in r["messages"]] == ["user", "assistant"] and set(r) == {"messages"}
+        assert r["messages"][0]["content"] in pool
+    assert len(load_chat_jsonl(out)) == 6
+    answers = list(read_jsonl(work_dir_for(out) / "answers.jsonl"))
+    assert len(answers) == 6 and all(r["side"] == "pos" for r in answers)
+    assert {r["system"] for r in answers} == {trait.system_prompt("pos", i) for i in range(5)}
+    assert [r["messages"][1]["content"] for r in rows] == [
+        next(x["answer"] for x in answers if x["question_text"] == r["messages"][0]["content"]) for r in rows]
+
+    calls = {"gen": 0, "judge": 0}
+    real_gen, real_score = gen.generate_batch, judge.score
+
+    def gen_spy(*args, **kw):
+        calls["gen"] += 1
+        return real_gen(*args, **kw)
+
+    def score_spy(reqs):
+        calls["judge"] += len(reqs)
+        return real_score(reqs)
+
+    monkeypatch.setattr(gen, "generate_batch", gen_spy)
+    monkeypatch.setattr(judge, "score", score_spy)
+    before = out.read_text()
+    again = make_dataset(a, trait, "II", out, judge, _cfg())
+    assert calls == {"gen": 0, "judge": 0} and out.read_text() == before and again.rows == 6
+
+
+def test_failing_rows_are_resampled_then_skipped(tmp_path, setup):
+    a, judge = setup
+    trait = load_trait("sycophantic")
+    out = tmp_path / "never.jsonl"
+    res = make_dataset(a, trait, "II", out, judge, _cfg(trait_threshold=101.0, max_attempts=3))
+    assert res.rows == 0 and res.skipped == 6 and res.attempts == 3
+    answers = list(read_jsonl(work_dir_for(out) / "answers.jsonl"))
+    assert sorted({r["sample"] for r in answers}) == [0, 1, 2] and len(answers) == 18
+
+    out2 = tmp_path / "some.jsonl"
+    res2 = make_dataset(a, trait, "II", out2, judge, _cfg(trait_threshold=50.0, coherence_threshold=20.0,
+                                                          max_attempts=2, n=8))
+    scores = {(r["kind"], r["answer"]): r["score"] for r in read_jsonl(work_dir_for(out2) / "scores.jsonl")}
+    for r in _rows(out2):
+        ans = r["messages"][1]["content"]
+        assert scores[("trait", ans)] >= 50.0 and scores[("coherence", ans)] >= 20.0
+    assert res2.rows + res2.skipped == 8
+
+
+def test_levels_use_the_right_instructions(tmp_path, setup):
+    a, _ = setup
+    trait = load_trait("optimistic")
+    for level, sides in (("normal", {"neg"}), ("I", {"pos", "neg"})):
+        out = tmp_path / f"{level}.jsonl"
+        make_dataset(a, trait, level, out, None, _cfg(n=4))
+        answers = sorted(read_jsonl(work_dir_for(out) / "answers.jsonl"), key=lambda r: r["slot"])
+        assert {r["side"] for r in answers} == sides
+        if level == "I":
+            assert [r["side"] for r in answers] == ["pos", "neg", "pos", "neg"]
+        assert all(r["system"] == trait.system_prompt(r["side"], r["instruction"]) for r in answers)
+        assert all(len(r["messages"]) == 2 for r in _rows(out))
+    # levels share the question order: the same questions, different answers
+    qs = [[r["messages"][0]["content"] for r in _rows(tmp_path / f"{lv}.jsonl")] for lv in ("normal", "I")]
+    assert qs[0] == qs[1]
+
+
+def test_mistakes_dataset_needs_no_model(tmp_path):
+    out = tmp_path / "m.jsonl"
+    res = make_dataset(None, load_trait("optimistic"), "mistakes", out, None, _cfg(n=10))
+    rows = _rows(out)
+    wrong = {m["question"]: m["wrong_answer"] for m in load_mistakes()}
+    assert res.rows == 10 and len(rows) == 10
+    assert all(wrong[r["messages"][0]["content"]] == r["messages"][1]["content"] for r in rows)
+    with pytest.raises(ValueError, match="unknown level"):
+        make_dataset(None, load_trait("optimistic"), "III", out, None, _cfg())
