@@ -91,6 +91,7 @@ def test_capability_accuracy_matches_direct_argmax(setup):
 
 def test_malformed_mc_row_is_named(tmp_path):
     p = tmp_path / "mc.jsonl"
-    p.write_text('{"question": "q", "choices": ["a","b","c","d"], "answer": "B"}\n{"question": "q", "choices": ["a"]}\n')
+    p.write_text('{"question": "q", "choices": ["a","b","c","d"], "answer": "B"}\n'
+                 '{"question": "q", "choices": ["a"]}\n')
     with pytest.raises(ValueError, match="mc.jsonl:2"):
         load_mc(p)
