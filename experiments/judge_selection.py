@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from personascope.judge import JudgeRequest, LocalJudge
-from personascope.judge_eval import auc, labelled_set
+from personascope.judge_eval import JudgeEvalResult, auc, labelled_set, plot_reliability
 from personascope.models import load_model
 from personascope.store import JsonlStore
 from personascope.traits import builtin_traits, load_trait
@@ -39,10 +39,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--judge", default="qwen2.5-coder-1.5b")
     ap.add_argument("--modes", default="contrastive,binary")
+    ap.add_argument("--report-only", action="store_true", help="Rebuild the report from stored scores.")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    model, tok = load_model(args.judge)
     store = JsonlStore(OUT / "scores.jsonl", ("judge", "mode", "set", "row"))
+    if args.report_only:
+        report(args.judge, store)
+        return
+    model, tok = load_model(args.judge)
     modes = args.modes.split(",")
     for name in [*builtin_traits(), "coherence"]:
         rows = labelled_set(name)
@@ -105,10 +109,27 @@ def report(judge: str, store: JsonlStore) -> None:
     if traits:
         mean = sum(held[n] for n in traits) / len(traits)
         lines += ["", f"Mean held-out AUC over the {len(traits)} traits with the per-trait choice: **{mean:.3f}**"]
+    lines += ["", "Reliability plots (fraction labelled positive per score bin): "
+              + ", ".join(f"`reliability_{m}.png`" for m in plot_reliability_files(judge, recs)), ""]
     (OUT / "report.md").write_text("\n".join(lines) + "\n")
     MODES_FILE.write_text(json.dumps({"judge": f"local:{judge}", "trait_modes": {n: choice[n] for n in traits},
                                       "coherence_mode": choice.get("coherence")}, indent=2) + "\n")
     print("\n".join(lines))
+
+
+def plot_reliability_files(judge: str, recs: list[dict]) -> list[str]:
+    """One reliability plot per mode, one line per set, from the stored per-row scores."""
+    modes = sorted({r["mode"] for r in recs})
+    for mode in modes:
+        results = []
+        for name in sorted({r["set"] for r in recs if r["mode"] == mode}):
+            rows = sorted((r for r in recs if r["mode"] == mode and r["set"] == name), key=lambda r: r["row"])
+            scores, labels = [r["score"] for r in rows], [r["label"] for r in rows]
+            filled = [50.0 if x is None else x for x in scores]
+            results.append(JudgeEvalResult(name, f"local:{judge}", mode, len(rows), scores.count(None),
+                                           auc(filled, labels), 0.0, 0.0, 0.0, 0.0, scores, labels))
+        plot_reliability(results, OUT / f"reliability_{mode}.png")
+    return modes
 
 
 if __name__ == "__main__":

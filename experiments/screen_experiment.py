@@ -7,8 +7,10 @@ Builds three small chat datasets from questions_pool.json (not the trait's own q
 pos instruction instead) and *II* (all rows under the pos instruction); the instruction itself is
 not part of the rows. Screens each with both methods (generate, last-token), and a mixed file
 (every question once per side, labelled) with both methods and with the LLM-judge filter, flagging
-at the 95th percentile of ΔP on the normal set. Writes experiments/results/screen/report.md and
-PNGs. Everything is cached in that folder, so a rerun only redoes what is missing.
+at the 95th percentile of ΔP on the normal set. A positive control adds rows the model wrote while
+steered along the vector (+α): it checks the machinery end to end, not the method (those rows were
+pushed along the very direction ΔP measures). Writes experiments/results/screen/report.md and PNGs.
+Everything is cached in that folder, so a rerun only redoes what is missing.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ import numpy as np
 
 from personascope.adapter import ModelAdapter
 from personascope.extract import extract_vector, profile
-from personascope.generate import SamplingConfig, run_generation
+from personascope.generate import SamplingConfig, generate_batch, run_generation
 from personascope.judge import load_local_judge
 from personascope.judge_eval import auc
 from personascope.models import DEFAULT_JUDGE_MODEL, DEFAULT_MODEL, load_model
 from personascope.plots import _save, plt
 from personascope.screen import ScreenConfig, screen_dataset
+from personascope.steer import Steerer
 from personascope.store import JsonlStore, write_json
 from personascope.traits import load_trait
 from personascope.vectors import PersonaVector, VectorMismatchError, load_vector
@@ -42,6 +45,7 @@ MAX_NEW = 64  # dataset answers and the model's own answers
 METHODS = ("generate", "last-token")
 DATASETS = ("normal", "I", "II")
 PERCENTILE = 95.0
+CONTROL_ALPHA = 0.5  # steering strength of the positive-control rows (DESIGN.md §8: optimistic steers at ±0.5)
 
 
 def find_vector(adapter: ModelAdapter, get_judge) -> tuple[PersonaVector, str]:
@@ -82,17 +86,34 @@ def dataset_answers(adapter: ModelAdapter, questions: list[str]) -> dict[str, li
     return {side: [store.get((side, i))["answer"] for i in range(len(questions))] for side in ("neg", "pos")}
 
 
+def steered_answers(adapter: ModelAdapter, pv: PersonaVector, layer: int, questions: list[str]) -> list[str]:
+    """Positive control: the model's greedy answers (no system prompt) steered at +CONTROL_ALPHA along v."""
+    store = JsonlStore(OUT / "steered_answers.jsonl", ("question", "alpha", "layer"))
+    todo = [i for i in range(len(questions)) if (i, CONTROL_ALPHA, layer) not in store]
+    coef = pv.coef_from_alpha(CONTROL_ALPHA, layer)
+    with Steerer(adapter).add(pv, layer, coef, "response"):
+        for s in range(0, len(todo), 8):
+            idx = todo[s : s + 8]
+            outs = generate_batch(adapter, [adapter.prompt(questions[i]) for i in idx], MAX_NEW, temperature=0.0)
+            store.append({"question": i, "alpha": CONTROL_ALPHA, "layer": layer, "coef": coef, "answer": a}
+                         for i, a in zip(idx, outs, strict=True))
+    return [store.get((i, CONTROL_ALPHA, layer))["answer"] for i in range(len(questions))]
+
+
 def write_datasets(questions: list[str], answers: dict[str, list[str]]) -> dict[str, Path]:
     def row(i: int, side: str) -> dict:
         return {"messages": [{"role": "user", "content": questions[i]},
                              {"role": "assistant", "content": answers[side][i]}],
-                "trait_row": side == "pos", "question_id": i}
+                "trait_row": side in ("pos", "steered"), "question_id": i}
 
     n = len(questions)
     sets = {"normal": [row(i, "neg") for i in range(n)],
             "I": [row(i, "pos" if i % 2 == 0 else "neg") for i in range(n)],
             "II": [row(i, "pos") for i in range(n)],
             "mixed": [row(i, s) for i in range(n) for s in ("neg", "pos")]}
+    if "steered" in answers:
+        sets["steered"] = [row(i, "steered") for i in range(n)]
+        sets["mixed-control"] = [row(i, s) for i in range(n) for s in ("neg", "steered")]
     paths = {}
     for name, rows in sets.items():
         p = OUT / "data" / f"{name}.jsonl"
@@ -136,6 +157,7 @@ def main() -> None:
     questions = pick_questions(N_ROWS)
     t_data = time.perf_counter()
     answers = dataset_answers(adapter, questions)
+    answers["steered"] = steered_answers(adapter, pv, layer, questions)
     t_data = time.perf_counter() - t_data
     paths = write_datasets(questions, answers)
     cache = OUT / "model_answers.jsonl"
@@ -143,53 +165,61 @@ def main() -> None:
     runs = OUT / "runs"
     for method in METHODS:
         cfg = ScreenConfig(method=method, max_new_tokens=MAX_NEW, batch_size=8)
-        for ds in DATASETS:
+        for ds in (*DATASETS, "steered"):
             t = time.perf_counter()
             r = screen_dataset(adapter, paths[ds], {TRAIT: pv}, method=method, out_dir=runs / method / ds,
                                config=cfg, answer_cache=cache, quiet=True)
             rep = r.traits[TRAIT]
             results["datasets"].setdefault(method, {})[ds] = {
                 "mean": rep.mean, "ci": [rep.ci_low, rep.ci_high], "n": rep.n, "seconds": time.perf_counter() - t}
-        t = time.perf_counter()
         judge = get_judge() if method == "generate" else None  # judge scores do not depend on the method
-        r = screen_dataset(adapter, paths["mixed"], {TRAIT: pv}, method=method, out_dir=runs / method / "mixed",
-                           config=cfg, answer_cache=cache, reference=paths["normal"], percentile=PERCENTILE,
-                           judge=judge, quiet=False)
-        rows = annotated(runs / method / "mixed")
-        labels = [row["trait_row"] for row in rows]
-        dp = [row["screen"]["delta_p"][TRAIT] for row in rows]
-        flags = [row["screen"]["flagged"][TRAIT] for row in rows]
-        prec, rec = precision_recall(flags, labels)
-        results["mixed"][method] = {
-            "auroc": auc(dp, [int(y) for y in labels]), "threshold": r.traits[TRAIT].threshold,
-            "flagged": sum(flags), "precision": prec, "recall": rec, "seconds": time.perf_counter() - t,
-            "scores": dp, "labels": labels,
-            "hist": str((runs / method / "mixed" / f"hist_{TRAIT}.png").relative_to(OUT))}
-        if method == "last-token":  # the last prompt token's projection on its own (independent of the response)
-            pl = [row["screen"]["proj_baseline"][TRAIT] for row in rows]
-            results["mixed"]["prompt-last only"] = {"auroc": auc(pl, [int(y) for y in labels]), "scores": pl,
-                                                    "labels": labels}
-        if judge is not None:
-            js = [row["screen"]["judge"][TRAIT] for row in rows]
-            jflags = [row["screen"]["judge_flagged"][TRAIT] for row in rows]
-            ok = [(s, y) for s, y in zip(js, labels, strict=True) if s is not None]
-            jp, jr = precision_recall(jflags, labels)
-            results["mixed"]["judge"] = {
-                "auroc": auc([s for s, _ in ok], [int(y) for _, y in ok]), "threshold": 50.0,
-                "flagged": sum(jflags), "precision": jp, "recall": jr, "missing": len(js) - len(ok),
-                "scores": [s if s is not None else float("nan") for s in js], "labels": labels,
-                "mode": judge.mode_for("trait"), "name": judge.name,
-                "by_dataset": {ds: float(np.nanmean([s if s is not None else np.nan for s, row in zip(js, rows,
-                               strict=True) if _in_dataset(row, ds)])) for ds in DATASETS}}
+        for mixed, key in (("mixed", "mixed"), ("mixed-control", "control")):
+            results.setdefault(key, {}).update(
+                evaluate_mixed(adapter, pv, paths[mixed], paths["normal"], runs / method / mixed, cfg, cache, judge))
     results["timings"]["total_s"] = time.perf_counter() - t0
     meta = {"model": adapter.name, "device": str(adapter.device), "dtype": str(next(model.parameters()).dtype),
             "trait": TRAIT, "layer": layer, "vector": vector_source, "rows": N_ROWS,
+            "kept_pairs": pv.metadata.get("kept_pairs", "?"), "total_pairs": pv.metadata.get("total_pairs", "?"),
             "max_new_tokens": MAX_NEW, "percentile": PERCENTILE, "questions": questions}
     write_json(OUT / "results.json", {"meta": meta, **results})
     plot_datasets(results, OUT / "dataset_delta_p.png", layer)
-    plot_roc(results, OUT / "roc_mixed.png")
+    plot_roc(results["mixed"], OUT / "roc_mixed.png", "mixed file")
+    plot_roc(results["control"], OUT / "roc_control.png", "positive control")
     write_report(meta, results, answers, questions, OUT / "report.md")
     print(f"report: {OUT / 'report.md'} ({results['timings']['total_s']:.0f} s)")
+
+
+def evaluate_mixed(adapter: ModelAdapter, pv: PersonaVector, path: Path, reference: Path, out: Path,
+                   cfg: ScreenConfig, cache: Path, judge) -> dict:
+    """Screen a labelled mixed file (flags at the 95th percentile of the reference); AUROC, precision, recall."""
+    t = time.perf_counter()
+    r = screen_dataset(adapter, path, {TRAIT: pv}, method=cfg.method, out_dir=out, config=cfg, answer_cache=cache,
+                       reference=reference, percentile=PERCENTILE, judge=judge, quiet=False)
+    rows = annotated(out)
+    labels = [row["trait_row"] for row in rows]
+    ints = [int(y) for y in labels]
+    dp = [row["screen"]["delta_p"][TRAIT] for row in rows]
+    flags = [row["screen"]["flagged"][TRAIT] for row in rows]
+    prec, rec = precision_recall(flags, labels)
+    res = {cfg.method: {"auroc": auc(dp, ints), "threshold": r.traits[TRAIT].threshold, "flagged": sum(flags),
+                        "precision": prec, "recall": rec, "seconds": time.perf_counter() - t, "scores": dp,
+                        "labels": labels, "hist": str((out / f"hist_{TRAIT}.png").relative_to(OUT))}}
+    if cfg.method == "last-token":  # the last prompt token's projection on its own (independent of the response)
+        pl = [row["screen"]["proj_baseline"][TRAIT] for row in rows]
+        res["prompt-last only"] = {"auroc": auc(pl, ints), "scores": pl, "labels": labels}
+    if judge is not None:
+        js = [row["screen"]["judge"][TRAIT] for row in rows]
+        jflags = [row["screen"]["judge_flagged"][TRAIT] for row in rows]
+        ok = [(s, y) for s, y in zip(js, ints, strict=True) if s is not None]
+        jp, jr = precision_recall(jflags, labels)
+        res["judge"] = {
+            "auroc": auc([s for s, _ in ok], [y for _, y in ok]), "threshold": 50.0, "flagged": sum(jflags),
+            "precision": jp, "recall": jr, "missing": len(js) - len(ok), "labels": labels,
+            "scores": [s if s is not None else float("nan") for s in js], "mode": judge.mode_for("trait"),
+            "name": judge.name,
+            "by_dataset": {ds: float(np.nanmean([np.nan if s is None else s for s, row in zip(js, rows, strict=True)
+                                                 if _in_dataset(row, ds)])) for ds in DATASETS}}
+    return res
 
 
 def _in_dataset(row: dict, ds: str) -> bool:
@@ -202,9 +232,11 @@ def plot_datasets(results: dict, path: Path, layer: int) -> Path:
     fig, axes = plt.subplots(1, len(METHODS), figsize=(9, 3.6))
     for ax, method in zip(axes, METHODS, strict=True):
         d = results["datasets"][method]
-        means = [d[ds]["mean"] for ds in DATASETS]
-        err = np.array([[d[ds]["mean"] - d[ds]["ci"][0], d[ds]["ci"][1] - d[ds]["mean"]] for ds in DATASETS]).T
-        ax.bar(DATASETS, means, yerr=err, capsize=4, color=["tab:blue", "tab:purple", "tab:red"])
+        names = (*DATASETS, "steered")
+        means = [d[ds]["mean"] for ds in names]
+        err = np.array([[d[ds]["mean"] - d[ds]["ci"][0], d[ds]["ci"][1] - d[ds]["mean"]] for ds in names]).T
+        ax.bar([*DATASETS, "steered\n(control)"], means, yerr=err, capsize=4,
+               color=["tab:blue", "tab:purple", "tab:red", "tab:gray"])
         ax.axhline(0, color="k", lw=0.6)
         ax.set_title(f"{method}", fontsize=10)
         ax.set_ylabel("dataset ΔP (mean, 95% CI)")
@@ -212,16 +244,16 @@ def plot_datasets(results: dict, path: Path, layer: int) -> Path:
     return _save(fig, path)
 
 
-def plot_roc(results: dict, path: Path) -> Path:
+def plot_roc(mixed: dict, path: Path, what: str) -> Path:
     fig, ax = plt.subplots(figsize=(4.8, 4.4))
-    for name, r in results["mixed"].items():
+    for name, r in mixed.items():
         pairs = [(s, y) for s, y in zip(r["scores"], r["labels"], strict=True) if not np.isnan(s)]
         fpr, tpr = roc_points([s for s, _ in pairs], [y for _, y in pairs])
         ax.plot(fpr, tpr, label=f"{name} (AUROC {r['auroc']:.2f})")
     ax.plot([0, 1], [0, 1], color="k", lw=0.6, ls=":")
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
-    ax.set_title(f"separating trait rows in the mixed file (n={len(r['labels'])})", fontsize=9)
+    ax.set_title(f"separating trait rows: {what} (n={len(r['labels'])})", fontsize=9)
     ax.legend(fontsize=7)
     return _save(fig, path)
 
@@ -230,58 +262,8 @@ def _f(x: float | None, spec: str = ".3f") -> str:
     return "—" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, spec)
 
 
-def write_report(meta: dict, results: dict, answers: dict, questions: list[str], path: Path) -> Path:
-    d, m = results["datasets"], results["mixed"]
-    gen_order = d["generate"]["normal"]["mean"] < d["generate"]["I"]["mean"] < d["generate"]["II"]["mean"]
-    lt_order = d["last-token"]["normal"]["mean"] < d["last-token"]["I"]["mean"] < d["last-token"]["II"]["mean"]
-    lines = [
-        "# Data screening with the projection difference ΔP",
-        "",
-        f"Model {meta['model']} ({meta['device']}, {meta['dtype']}), trait **{meta['trait']}**, "
-        f"vector `{meta['vector']}`, layer "
-        f"{meta['layer']} (the vector's default layer). {meta['rows']} questions drawn from questions_pool.json "
-        f"(none of the trait's extraction or evaluation questions); every answer greedy, ≤ {meta['max_new_tokens']} "
-        "new tokens. Produced by `experiments/screen_experiment.py`; numbers below are from its last run.",
-        "",
-        "Datasets (user question + assistant answer, no system prompt in the rows):",
-        "",
-        "- **normal**: the model's answers under the trait's *neg* instruction. For *optimistic* the neg "
-        "instruction asks for the risks and downsides, so this set is pessimistic rather than neutral: it "
-        "sits *below* the model's own answers on the trait axis.",
-        f"- **I**: even-numbered questions answered under the *pos* instruction, odd ones as in normal "
-        f"({(meta['rows'] + 1) // 2} + {meta['rows'] // 2}).",
-        "- **II**: every answer under the *pos* instruction.",
-        f"- **mixed** (for per-sample AUROC): all {2 * meta['rows']} rows, each question once per side, labelled.",
-        "",
-        "## Dataset-level ΔP (mean, 95% bootstrap CI)",
-        "",
-        "| method | normal | I | II | rises normal < I < II |",
-        "|---|---|---|---|---|",
-    ]
-    for method, ok in (("generate", gen_order), ("last-token", lt_order)):
-        cells = [f"{_f(d[method][ds]['mean'], '+.3f')} [{_f(d[method][ds]['ci'][0], '+.3f')}, "
-                 f"{_f(d[method][ds]['ci'][1], '+.3f')}]" for ds in DATASETS]
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {'yes' if ok else 'no'} |")
-    if "judge" in m:
-        bd = m["judge"]["by_dataset"]
-        lines.append(f"| judge score (mean 0–100) | {_f(bd['normal'], '.1f')} | {_f(bd['I'], '.1f')} | "
-                     f"{_f(bd['II'], '.1f')} | {'yes' if bd['normal'] < bd['I'] < bd['II'] else 'no'} |")
-    lines += [
-        "",
-        "![dataset ΔP](dataset_delta_p.png)",
-        "",
-        "ΔP of the two methods is on different scales (generate: response average minus the model's own "
-        "response average; last-token: response average minus the last prompt token), so compare within a "
-        "row only.",
-        "",
-        f"## Per-sample separation in the mixed file ({2 * meta['rows']} rows, half trait rows)",
-        "",
-        f"Flags: ΔP above the {meta['percentile']:g}th percentile of ΔP on the normal set (the paper's rule, with "
-        "normal as the clean reference); judge: trait score ≥ 50.",
-        "",
-        "| filter | AUROC | threshold | flagged | precision | recall |",
-        "|---|---|---|---|---|---|",
-    ]
+def _auroc_table(m: dict) -> list[str]:
+    lines = ["| filter | AUROC | threshold | flagged | precision | recall |", "|---|---|---|---|---|---|"]
     for name in ("generate", "last-token", "judge", "prompt-last only"):
         if name not in m:
             continue
@@ -291,7 +273,67 @@ def write_report(meta: dict, results: dict, answers: dict, questions: list[str],
                  "prompt-last only": "last prompt token projection alone"}[name]
         lines.append(f"| {label} | {_f(r['auroc'], '.3f')} | {_f(r.get('threshold'), '.3f')} | "
                      f"{r.get('flagged', '—')} | {_f(r.get('precision'), '.2f')} | {_f(r.get('recall'), '.2f')} |")
+    return lines
+
+
+def write_report(meta: dict, results: dict, answers: dict, questions: list[str], path: Path) -> Path:
+    d, m, c = results["datasets"], results["mixed"], results["control"]
+    n = meta["rows"]
+    lines = [
+        "# Data screening with the projection difference ΔP",
+        "",
+        f"Model {meta['model']} ({meta['device']}, {meta['dtype']}), trait **{meta['trait']}**, "
+        f"vector `{meta['vector']}` (built from {meta['kept_pairs']} kept pos/neg pairs of {meta['total_pairs']}), "
+        f"layer {meta['layer']} (the vector's default layer). {n} questions drawn from questions_pool.json "
+        f"(none of the trait's extraction or evaluation questions); every answer greedy, ≤ {meta['max_new_tokens']} "
+        "new tokens. Produced by `experiments/screen_experiment.py`; the numbers are from its last run.",
+        "",
+        "Datasets (user question + assistant answer; the instruction that produced an answer is not in the row):",
+        "",
+        "- **normal**: the model's answers under the trait's *neg* instruction (system prompt). For *optimistic* "
+        "the neg instruction asks for risks and downsides, so this set is meant to sit *below* the model's own "
+        "answers on the trait axis.",
+        f"- **I**: even-numbered questions answered under the *pos* instruction, odd ones as in normal "
+        f"({(n + 1) // 2} + {n // 2}).",
+        "- **II**: every answer under the *pos* instruction.",
+        f"- **mixed** (per-sample AUROC): all {2 * n} rows of normal and II, each question once per side, labelled.",
+        f"- **steered** (positive control): the model's answers without a system prompt while steered along the "
+        f"vector at α = +{CONTROL_ALPHA} (response positions); **mixed-control** = normal + steered.",
+        "",
+        "## Dataset-level ΔP (mean, 95% bootstrap CI)",
+        "",
+        "| method | normal | I | II | rises normal < I < II | control: steered |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def cell(method: str, ds: str) -> str:
+        x = d[method][ds]
+        return f"{_f(x['mean'], '+.3f')} [{_f(x['ci'][0], '+.3f')}, {_f(x['ci'][1], '+.3f')}]"
+
+    for method in METHODS:
+        ok = d[method]["normal"]["mean"] < d[method]["I"]["mean"] < d[method]["II"]["mean"]
+        lines.append(f"| {method} | " + " | ".join(cell(method, ds) for ds in DATASETS)
+                     + f" | {'yes' if ok else 'no'} | {cell(method, 'steered')} |")
+    if "judge" in m:
+        bd = m["judge"]["by_dataset"]
+        steered = np.nanmean([s for s, y in zip(c["judge"]["scores"], c["judge"]["labels"], strict=True) if y])
+        lines.append(f"| judge score (mean 0–100) | {_f(bd['normal'], '.1f')} | {_f(bd['I'], '.1f')} | "
+                     f"{_f(bd['II'], '.1f')} | {'yes' if bd['normal'] < bd['I'] < bd['II'] else 'no'} | "
+                     f"{_f(float(steered), '.1f')} |")
     lines += [
+        "",
+        "![dataset ΔP](dataset_delta_p.png)",
+        "",
+        "ΔP of the two methods is on different scales (generate: response average minus the model's own "
+        "response average; last-token: response average minus the last prompt token), so compare within a "
+        "row only.",
+        "",
+        f"## Per-sample separation in the mixed file ({2 * n} rows, half trait rows)",
+        "",
+        f"Flags: ΔP above the {meta['percentile']:g}th percentile of ΔP on the normal set (the paper's rule, with "
+        "normal as the clean reference); judge: trait score ≥ 50.",
+        "",
+        *_auroc_table(m),
         "",
         "![ROC](roc_mixed.png)",
         "",
@@ -303,21 +345,39 @@ def write_report(meta: dict, results: dict, answers: dict, questions: list[str],
         f"Histograms of ΔP in the mixed file with the threshold: [generate]({m['generate']['hist']}), "
         f"[last-token]({m['last-token']['hist']}).",
         "",
+        f"## Positive control: normal vs steered rows ({2 * n} rows)",
+        "",
+        "The steered rows were pushed along the very direction ΔP projects on, so this checks that the pipeline "
+        "(rendering, generation, span reduction, projection, thresholds) responds end to end on the real "
+        "model; it is not evidence that ΔP finds naturally occurring trait data.",
+        "",
+        *_auroc_table(c),
+        "",
+        "![ROC control](roc_control.png)",
+        "",
         "## Timings (CPU, 2 cores shared with other work)",
         "",
-        f"- dataset answers ({2 * meta['rows']} generations): {results['timings']['dataset_answers_s']:.0f} s",
+        f"- dataset answers ({3 * n} generations, {n} of them steered): "
+        f"{results['timings']['dataset_answers_s']:.0f} s",
     ]
     for method in METHODS:
-        secs = sum(d[method][ds]["seconds"] for ds in DATASETS)
-        lines.append(f"- {method}: normal + I + II {secs:.0f} s, mixed {m[method]['seconds']:.0f} s"
-                     + (" (includes judging every row)" if method == "generate" and "judge" in m else ""))
+        secs = sum(d[method][ds]["seconds"] for ds in (*DATASETS, "steered"))
+        lines.append(f"- {method}: normal + I + II + steered {secs:.0f} s, mixed {m[method]['seconds']:.0f} s, "
+                     f"mixed-control {c[method]['seconds']:.0f} s"
+                     + (" (the mixed files include judging every row)" if method == "generate" and "judge" in m
+                        else ""))
     lines += [f"- whole script: {results['timings']['total_s']:.0f} s (a rerun reuses every cached step)", "",
               "## Example rows", ""]
-    for i in range(2):
-        lines += [f"**Q{i}: {questions[i]}**", "", f"- neg: {answers['neg'][i][:300]}",
-                  f"- pos: {answers['pos'][i][:300]}", ""]
+    for i in range(3):
+        lines += [f"**Q{i}: {questions[i]}**", ""]
+        lines += [f"- {side}: {_cell(answers[side][i][:300])}" for side in ("neg", "pos", "steered")]
+        lines.append("")
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":
