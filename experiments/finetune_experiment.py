@@ -68,7 +68,7 @@ class Settings:
 
 
 FULL = Settings(rows=48, max_new_tokens=64, epochs=3, eval_questions=8, eval_tokens=64, mc_rows=120,
-                prevent_alphas=(0.5, 1.0, 2.0), posthoc_alphas=(-0.25, -0.5))
+                prevent_alphas=(0.5, 1.0), posthoc_alphas=(-0.25, -0.5))
 SMOKE = Settings(rows=8, max_new_tokens=16, epochs=1, eval_questions=2, eval_tokens=16, mc_rows=16,
                  prevent_alphas=(1.0,), posthoc_alphas=(-0.5,))
 
