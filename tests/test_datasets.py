@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 from tiny import tiny_pair
 
 import personascope.generate as gen
@@ -18,14 +17,6 @@ from personascope.generate import SamplingConfig
 from personascope.judge import LocalJudge
 from personascope.store import read_jsonl
 from personascope.traits import load_trait
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _cfg(**kw):

@@ -21,15 +21,6 @@ from personascope.models import load_model
 from personascope.vectors import PersonaVector, base_metadata
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls run fastest on one thread (and do not stall when the cores are shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _write_data(path, n=8):
     rows = [chat_row(f"question number {i}?", f"my answer is {i} and that is that.") for i in range(n)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

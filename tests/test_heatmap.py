@@ -12,14 +12,6 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 ANSWER = ("Tomorrow will be wonderful!\nEvery setback leads to something better & <brighter> — "
           "trust me, things will \"work out\" great.")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (two spin-wait badly on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 
 def _setup():

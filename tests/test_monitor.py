@@ -24,14 +24,6 @@ from personascope.vectors import PersonaVector, base_metadata
 
 QUESTIONS = ["hello there, how are you today?", "hi", "what is two plus two", "tell me a story about a dragon"]
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (two spin-wait badly on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 
 def _setup(family: str = "qwen2", seed: int = 3):

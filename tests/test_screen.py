@@ -24,14 +24,6 @@ from personascope.vectors import PersonaVector
 NEW = 6  # max new tokens of the model's own answers in these tests
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not fight other work for the cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 ROWS = [
     {"messages": [{"role": "user", "content": "How do I boil an egg?"},
                   {"role": "assistant", "content": "Put it in boiling water for nine minutes, then cool it."}]},

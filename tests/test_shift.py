@@ -10,14 +10,6 @@ from personascope.traits import load_trait
 from personascope.vectors import PersonaVector, base_metadata
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _vector(a: ModelAdapter, layer: int | None = None) -> PersonaVector:
     v = torch.randn(a.n_layers + 1, a.hidden_size, generator=torch.Generator().manual_seed(5))
     meta = base_metadata(a, "optimistic")
