@@ -167,8 +167,8 @@ def main() -> None:
         cfg = ScreenConfig(method=method, max_new_tokens=MAX_NEW, batch_size=8)
         for ds in (*DATASETS, "steered"):
             t = time.perf_counter()
-            r = screen_dataset(adapter, paths[ds], {TRAIT: pv}, method=method, out_dir=runs / method / ds,
-                               config=cfg, answer_cache=cache, quiet=True)
+            r = screen(adapter, paths[ds], {TRAIT: pv}, method=method, out_dir=runs / method / ds,
+                       config=cfg, answer_cache=cache, quiet=True)
             rep = r.traits[TRAIT]
             results["datasets"].setdefault(method, {})[ds] = {
                 "mean": rep.mean, "ci": [rep.ci_low, rep.ci_high], "n": rep.n, "seconds": time.perf_counter() - t}
@@ -189,12 +189,23 @@ def main() -> None:
     print(f"report: {OUT / 'report.md'} ({results['timings']['total_s']:.0f} s)")
 
 
+def screen(*args, **kw):
+    """screen_dataset, starting a cached run over when its settings (vector, judge, data) have changed."""
+    try:
+        return screen_dataset(*args, **kw)
+    except ValueError as e:
+        if "other settings" not in str(e):
+            raise
+        print(f"{e} — starting it over", file=sys.stderr)
+        return screen_dataset(*args, **kw, force=True)
+
+
 def evaluate_mixed(adapter: ModelAdapter, pv: PersonaVector, path: Path, reference: Path, out: Path,
                    cfg: ScreenConfig, cache: Path, judge) -> dict:
     """Screen a labelled mixed file (flags at the 95th percentile of the reference); AUROC, precision, recall."""
     t = time.perf_counter()
-    r = screen_dataset(adapter, path, {TRAIT: pv}, method=cfg.method, out_dir=out, config=cfg, answer_cache=cache,
-                       reference=reference, percentile=PERCENTILE, judge=judge, quiet=False)
+    r = screen(adapter, path, {TRAIT: pv}, method=cfg.method, out_dir=out, config=cfg, answer_cache=cache,
+               reference=reference, percentile=PERCENTILE, judge=judge, quiet=False)
     rows = annotated(out)
     labels = [row["trait_row"] for row in rows]
     ints = [int(y) for y in labels]
@@ -215,7 +226,9 @@ def evaluate_mixed(adapter: ModelAdapter, pv: PersonaVector, path: Path, referen
         res["judge"] = {
             "auroc": auc([s for s, _ in ok], [y for _, y in ok]), "threshold": 50.0, "flagged": sum(jflags),
             "precision": jp, "recall": jr, "missing": len(js) - len(ok), "labels": labels,
-            "scores": [s if s is not None else float("nan") for s in js], "mode": judge.mode_for("trait"),
+            "scores": [s if s is not None else float("nan") for s in js],
+            "mode": (judge.describe_mode("trait", load_trait(TRAIT)) if hasattr(judge, "describe_mode")
+                     else judge.mode_for("trait")),
             "name": judge.name,
             "by_dataset": {ds: float(np.nanmean([np.nan if s is None else s for s, row in zip(js, rows, strict=True)
                                                  if _in_dataset(row, ds)])) for ds in DATASETS}}

@@ -421,6 +421,16 @@ def _check_config(work_dir: Path, config: dict, force: bool) -> None:
     write_json(path, config)
 
 
+def _judge_key(judge, traits: dict, dirs: dict[str, Direction]) -> dict | None:
+    """The judge's name and per-vector rubric key (mode and prompts), so a changed judge is not mixed in."""
+    if judge is None:
+        return None
+    from .judge import JudgeRequest
+
+    return {"name": judge.name, **{k: judge.rubric_key(JudgeRequest("trait", "", "", traits[k]))
+                                   for k in dirs if k in traits}}
+
+
 def _judge_chunk(judge, traits: dict, dirs: dict[str, Direction], rows: list[Row], cache_path: Path
                  ) -> dict[str, list[float | None]]:
     from .scoring import ScoreCache, judge_answers
@@ -502,7 +512,7 @@ def screen_pass(
         "model_config_hash": adapter.config_hash, "chunk_size": cfg.chunk_size,
         "max_new_tokens": cfg.max_new_tokens if cfg.method == "generate" else None,
         "vectors": {k: {"trait": d.trait, "layer": d.layer, "digest": d.digest} for k, d in dirs.items()},
-        "judge": getattr(judge, "name", None),
+        "judge": _judge_key(judge, traits or {}, dirs),
     }
     _check_config(work_dir, config, force)
     deltas = work_dir / "deltas.jsonl"
