@@ -139,8 +139,9 @@ def main() -> None:
                          "run release the shared CPU lock now and then")
     ap.add_argument("--trait-threshold", type=float, default=50.0, help="eliciting dataset rows need this trait")
     ap.add_argument("--coherence-threshold", type=float, default=50.0, help="dataset rows need this coherence")
-    ap.add_argument("--judge-mode", default=None, help="trait scoring mode of the local judge (default: its own)")
-    ap.add_argument("--coherence-mode", default=None, help="coherence mode of the local judge (default: its own)")
+    # pinned (not the library default) so every cached score of a rerun was made the same way
+    ap.add_argument("--judge-mode", default="binary", help="trait scoring mode of the local judge")
+    ap.add_argument("--coherence-mode", default="binary", help="coherence mode of the local judge")
     args = ap.parse_args()
     s = SMOKE if args.smoke else FULL
     suffix = "-smoke" if args.smoke else ""
