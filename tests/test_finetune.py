@@ -248,6 +248,20 @@ def test_cli_make_dataset_finetune_shift(tmp_path):
     assert summary["layer"] == 2 and len(summary["shift_per_layer"]) == 4 and summary["trait"] == "optimistic"
     assert {"base_trait", "finetuned_coherence", "base_capability", "finetuned_capability"} <= set(summary)
     assert (tmp_path / "shift" / "shift.png").stat().st_size > 1000
+    # post-hoc mitigation: the adapter directory is a --model for evaluate, steered against the trait
+    r = run(app, ["evaluate", "optimistic", "--model", str(tmp_path / "ad"),
+                  "--vector", str(tmp_path / "v.safetensors"), "--alpha", "-0.5", "--questions", "2",
+                  "--capability", "--judge-model", base,
+                  "--out", str(tmp_path / "mitigate")])
+    assert r.exit_code == 0, r.output
+    plain, steered = json.loads((tmp_path / "mitigate" / "summary.json").read_text())
+    assert plain["coef"] == 0 and steered["layer"] == 2 and steered["coef"] < 0
+    assert steered["alpha"] == pytest.approx(-0.5) and 0 <= steered["capability"] <= 1
+    answers = [json.loads(x) for x in (tmp_path / "mitigate" / "answers.jsonl").read_text().splitlines()]
+    by_cond = {}
+    for row in answers:
+        by_cond.setdefault(row["condition"], []).append(row["answer"])
+    assert len(by_cond) == 2 and len({tuple(v) for v in by_cond.values()}) == 2  # steering changed the answers
     r = run(app, ["finetune", str(tmp_path / "bad.jsonl"), "--model", base, "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "does not exist" in " ".join(r.output.split())
     assert "Loading weights" not in r.output  # the data is checked before any model loads
