@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 
@@ -168,3 +169,38 @@ def test_cli_judge_helper_takes_url():
     assert isinstance(j, OpenAIJudge) and j.name == "api:gpt-4.1-mini"
     for cmd in (cli.extract, cli.evaluate, cli.choose_layer_cmd):
         assert "judge_url" in inspect.signature(cmd).parameters
+
+
+def test_every_judging_command_takes_judge_url(digit_server, tmp_path):
+    from tiny import tiny_pair
+    from typer.testing import CliRunner
+
+    from personascope.cli import app
+
+    judged = {"extract", "evaluate", "choose-layer", "make-dataset", "shift", "monitor", "screen"}
+    names = {c.name or c.callback.__name__: c.callback for c in app.registered_commands}
+    params = {n: inspect_params(f) for n, f in names.items() if n in judged}
+    assert set(params) == judged and all("judge_url" in p for p in params.values())
+
+    model, tok = tiny_pair("qwen2", seed=2)
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    out = tmp_path / "d.jsonl"
+    args = ["make-dataset", "optimistic", "--model", str(tmp_path / "base"), "--level", "normal", "--n", "2",
+            "--max-new-tokens", "4", "--max-attempts", "1", "--judge-url", digit_server, "--judge-model",
+            "markov-judge", "--out", str(out)]
+    r = CliRunner().invoke(app, [*args, "--coherence-threshold", "5"])
+    assert r.exit_code == 0, r.output
+    want = (7 * 0.5 + 3 * 0.25) / 0.75  # the served judge's expected score; under the default threshold of 50
+    scores = [json.loads(x) for x in (tmp_path / "d.jsonl.work" / "scores.jsonl").read_text().splitlines()]
+    assert scores and all(s["judge"] == "api:markov-judge" and s["score"] == pytest.approx(want, abs=1e-3)
+                          for s in scores)
+    assert len(out.read_text().splitlines()) == 2
+    r = CliRunner().invoke(app, [*args[:-1], str(tmp_path / "strict.jsonl")])
+    assert r.exit_code == 0 and "wrote 0/2" in " ".join(r.output.split())
+
+
+def inspect_params(fn) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(fn).parameters)

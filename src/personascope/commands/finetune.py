@@ -16,7 +16,7 @@ from ..models import DEFAULT_JUDGE_MODEL, DEFAULT_MODEL
 
 def register(app: typer.Typer) -> None:
     """Add the finetune commands to the main app."""
-    from ..cli import DeviceOpt, JudgeModelOpt, JudgeModeOpt, ModelOpt, ProfileOpt
+    from ..cli import DeviceOpt, JudgeModelOpt, JudgeModeOpt, JudgeUrlOpt, ModelOpt, ProfileOpt
 
     @app.command("make-dataset")
     def make_dataset_cmd(
@@ -39,6 +39,7 @@ def register(app: typer.Typer) -> None:
                                                  "sample).")] = True,
         judge_model: JudgeModelOpt = DEFAULT_JUDGE_MODEL,
         judge_mode: JudgeModeOpt = None,
+        judge_url: JudgeUrlOpt = None,
         device: DeviceOpt = None,
     ) -> None:
         """Build a finetuning dataset from the model's own answers (no system prompt in the rows)."""
@@ -61,7 +62,7 @@ def register(app: typer.Typer) -> None:
                                     trait_threshold=trait_threshold, coherence_threshold=coherence_threshold,
                                     max_attempts=max_attempts)
                 adapter = _adapter(model, device)
-                j = _judge(judge_model, judge_mode, device) if judge else None
+                j = _judge(judge_model, judge_mode, device, judge_url) if judge else None
                 res = make_dataset(adapter, t, level, out, j, cfg)
         except (TraitError, ValueError) as e:
             _fail(str(e))
@@ -172,6 +173,7 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path | None, typer.Option(help="Run directory (default runs/shift-ADAPTER).")] = None,
         judge_model: JudgeModelOpt = DEFAULT_JUDGE_MODEL,
         judge_mode: JudgeModeOpt = None,
+        judge_url: JudgeUrlOpt = None,
         device: DeviceOpt = None,
     ) -> None:
         """Finetuning shift along a persona vector at every layer, plus judged trait score and capability."""
@@ -219,7 +221,7 @@ def register(app: typer.Typer) -> None:
             from ..evaluate import EVAL_PROFILES, Condition, print_rows
             from ..evaluate import evaluate as run_eval
 
-            j = _judge(judge_model, judge_mode, device)
+            j = _judge(judge_model, judge_mode, device, judge_url)
             cfg = replace(EVAL_PROFILES["quick"], n_questions=questions)
             if max_new_tokens:
                 cfg = replace(cfg, sampling=replace(cfg.sampling, max_new_tokens=max_new_tokens))

@@ -28,7 +28,7 @@ def _read_ladder(path: Path) -> list[str]:
 
 def register(app: typer.Typer) -> None:
     """Add the monitor commands to the main app."""
-    from personascope.cli import DeviceOpt, JudgeModelOpt, JudgeModeOpt, ModelOpt, ProfileOpt
+    from personascope.cli import DeviceOpt, JudgeModelOpt, JudgeModeOpt, JudgeUrlOpt, ModelOpt, ProfileOpt
     from personascope.models import DEFAULT_JUDGE_MODEL, DEFAULT_MODEL
 
     @app.command()
@@ -59,6 +59,7 @@ def register(app: typer.Typer) -> None:
         = True,
         judge_model: JudgeModelOpt = DEFAULT_JUDGE_MODEL,
         judge_mode: JudgeModeOpt = None,
+        judge_url: JudgeUrlOpt = None,
         device: DeviceOpt = None,
     ) -> None:
         """Does the last prompt token's projection predict the trait? System-prompt ladder and many-shot, with r."""
@@ -104,7 +105,7 @@ def register(app: typer.Typer) -> None:
             adapter.check_layer(pv.default_layer(layer))
         except ValueError as e:
             _fail(str(e))
-        judge = _judge(judge_model, judge_mode, device)
+        judge = _judge(judge_model, judge_mode, device, judge_url)
         run_dir = out or Path("runs") / f"monitor-{t.name}-{adapter.name.replace('/', '_')}"
         try:
             run_monitor(adapter, t, judge, pv, run_dir, cfg, layer=layer, ladder=lad, shot_pool=pool,

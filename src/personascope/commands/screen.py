@@ -10,7 +10,7 @@ from ..models import DEFAULT_JUDGE_MODEL, DEFAULT_MODEL
 
 def register(app: typer.Typer) -> None:
     """Add the screen commands to the main app."""
-    from ..cli import DeviceOpt, JudgeModelOpt, JudgeModeOpt, ModelOpt
+    from ..cli import DeviceOpt, JudgeModelOpt, JudgeModeOpt, JudgeUrlOpt, ModelOpt
 
     @app.command()
     def screen(
@@ -40,6 +40,7 @@ def register(app: typer.Typer) -> None:
         top: Annotated[int, typer.Option(help="Rows per trait in top_flagged.md.")] = 20,
         judge_model: JudgeModelOpt = DEFAULT_JUDGE_MODEL,
         judge_mode: JudgeModeOpt = None,
+        judge_url: JudgeUrlOpt = None,
         device: DeviceOpt = None,
         force: Annotated[bool, typer.Option(help="Start over instead of resuming.")] = False,
     ) -> None:
@@ -71,7 +72,7 @@ def register(app: typer.Typer) -> None:
                 adapter.check_layer(layer)
             except ValueError as e:
                 _fail(str(e))
-        j = _judge(judge_model, judge_mode, device) if judge else None
+        j = _judge(judge_model, judge_mode, device, judge_url) if judge else None
         cfg = ScreenConfig(method=method, batch_size=batch_size, chunk_size=chunk_size, max_new_tokens=max_new_tokens)
         try:
             screen_dataset(adapter, data, vectors, layer=layer, method=method, out_dir=out, threshold=threshold,
