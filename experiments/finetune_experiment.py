@@ -20,8 +20,10 @@ Every stage is cached under the work directory, so a rerun only does what is mis
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
+import random
 import shutil
 import statistics
 import time
@@ -32,6 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 from personascope.adapter import ModelAdapter
+from personascope.api_judge import OpenAIJudge
 from personascope.capability import load_mc, mc_accuracy
 from personascope.datasets import DatasetConfig, make_dataset
 from personascope.evaluate import Condition, EvalConfig, evaluate
@@ -90,6 +93,30 @@ def pearson(xs: list[float], ys: list[float]) -> float | None:
     return statistics.correlation(xs, ys)
 
 
+def permutation_p(xs: list[float], ys: list[float]) -> float | None:
+    """Two-sided p of Pearson r under shuffling ys: exact up to 8 points, else 20 000 seeded shuffles.
+    With a handful of runs this says how easily chance alone gives an r this large."""
+    r = pearson(xs, ys)
+    if r is None:
+        return None
+    if len(ys) <= 8:
+        perms = list(itertools.permutations(ys))
+    else:
+        rng = random.Random(0)
+        perms = [rng.sample(ys, len(ys)) for _ in range(20_000)]
+    hits = sum(abs(statistics.correlation(xs, list(p))) >= abs(r) - 1e-12 for p in perms)
+    return hits / len(perms)
+
+
+def eval_sem(work: Path, label: str, trait: str) -> float | None:
+    """Standard error of an evaluation's mean trait score, from its summary in the work dir."""
+    path = work / "eval" / label / trait / "summary.json"
+    if not path.exists():
+        return None
+    row = json.loads(path.read_text())[0]
+    return row["trait_std"] / math.sqrt(row["n"]) if row.get("trait_std") is not None and row["n"] > 1 else None
+
+
 def vector_for(adapter: ModelAdapter, trait: str, judge, work: Path) -> PersonaVector:
     """The project's vector for this trait and model (extracted, quick profile, 6 questions, if missing),
     frozen as a copy in the work dir at first use so a rerun measures with the same vector."""
@@ -130,7 +157,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script end to end in minutes")
     ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--judge-model", default=DEFAULT_JUDGE_MODEL)
+    ap.add_argument("--judge-model", default=DEFAULT_JUDGE_MODEL, help="local judge, or the API model with --judge-url")
+    ap.add_argument("--judge-url", default=None, help="OpenAI-compatible base URL of an API judge")
     ap.add_argument("--traits", nargs="+", default=["optimistic", "sycophantic"])
     ap.add_argument("--out", type=Path, default=None, help="report + PNGs (default experiments/results/finetune)")
     ap.add_argument("--work", type=Path, default=None, help="datasets, adapters, answers (default runs/...)")
@@ -153,7 +181,10 @@ def main() -> None:
 
     model, tok = load_model(args.model)
     base = ModelAdapter(model, tok)
-    judge = load_local_judge(args.judge_model, trait_mode=args.judge_mode, coherence_mode=args.coherence_mode)
+    if args.judge_url:
+        judge = OpenAIJudge(args.judge_url, args.judge_model)
+    else:
+        judge = load_local_judge(args.judge_model, trait_mode=args.judge_mode, coherence_mode=args.coherence_mode)
     res = Results(work / "results.json")
     mc = load_mc()[: s.mc_rows]
     ecfg = EvalConfig(SamplingConfig(samples=1, temperature=0.0, max_new_tokens=s.eval_tokens, batch_size=8),
@@ -230,7 +261,7 @@ def main() -> None:
                             ft, mc, steerer=Steerer(ft).add(pv, layers[t], coef, "response")).accuracy)
         console.print(f"[green]done {run.name}[/] (loss {fres['loss_first']:.3f} → {fres['loss_last']:.3f})")
 
-    write_report(out, res.data, args, s, runs, vectors, layers, base_cap, datasets,
+    write_report(out, work, res.data, args, s, runs, vectors, layers, base_cap, datasets,
                  time.perf_counter() - started, judge)
 
 
@@ -260,8 +291,13 @@ def _f(x, fmt=".1f") -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
-def write_report(out: Path, data: dict, args, s: Settings, runs: list[Run], vectors, layers, base_cap: float,
-                 datasets: dict, seconds: float, judge) -> None:
+def _pm(x, se) -> str:
+    """A mean with its standard error."""
+    return _f(x) if se is None else f"{_f(x)} ± {se:.1f}"
+
+
+def write_report(out: Path, work: Path, data: dict, args, s: Settings, runs: list[Run], vectors, layers,
+                 base_cap: float, datasets: dict, seconds: float, judge) -> None:
     """report.md, summary.json and PNGs from the cached results."""
     rows = []
     for run in runs:
@@ -274,7 +310,7 @@ def write_report(out: Path, data: dict, args, s: Settings, runs: list[Run], vect
                          "steps": ft.get("steps"), "loss_first": ft.get("loss_first"), "loss_last": ft.get("loss_last"),
                          "train_seconds": ft.get("train_seconds"), "shift": sh["shift"], "layer": sh["layer"],
                          "shift_per_layer": sh["per_layer"], "n_prompts": sh["n_prompts"],
-                         "trait_score": ev["trait_score"],
+                         "trait_score": ev["trait_score"], "trait_se": eval_sem(work, run.name, t),
                          "coherence": ev["coherence"], "capability": data.get(f"capability|{run.name}")})
     plain = [r for r in rows if r["prevent_alpha"] is None and r["trait_score"] is not None]
     r_all = pearson([r["shift"] for r in plain], [r["trait_score"] for r in plain])
@@ -282,6 +318,8 @@ def write_report(out: Path, data: dict, args, s: Settings, runs: list[Run], vect
                        [r["trait_score"] for r in plain if r["trait"] == t]) for t in args.traits}
     with_prev = [r for r in rows if r["trait_score"] is not None]
     r_prev = pearson([r["shift"] for r in with_prev], [r["trait_score"] for r in with_prev])
+    p_all = permutation_p([r["shift"] for r in plain], [r["trait_score"] for r in plain])
+    r_coh = pearson([r["coherence"] for r in with_prev], [r["trait_score"] for r in with_prev])
 
     if plain:
         plot_scatter([r["shift"] for r in with_prev], [r["trait_score"] for r in with_prev],
@@ -304,23 +342,24 @@ def write_report(out: Path, data: dict, args, s: Settings, runs: list[Run], vect
     mitig = {}
     for t in args.traits:
         base_ev = data.get(f"eval|base|{t}") or {}
-        entries = [("base model", base_ev.get("trait_score"), base_ev.get("coherence"), base_cap)]
+        entries = [("base model", base_ev.get("trait_score"), base_ev.get("coherence"), base_cap,
+                    eval_sem(work, "base", t))]
         ii = next((r for r in rows if r["run"] == f"{t}-II" and r["trait"] == t), None)
         if ii:
-            entries.append(("II finetune", ii["trait_score"], ii["coherence"], ii["capability"]))
+            entries.append(("II finetune", ii["trait_score"], ii["coherence"], ii["capability"], ii["trait_se"]))
         for a in s.prevent_alphas:
             r = next((r for r in rows if r["run"] == f"{t}-II-prevent{a:g}"), None)
             if r:
                 coef = vectors[t].coef_from_alpha(a, layers[t])
                 entries.append((f"II + preventative α={a:g} (coef {coef:.1f})", r["trait_score"], r["coherence"],
-                                r["capability"]))
+                                r["capability"], r["trait_se"]))
         for a in s.posthoc_alphas:
             label = f"{t}-II-posthoc{a:g}"
             ev = data.get(f"eval|{label}|{t}")
             if ev:
                 coef = vectors[t].coef_from_alpha(a, layers[t])
                 entries.append((f"II + post-hoc α={a:g} (coef {coef:.1f})", ev["trait_score"], ev["coherence"],
-                                data.get(f"capability|{label}")))
+                                data.get(f"capability|{label}"), eval_sem(work, label, t)))
         mitig[t] = entries
         fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
         names = [e[0].replace(" (", "\n(") for e in entries]
@@ -329,7 +368,8 @@ def write_report(out: Path, data: dict, args, s: Settings, runs: list[Run], vect
             vals = [(e[idx] or 0) * scale for e in entries]
             colors = ["tab:green" if "preventative" in e[0] else "tab:blue" if "post-hoc" in e[0] else
                       "tab:red" if e[0].startswith("II") else "grey" for e in entries]
-            ax.barh(range(len(vals)), vals, color=colors)
+            err = [e[4] or 0 for e in entries] if idx == 1 else None
+            ax.barh(range(len(vals)), vals, color=colors, xerr=err, capsize=2)
             ax.set_yticks(range(len(vals)), names if ax is axes[0] else [""] * len(vals), fontsize=7)
             ax.invert_yaxis()
             ax.set_xlim(0, 100)
@@ -344,8 +384,10 @@ def write_report(out: Path, data: dict, args, s: Settings, runs: list[Run], vect
                "vector_meta": {t: {k: v.metadata.get(k) for k in ("kept_pairs", "total_pairs", "judge", "copied_from")}
                                for t, v in vectors.items()},
                "base_capability": base_cap, "datasets": datasets, "runs": rows,
-               "pearson": {"unsteered_all": r_all, "by_trait": r_by, "including_preventative": r_prev},
-               "mitigation": mitig, "seconds": round(seconds, 1)}
+               "pearson": {"unsteered_all": r_all, "unsteered_all_p": p_all, "by_trait": r_by,
+                           "including_preventative": r_prev, "trait_vs_coherence_all_runs": r_coh},
+               "mitigation": mitig, "seconds": round(seconds, 1),
+               "stage_seconds": round(sum(v["seconds"] for v in data.values() if isinstance(v, dict)), 1)}
     write_json(out / "summary.json", summary)
     (out / "report.md").write_text(_markdown(summary, s, args))
     _print(rows, r_all)
@@ -358,7 +400,8 @@ def _markdown(sm: dict, s: Settings, args) -> str:
     a("# Finetuning experiment: shift, trait expression, preventative vs post-hoc steering\n")
     a(f"Model `{sm['model']}` (CPU, bf16), judge `{sm['judge']}` (trait mode `{sm['judge_modes']['trait']}`, "
       f"coherence `{sm['judge_modes']['coherence']}`). Generated by `experiments/finetune_experiment.py"
-      f"{' --smoke' if s is SMOKE else ''}`; total {sm['seconds'] / 60:.0f} min (cached stages not re-timed).\n")
+      f"{' --smoke' if s is SMOKE else ''}`; its timed stages (datasets, finetunes, judged evaluations; capability "
+      f"runs are not timed) took {sm['stage_seconds'] / 60:.0f} min of CPU wall time when they were computed.\n")
     a("## Setup\n")
     a(f"- Datasets: {s.rows} rows each from the built-in question pool, the model's own answers (≤ "
       f"{s.max_new_tokens} new tokens, temperature 0.7) under the trait's suppressing instruction (normal), the "
@@ -389,18 +432,22 @@ def _markdown(sm: dict, s: Settings, args) -> str:
         a(f"| {name} | {d['rows']} / {d['requested']} | {d['skipped']} | {_f(d['mean_trait'])} | "
           f"{_f(d['mean_coherence'])} |")
     a("\n## Runs\n")
+    a(f"Trait score: mean ± standard error over the {s.eval_questions} evaluation questions (greedy answers), so "
+      "differences under about two standard errors are within the noise of this small evaluation.\n")
     a("| run | trait | steps | loss first → last | shift | trait score | coherence | capability |")
     a("|---|---|---|---|---|---|---|---|")
     for t in args.traits:
         b = sm["mitigation"][t][0]
-        a(f"| base | {t} | — | — | 0 | {_f(b[1])} | {_f(b[2])} | {_f(b[3], '.3f')} |")
+        a(f"| base | {t} | — | — | 0 | {_pm(b[1], b[4])} | {_f(b[2])} | {_f(b[3], '.3f')} |")
     for r in sm["runs"]:
         a(f"| {r['run']} | {r['trait']} | {r['steps']} | {_f(r['loss_first'], '.2f')} → {_f(r['loss_last'], '.2f')} "
-          f"| {r['shift']:+.3f} | {_f(r['trait_score'])} | {_f(r['coherence'])} | {_f(r['capability'], '.3f')} |")
+          f"| {r['shift']:+.3f} | {_pm(r['trait_score'], r['trait_se'])} | {_f(r['coherence'])} "
+          f"| {_f(r['capability'], '.3f')} |")
     p = sm["pearson"]
     a("\n## Shift vs trait score\n")
     a(f"Pearson r across the unsteered finetunes (both traits pooled, n = "
-      f"{sum(1 for r in sm['runs'] if r['prevent_alpha'] is None)}): **{_f(p['unsteered_all'], '.2f')}**; "
+      f"{sum(1 for r in sm['runs'] if r['prevent_alpha'] is None)}): **{_f(p['unsteered_all'], '.2f')}** "
+      f"(permutation p = {_f(p['unsteered_all_p'], '.2f')}); "
       + ", ".join(f"{t}: {_f(v, '.2f')}" for t, v in p["by_trait"].items())
       + f"; including the preventative runs: {_f(p['including_preventative'], '.2f')}. "
       "Paper (Qwen2.5-7B / Llama-3.1-8B, many more and larger datasets): r = 0.76–0.97.\n")
@@ -412,11 +459,16 @@ def _markdown(sm: dict, s: Settings, args) -> str:
         a(f"### {t}\n")
         a("| model | trait score | coherence | capability |")
         a("|---|---|---|---|")
-        for name, tr, co, cap in entries:
-            a(f"| {name} | {_f(tr)} | {_f(co)} | {_f(cap, '.3f')} |")
+        for name, tr, co, cap, se in entries:
+            a(f"| {name} | {_pm(tr, se)} | {_f(co)} | {_f(cap, '.3f')} |")
         a(f"\n![mitigation {t}](mitigation_{t}.png)\n")
     a("## Reading the numbers\n")
     a(_observations(sm))
+    r_coh = p["trait_vs_coherence_all_runs"]
+    a("- Across all finetuned runs the judged trait score correlates with the judged coherence at r = "
+      f"{_f(r_coh, '.2f')}"
+      + (": the small local judge's trait score partly tracks answer quality, which blurs its relation to the shift."
+         if r_coh is not None and r_coh >= 0.5 else "."))
     a("\nMitigating a finetuned model after the fact from the command line: "
       "`personascope evaluate TRAIT --model ADAPTER_DIR --vector V --alpha -0.5 --capability` (an adapter directory "
       "works as `--model` everywhere; its base is loaded with the adapter applied).\n")
@@ -427,6 +479,12 @@ def _observations(sm: dict) -> str:
     """Plain statements computed from the numbers (no claims beyond them)."""
     out = []
     for t, entries in sm["mitigation"].items():
+        shifts = {r["run"]: r["shift"] for r in sm["runs"] if r["trait"] == t}
+        prev_shifts = [f"{v:+.2f}" for k, v in shifts.items() if k.startswith(f"{t}-II-prevent")]
+        if prev_shifts and f"{t}-II" in shifts:
+            out.append(f"- {t}: shift of the II finetune {shifts[f'{t}-II']:+.2f}; with preventative steering "
+                       f"{', '.join(prev_shifts)}. A negative shift there means the finetune learned to offset the "
+                       "vector that was added during training, so without it the model sits on the anti-trait side.")
         d = {e[0].split(" (")[0]: e for e in entries}
         base, ii = d.get("base model"), d.get("II finetune")
         if base and ii and base[1] is not None and ii[1] is not None:
