@@ -70,7 +70,7 @@ class Settings:
     posthoc_alphas: tuple[float, ...]
 
 
-FULL = Settings(rows=48, max_new_tokens=64, epochs=3, eval_questions=8, eval_tokens=64, mc_rows=120,
+FULL = Settings(rows=48, max_new_tokens=64, epochs=3, eval_questions=20, eval_tokens=64, mc_rows=120,
                 prevent_alphas=(0.5, 1.0), posthoc_alphas=(-0.25, -0.5))
 SMOKE = Settings(rows=8, max_new_tokens=16, epochs=1, eval_questions=2, eval_tokens=16, mc_rows=16,
                  prevent_alphas=(1.0,), posthoc_alphas=(-0.5,))
@@ -186,6 +186,8 @@ def main() -> None:
     else:
         judge = load_local_judge(args.judge_model, trait_mode=args.judge_mode, coherence_mode=args.coherence_mode)
     res = Results(work / "results.json")
+    for key in [k for k, v in res.data.items() if k.startswith("eval|") and v.get("n") != s.eval_questions]:
+        del res.data[key]  # judged on another number of questions by an earlier run: redone (cached answers reused)
     mc = load_mc()[: s.mc_rows]
     ecfg = EvalConfig(SamplingConfig(samples=1, temperature=0.0, max_new_tokens=s.eval_tokens, batch_size=8),
                       n_questions=s.eval_questions)
