@@ -7,7 +7,7 @@ position ids come from the attention mask, so left and right padding give the sa
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -80,21 +80,7 @@ def iter_span_batches(
             out["prompt_last"][:, slot] = hf[rows, last].cpu()
             norms[:, slot] = ((hf.norm(dim=-1) * rmask).sum(1) / rcount[:, 0]).cpu()
 
-        handles = []
-        try:
-            for slot, layer in enumerate(layers):
-                if layer == 0:
-                    handles.append(adapter.blocks[0].register_forward_pre_hook(
-                        lambda m, args, kwargs, s=slot: reduce(s, args[0] if args else kwargs["hidden_states"]),
-                        with_kwargs=True))
-                else:
-                    handles.append(adapter.blocks[layer - 1].register_forward_hook(
-                        lambda m, i, o, s=slot: reduce(s, block_output(o))))
-            adapter.model.base_model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                                     position_ids=position_ids_for(mask).to(dev), use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
+        forward_with_residual_hooks(adapter, layers, reduce, ids, mask)
         yield SpanBatch(indices=idx, layers=layers, spans=out, resid_norm=norms)
 
 
@@ -120,3 +106,26 @@ def project(acts: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
     """Scalar projection on the unit vector: a · v / ||v|| (broadcast over leading dims)."""
     v = vector.float()
     return acts.float() @ (v / v.norm().clamp(min=1e-12))
+
+
+def forward_with_residual_hooks(adapter: ModelAdapter, layers: Sequence[int],
+                                on_residual: Callable[[int, torch.Tensor], None], ids: torch.Tensor,
+                                mask: torch.Tensor) -> None:
+    """One forward of the base model (no LM head, no cache) calling on_residual(slot, h) with the residual stream
+    entering layer layers[slot] (0 = the embeddings), so callers reduce activations as they are produced."""
+    dev = adapter.device
+    handles = []
+    try:
+        for slot, layer in enumerate(layers):
+            if layer == 0:
+                handles.append(adapter.blocks[0].register_forward_pre_hook(
+                    lambda m, args, kwargs, s=slot: on_residual(s, args[0] if args else kwargs["hidden_states"]),
+                    with_kwargs=True))
+            else:
+                handles.append(adapter.blocks[layer - 1].register_forward_hook(
+                    lambda m, i, o, s=slot: on_residual(s, block_output(o))))
+        adapter.model.base_model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                                 position_ids=position_ids_for(mask).to(dev), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()

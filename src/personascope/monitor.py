@@ -24,7 +24,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from .activations import SPANS, collect_spans
+from .activations import SPANS, collect_spans, forward_with_residual_hooks
 from .adapter import ModelAdapter, block_output, pad_batch, pad_id, position_ids_for
 from .generate import progress_bar
 from .judge import Judge
@@ -338,7 +338,6 @@ def trace_answers(
         a_ids = adapter.encode_pair(p, a)[1] if isinstance(a, str) else list(a)
         items.append((p_ids, a_ids))
     traces: list[Trace] = []
-    dev = adapter.device
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         ids, mask = pad_batch([p + a for p, a in chunk], pad_id(adapter.tokenizer), "right")
@@ -347,21 +346,7 @@ def trace_answers(
         def keep(layer: int, h: torch.Tensor) -> None:
             full[layer] = (h.float() @ units[layer].to(h.device)).cpu()  # [B, T]
 
-        handles = []
-        try:
-            for layer in layers:
-                if layer == 0:
-                    handles.append(adapter.blocks[0].register_forward_pre_hook(
-                        lambda m, args, kwargs, la=layer: keep(la, args[0] if args else kwargs["hidden_states"]),
-                        with_kwargs=True))
-                else:
-                    handles.append(adapter.blocks[layer - 1].register_forward_hook(
-                        lambda m, i, o, la=layer: keep(la, block_output(o))))
-            adapter.model.base_model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                                     position_ids=position_ids_for(mask).to(dev), use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
+        forward_with_residual_hooks(adapter, layers, lambda slot, h: keep(layers[slot], h), ids, mask)
         for j, (p_ids, a_ids) in enumerate(chunk):
             n_p = len(p_ids)
             traces.append(Trace(
