@@ -116,7 +116,7 @@ def test_several_vectors_and_layers_at_once(qwen_tiny):
     ids, mask = _batch(a)
     v1, v2 = torch.randn(a.hidden_size), torch.randn(a.hidden_size)
     with torch.no_grad():
-        with Steerer(a).add(v1, 1, 2.0).add(v2, 3, -1.0):
+        with Steerer(a).add(v1, 1, 2.0, "all").add(v2, 3, -1.0, "all"):
             both = a.model(input_ids=ids, attention_mask=mask).logits
         with steer(a, v1, 1, 2.0, "all"), steer(a, v2, 3, -1.0, "all"):
             nested = a.model(input_ids=ids, attention_mask=mask).logits

@@ -7,12 +7,13 @@ position ids come from the attention mask, so left and right padding give the sa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from .adapter import ModelAdapter, block_output, pad_batch, pad_id, position_ids_for
+from .adapter import ModelAdapter, pad_batch, pad_id
+from .hooks import forward_with_residual_hooks
 
 SPANS = ("prompt_avg", "response_avg", "prompt_last")
 
@@ -107,25 +108,3 @@ def project(acts: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
     v = vector.float()
     return acts.float() @ (v / v.norm().clamp(min=1e-12))
 
-
-def forward_with_residual_hooks(adapter: ModelAdapter, layers: Sequence[int],
-                                on_residual: Callable[[int, torch.Tensor], None], ids: torch.Tensor,
-                                mask: torch.Tensor) -> None:
-    """One forward of the base model (no LM head, no cache) calling on_residual(slot, h) with the residual stream
-    entering layer layers[slot] (0 = the embeddings), so callers reduce activations as they are produced."""
-    dev = adapter.device
-    handles = []
-    try:
-        for slot, layer in enumerate(layers):
-            if layer == 0:
-                handles.append(adapter.blocks[0].register_forward_pre_hook(
-                    lambda m, args, kwargs, s=slot: on_residual(s, args[0] if args else kwargs["hidden_states"]),
-                    with_kwargs=True))
-            else:
-                handles.append(adapter.blocks[layer - 1].register_forward_hook(
-                    lambda m, i, o, s=slot: on_residual(s, block_output(o))))
-        adapter.model.base_model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                                 position_ids=position_ids_for(mask).to(dev), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()

@@ -9,6 +9,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .adapter import ModelAdapter, pad_batch, pad_id
+from .rng import seeded
 
 
 @dataclass(frozen=True)
@@ -41,19 +42,18 @@ def generate_batch(
     """Answers to rendered prompts (one each), sampled in one left-padded batch; greedy at temperature 0."""
     ids, mask = pad_batch([adapter.encode_prompt(p) for p in prompts], pad_id(adapter.tokenizer), "left")
     dev = adapter.device
-    if seed is not None:
-        torch.manual_seed(seed)
     greedy = temperature <= 0
-    out = adapter.model.generate(
-        input_ids=ids.to(dev),
-        attention_mask=mask.to(dev),
-        max_new_tokens=max_new_tokens,
-        do_sample=not greedy,
-        temperature=None if greedy else temperature,
-        top_p=None if greedy else top_p,
-        top_k=None,
-        pad_token_id=pad_id(adapter.tokenizer),
-    )
+    with seeded(seed):
+        out = adapter.model.generate(
+            input_ids=ids.to(dev),
+            attention_mask=mask.to(dev),
+            max_new_tokens=max_new_tokens,
+            do_sample=not greedy,
+            temperature=None if greedy else temperature,
+            top_p=None if greedy else top_p,
+            top_k=None,
+            pad_token_id=pad_id(adapter.tokenizer),
+        )
     new = out[:, ids.shape[1]:]
     return [adapter.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
 

@@ -24,10 +24,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from .activations import SPANS, collect_spans, forward_with_residual_hooks
-from .adapter import ModelAdapter, block_output, pad_batch, pad_id, position_ids_for
+from .activations import SPANS, collect_spans
+from .adapter import ModelAdapter, pad_batch, pad_id, position_ids_for
 from .generate import progress_bar
+from .hooks import ResidualHooks, forward_with_residual_hooks
 from .judge import Judge
+from .rng import seeded
 from .scoring import ScoreCache, judge_answers
 from .store import JsonlStore, read_jsonl, write_json
 from .traits import Trait
@@ -209,34 +211,27 @@ def _stop_ids(adapter: ModelAdapter) -> set[int]:
     return ids
 
 
-class _LastPositionRecorder:
-    """Forward hooks that record v̂ · h[:, -1] at each layer for every forward of the model."""
+class LastPositionRecorder:
+    """Residual hooks that record v̂ · h[:, -1] at each layer for every forward of the model."""
 
     def __init__(self, adapter: ModelAdapter, units: dict[int, torch.Tensor]):
-        self.adapter = adapter
         self.units = units
         self.records: dict[int, list[torch.Tensor]] = {layer: [] for layer in units}
-        self._handles: list = []
+        self._hooks = ResidualHooks(adapter, [(layer, self._recorder(layer)) for layer in units])
 
-    def _record(self, layer: int, h: torch.Tensor) -> None:
-        u = self.units[layer].to(h.device)
-        self.records[layer].append((h[:, -1].float() @ u).cpu())
+    def _recorder(self, layer: int):
+        def record(h: torch.Tensor) -> None:
+            u = self.units[layer].to(h.device)
+            self.records[layer].append((h[:, -1].float() @ u).cpu())
 
-    def __enter__(self) -> _LastPositionRecorder:
-        for layer in self.units:
-            if layer == 0:
-                self._handles.append(self.adapter.blocks[0].register_forward_pre_hook(
-                    lambda m, args, kwargs, la=layer: self._record(la, args[0] if args else kwargs["hidden_states"]),
-                    with_kwargs=True))
-            else:
-                self._handles.append(self.adapter.blocks[layer - 1].register_forward_hook(
-                    lambda m, i, o, la=layer: self._record(la, block_output(o))))
+        return record
+
+    def __enter__(self) -> LastPositionRecorder:
+        self._hooks.attach()
         return self
 
     def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self._hooks.remove()
 
     def stacked(self, layer: int) -> torch.Tensor:
         return torch.stack(self.records[layer], 1)  # [B, n_forwards]
@@ -287,10 +282,8 @@ def trace_generation(
     ids, mask = pad_batch([adapter.encode_prompt(p) for p in rendered], pid, "left")
     dev = adapter.device
     ids, mask = ids.to(dev), mask.to(dev)
-    if seed is not None:
-        torch.manual_seed(seed)
     greedy = temperature <= 0
-    with _LastPositionRecorder(adapter, units) as rec:
+    with LastPositionRecorder(adapter, units) as rec, seeded(seed):
         out = adapter.model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=not greedy,
             temperature=None if greedy else temperature, top_p=None if greedy else top_p, top_k=None,

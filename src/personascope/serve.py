@@ -41,7 +41,9 @@ import torch
 from fastapi import Request
 
 from .activations import collect_spans, project
-from .adapter import FALLBACK_TEMPLATE, ModelAdapter, block_output, pad_batch, pad_id, position_ids_for
+from .adapter import FALLBACK_TEMPLATE, ModelAdapter, pad_batch, pad_id, position_ids_for
+from .hooks import ResidualHooks
+from .rng import seeded
 from .steer import POSITIONS, Steerer
 from .vectors import PersonaVector
 
@@ -110,12 +112,12 @@ def tiny_random_model(name: str, seed: int = 0):
                                   additional_special_tokens=specials)
     tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    torch.manual_seed(seed)
     cfg = AutoConfig.for_model(family, vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
                                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                                max_position_embeddings=4096, initializer_range=0.2, bos_token_id=vocab["<|im_start|>"],
                                eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<pad>"])
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with seeded(seed):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     model.config.name_or_path = name
     return model, tok
 
@@ -545,22 +547,15 @@ class Engine:
             st.add(self.vectors[name].vector(layer), layer, coef, positions)
         return st
 
-    def _capture(self, layers: set[int], store: dict[int, torch.Tensor]) -> list:
+    def _capture(self, layers: set[int], store: dict[int, torch.Tensor]) -> ResidualHooks:
         """Hooks recording the last position of each forward at each monitored layer (before steering there)."""
-        handles = []
-        for layer in layers:
-            if layer == 0:
-                def pre(module, args, kwargs, layer=layer):
-                    h = args[0] if args else kwargs["hidden_states"]
-                    store[layer] = h[:, -1].detach().float()
+        def recorder(layer: int):
+            def record(h: torch.Tensor) -> None:
+                store[layer] = h[:, -1].detach().float()
 
-                handles.append(self.adapter.blocks[0].register_forward_pre_hook(pre, with_kwargs=True))
-            else:
-                def post(module, args, output, layer=layer):
-                    store[layer] = block_output(output)[:, -1].detach().float()
+            return record
 
-                handles.append(self.adapter.blocks[layer - 1].register_forward_hook(post))
-        return handles
+        return ResidualHooks(self.adapter, [(layer, recorder(layer)) for layer in layers])
 
     def _projections(self, rows: list[Row], store: dict[int, torch.Tensor]) -> list[dict[str, float] | None]:
         out: list[dict[str, float] | None] = [None] * len(rows)
@@ -606,7 +601,7 @@ class Engine:
         steerer = self._steerer(rows)
         store: dict[int, torch.Tensor] = {}
         monitored = {r.job.request.monitor.layer for r in rows if r.job.request.monitor}
-        handles = self._capture(monitored, store)  # registered before the steering hooks: sees unsteered output
+        capture = self._capture(monitored, store).attach()  # before the steering hooks: sees unsteered output
         try:
             if steerer is not None:
                 steerer.attach()
@@ -642,12 +637,11 @@ class Engine:
                         sel = torch.tensor(keep, device=dev)
                         cache.batch_select_indices(sel)
                         mask, logits = mask[sel], logits[sel]
-                        for spec in steerer.specs if steerer else []:
-                            spec.coef = spec.coef[sel.cpu()]
+                        if steerer is not None:
+                            steerer.select_rows(sel)
                     rows = [rows[i] for i in keep]
         finally:
-            for h in handles:
-                h.remove()
+            capture.remove()
             if steerer is not None:
                 steerer.remove()
 

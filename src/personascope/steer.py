@@ -1,24 +1,28 @@
-"""Steering: add `coef · v[l]` to the output of block l − 1 (or ablate v̂) while the model runs.
+"""Steering: add `coef · v[l]` to the residual stream at layer l (or ablate v̂) while the model runs.
 
-Positions (DESIGN.md §3): `all` (every position of every forward), `prompt` (the prefill forward
-only) and `response` (the last position of every forward: the last prompt token at prefill, then
-each new token). A forward is a prefill when its KV cache is empty, which keeps all three exact
-under the cache, with left padding and in batches. Hooks live only inside the context: the
-model is never changed permanently.
+Positions: `all` (every position of every forward), `prompt` (the prefill forward only) and
+`response` (the last position of every forward: the last prompt token at prefill, then each new
+token). A forward is a prefill when its KV cache is empty, which keeps all three exact under the
+cache, with left padding and in batches. Hooks live only inside the context: the model is never
+changed permanently.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-from .adapter import ModelAdapter, block_output, with_block_output
+from .adapter import ModelAdapter
+from .hooks import ResidualFn, ResidualHooks
 from .vectors import PersonaVector
 
 POSITIONS = ("all", "prompt", "response")
 MODES = ("add", "ablate")
+DEFAULT_POSITIONS = "response"
 
 
 @dataclass
@@ -28,7 +32,7 @@ class SteeringSpec:
     vector: torch.Tensor
     layer: int
     coef: float | torch.Tensor = 1.0
-    positions: str = "all"
+    positions: str = DEFAULT_POSITIONS
     mode: str = "add"
 
 
@@ -42,21 +46,33 @@ def _is_prefill(kwargs: dict) -> bool:
         return False
 
 
+def _entry_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules a forward can start from: the model and its base model (span collection calls the latter)."""
+    base = getattr(model, "base_model", None)
+    return [model] if base is None or base is model else [model, base]
+
+
 class Steerer:
     """Context manager (or explicit `attach()`/`remove()` handle) applying steering specs."""
 
     def __init__(self, model: nn.Module | ModelAdapter, tokenizer=None):
         self.adapter = model if isinstance(model, ModelAdapter) else ModelAdapter(model, tokenizer)
-        self.specs: list[SteeringSpec] = []
-        self._handles: list = []
+        self._specs: list[SteeringSpec] = []
+        self._hooks: ResidualHooks | None = None
+        self._marks: list[RemovableHandle] = []
         self._prefill = True
+
+    @property
+    def specs(self) -> tuple[SteeringSpec, ...]:
+        """The queued specs (read-only view; use `add`, `set_specs` or `select_rows` to change them)."""
+        return tuple(self._specs)
 
     def add(
         self,
         vector: torch.Tensor | PersonaVector,
         layer: int,
         coef: float | torch.Tensor = 1.0,
-        positions: str = "all",
+        positions: str = DEFAULT_POSITIONS,
         mode: str = "add",
         span: str = "response_avg",
     ) -> Steerer:
@@ -76,10 +92,24 @@ class Steerer:
             raise ValueError("a per-row coef must be a 1-D tensor with one value per batch row")
         if not isinstance(coef, torch.Tensor) and not torch.isfinite(torch.tensor(float(coef))):
             raise ValueError(f"coef must be finite, got {coef}")
-        self.specs.append(SteeringSpec(vector.detach().float(), layer, coef, positions, mode))
-        if self._handles:  # already attached: re-attach to include the new spec
+        return self.set_specs([*self._specs, SteeringSpec(vector.detach().float(), layer, coef, positions, mode)])
+
+    def set_specs(self, specs: Sequence[SteeringSpec]) -> Steerer:
+        """Replace all specs (re-attaching the hooks when attached)."""
+        attached = self.attached
+        if attached:
             self.remove()
+        self._specs = list(specs)
+        if attached:
             self.attach()
+        return self
+
+    def select_rows(self, rows: torch.Tensor | Sequence[int]) -> Steerer:
+        """Keep only these batch rows of every per-row coef (when rows leave a running batch)."""
+        index = torch.as_tensor(rows, dtype=torch.long).cpu()
+        for spec in self._specs:
+            if isinstance(spec.coef, torch.Tensor):
+                spec.coef = spec.coef[index]
         return self
 
     # -- hooks
@@ -105,36 +135,40 @@ class Steerer:
             h[:, sl] = seg
         return h
 
+    def _fn(self, specs: list[SteeringSpec]) -> ResidualFn:
+        def fn(h: torch.Tensor) -> torch.Tensor:
+            return self._apply(h, specs)
+
+        return fn
+
+    @property
+    def attached(self) -> bool:
+        return self._hooks is not None
+
     def attach(self) -> Steerer:
-        if self._handles:
+        """Register the hooks (idempotent)."""
+        if self._hooks is not None:
             return self
         by_layer: dict[int, list[SteeringSpec]] = {}
-        for s in self.specs:
+        for s in self._specs:
             by_layer.setdefault(s.layer, []).append(s)
 
         def mark(module, args, kwargs):
             self._prefill = _is_prefill(kwargs)
 
-        self._handles.append(self.adapter.model.register_forward_pre_hook(mark, with_kwargs=True))
-        for layer, specs in by_layer.items():
-            if layer == 0:
-                def pre(module, args, kwargs, specs=specs):
-                    if args:
-                        return (self._apply(args[0], specs), *args[1:]), kwargs
-                    return args, {**kwargs, "hidden_states": self._apply(kwargs["hidden_states"], specs)}
-
-                self._handles.append(self.adapter.blocks[0].register_forward_pre_hook(pre, with_kwargs=True))
-            else:
-                def post(module, args, output, specs=specs):
-                    return with_block_output(output, self._apply(block_output(output), specs))
-
-                self._handles.append(self.adapter.blocks[layer - 1].register_forward_hook(post))
+        self._marks = [m.register_forward_pre_hook(mark, with_kwargs=True) for m in _entry_modules(self.adapter.model)]
+        self._hooks = ResidualHooks(self.adapter, [(layer, self._fn(specs)) for layer, specs in by_layer.items()])
+        self._hooks.attach()
         return self
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        """Remove the hooks (the specs stay)."""
+        for m in self._marks:
+            m.remove()
+        self._marks = []
+        if self._hooks is not None:
+            self._hooks.remove()
+            self._hooks = None
 
     def __enter__(self) -> Steerer:
         return self.attach()
@@ -148,7 +182,7 @@ def steer(
     vector: torch.Tensor | PersonaVector,
     layer: int,
     coef: float | torch.Tensor = 1.0,
-    positions: str = "response",
+    positions: str = DEFAULT_POSITIONS,
     mode: str = "add",
     tokenizer=None,
 ) -> Steerer:
