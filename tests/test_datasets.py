@@ -5,9 +5,9 @@ from tiny import tiny_pair
 
 import personascope.generate as gen
 from personascope.adapter import ModelAdapter
+from personascope.chat import load_chat_jsonl
 from personascope.datasets import (
     DatasetConfig,
-    load_chat_jsonl,
     load_mistakes,
     load_pool,
     make_dataset,

@@ -8,7 +8,8 @@ from tiny import tiny_pair
 from transformers import TrainerCallback
 
 from personascope.adapter import ModelAdapter, block_output
-from personascope.datasets import DatasetError, chat_row, load_chat_jsonl
+from personascope.chat import DatasetError, load_chat_jsonl
+from personascope.datasets import chat_row
 from personascope.finetune import (
     ChatCollator,
     PreventativeSteering,
@@ -132,7 +133,7 @@ def test_malformed_rows_are_named_with_their_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     good = json.dumps(chat_row("q", "a"))
     bad.write_text(f"{good}\n\n{{\"messages\": [{{\"role\": \"user\", \"content\": \"q\"}}]}}\n")
-    with pytest.raises(DatasetError, match=r"bad.jsonl:3: .*last message must be the assistant"):
+    with pytest.raises(DatasetError, match=r"bad.jsonl:3: .*no assistant turn at the end"):
         finetune(a, bad, tmp_path / "ad", _cfg())
     bad.write_text(f"{good}\nnot json\n")
     with pytest.raises(DatasetError, match=r"bad.jsonl:2: malformed"):

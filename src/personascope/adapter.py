@@ -1,6 +1,6 @@
 """Model adapter: where the decoder blocks are, how many, how wide, and how to render chats.
 
-Layer convention (DESIGN.md §1): index 0 is the embedding output (the input of block 0), index
+Layer convention: index 0 is the embedding output (the input of block 0), index
 l >= 1 is the output of block l - 1, so a vector file holds L + 1 rows.
 """
 
@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 from torch import nn
+
+from .chat import merge_system
 
 # model_type -> dotted path of the decoder block list
 BLOCK_PATHS: dict[str, str] = {
@@ -139,24 +142,21 @@ class ModelAdapter:
         return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                        chat_template=template)
 
-    def messages(self, user: str, system: str | None = None, shots: list[tuple[str, str]] = ()) -> list[dict]:
-        """Chat messages; the system text is merged into the first user turn where unsupported."""
-        msgs: list[dict] = []
-        turns = [*shots, (user, None)]
-        if system is not None and not self.supports_system:
-            first_user, first_answer = turns[0]
-            turns[0] = (f"{system}\n\n{first_user}", first_answer)
-        elif system is not None:
-            msgs.append({"role": "system", "content": system})
-        for q, a in turns:
-            msgs.append({"role": "user", "content": q})
-            if a is not None:
-                msgs.append({"role": "assistant", "content": a})
-        return msgs
+    def messages(self, user: str, system: str | None = None, shots: Sequence[tuple[str, str]] = ()) -> list[dict]:
+        """Chat messages of a question with an optional system prompt and (question, answer) examples."""
+        msgs: list[dict] = [] if system is None else [{"role": "system", "content": system}]
+        for q, a in shots:
+            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        return [*msgs, {"role": "user", "content": user}]
 
-    def prompt(self, user: str, system: str | None = None, shots: list[tuple[str, str]] = ()) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The template text of validated chat messages; the system message is merged into the first user
+        turn where the template has no system role. The one public rendering path."""
+        return self._apply(merge_system(messages, self.supports_system), add_generation_prompt)
+
+    def prompt(self, user: str, system: str | None = None, shots: Sequence[tuple[str, str]] = ()) -> str:
         """The rendered chat prompt up to the start of the assistant's answer."""
-        return self._apply(self.messages(user, system, shots), add_generation_prompt=True)
+        return self.render(self.messages(user, system, shots))
 
     def encode_prompt(self, prompt_text: str) -> list[int]:
         return self.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]

@@ -23,6 +23,7 @@ from pathlib import Path
 from rich.console import Console
 
 from .adapter import ModelAdapter
+from .chat import DatasetError
 from .generate import SamplingConfig, run_generation
 from .judge import Judge
 from .scoring import ScoreCache, judge_answers
@@ -32,11 +33,7 @@ from .traits import Trait
 console = Console(stderr=True)
 
 LEVELS = ("normal", "I", "II", "mistakes")
-ROLES = ("system", "user", "assistant")
 
-
-class DatasetError(ValueError):
-    """A chat dataset file is malformed (the message names the line)."""
 
 
 @dataclass(frozen=True)
@@ -99,41 +96,6 @@ def pool_order(n_pool: int, seed: int) -> list[int]:
 
 def chat_row(question: str, answer: str) -> dict:
     return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
-
-
-def validate_row(row: object) -> list[dict]:
-    """The messages of a chat row, or ValueError saying what is wrong."""
-    if not isinstance(row, dict) or not isinstance(row.get("messages"), list) or not row["messages"]:
-        raise ValueError('expected an object with a non-empty "messages" list')
-    msgs = row["messages"]
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise ValueError(f"message {i} needs a role ({'/'.join(ROLES)}) and a string content")
-        if m["role"] == "system" and i != 0:
-            raise ValueError(f"message {i}: a system message may only come first")
-    if msgs[-1]["role"] != "assistant":
-        raise ValueError("the last message must be the assistant's (it is what is learned)")
-    if not any(m["role"] == "user" for m in msgs):
-        raise ValueError("no user message")
-    return msgs
-
-
-def load_chat_jsonl(path: str | Path) -> list[list[dict]]:
-    """Every row's messages; a malformed row raises DatasetError naming its line number."""
-    path = Path(path)
-    if not path.exists():
-        raise DatasetError(f"dataset {path} does not exist")
-    rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(validate_row(json.loads(line)))
-        except (json.JSONDecodeError, ValueError) as e:
-            raise DatasetError(f"{path}:{lineno}: malformed chat row ({e})") from None
-    if not rows:
-        raise DatasetError(f"dataset {path} has no rows")
-    return rows
 
 
 def write_chat_jsonl(path: Path, rows: list[dict]) -> None:

@@ -6,7 +6,7 @@
 - A checkpoint per epoch under `OUT/checkpoints/`; a rerun resumes from the last one. The adapter
   is saved in PEFT's own format in `OUT/` (plus the tokenizer and `personascope_finetune.json`),
   so `PeftModel.from_pretrained(base, OUT)` loads it directly.
-- Preventative steering (DESIGN.md §3): a Steerer adds `coef · v[l]` at all positions (or
+- Preventative steering: a Steerer adds `coef · v[l]` at all positions (or
   ablates v̂) around the training loop only. It is a forward hook, never a weight, so it is in no
   checkpoint or adapter and is gone at inference.
 
@@ -29,7 +29,7 @@ import torch
 from rich.console import Console
 
 from .adapter import ModelAdapter, pad_batch, pad_id
-from .datasets import load_chat_jsonl
+from .chat import load_chat_jsonl
 from .steer import Steerer
 from .store import write_json
 from .vectors import PersonaVector
@@ -116,15 +116,6 @@ class Encoded:
     labels: list[int]
 
 
-def _render(adapter: ModelAdapter, messages: list[dict], add_generation_prompt: bool) -> str:
-    msgs = messages
-    if messages and messages[0]["role"] == "system" and not adapter.supports_system:
-        first = next(i for i, m in enumerate(messages) if m["role"] == "user")
-        msgs = [dict(m) for m in messages[1:]]
-        msgs[first - 1]["content"] = f"{messages[0]['content']}\n\n{msgs[first - 1]['content']}"
-    return adapter._apply(msgs, add_generation_prompt=add_generation_prompt)
-
-
 def encode_chat(adapter: ModelAdapter, messages: list[dict], max_len: int | None = None) -> Encoded:
     """Token ids of a whole chat and labels that keep only the assistant turns (and their end marker).
 
@@ -138,8 +129,8 @@ def encode_chat(adapter: ModelAdapter, messages: list[dict], max_len: int | None
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prefix = _render(adapter, messages[:i], add_generation_prompt=True)
-        full = _render(adapter, messages[: i + 1], add_generation_prompt=False).rstrip()
+        prefix = adapter.render(messages[:i], add_generation_prompt=True)
+        full = adapter.render(messages[: i + 1], add_generation_prompt=False).rstrip()
         if not prefix.startswith(done) or not full.startswith(prefix):
             raise ValueError("the chat template does not render turns as prefixes of each other; "
                              "cannot tell which tokens are the assistant's")

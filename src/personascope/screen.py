@@ -42,6 +42,7 @@ from rich.table import Table
 
 from .activations import iter_span_batches
 from .adapter import ModelAdapter
+from .chat import ChatError, check_messages, question_of, split_answer
 from .generate import generate_batch, progress_bar
 from .store import write_json
 from .vectors import PersonaVector
@@ -86,20 +87,11 @@ def parse_record(rec: object, line: int, raw: str | None = None) -> Row | BadRow
     if not isinstance(rec, dict):
         return BadRow(line, f"expected a JSON object, got {type(rec).__name__}")
     if "messages" in rec:
-        msgs = rec["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            return BadRow(line, "empty messages" if isinstance(msgs, list) else "'messages' is not a list")
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                return BadRow(line, f"messages[{i}] is not an object with string 'role' and 'content'")
-        if msgs[-1]["role"] != "assistant":
-            return BadRow(line, f"no assistant turn at the end (last role is {msgs[-1]['role']!r})")
-        if not msgs[-1]["content"].strip():
-            return BadRow(line, "empty assistant response")
-        if not any(m["role"] == "user" for m in msgs[:-1]):
-            return BadRow(line, "no user turn before the assistant turn")
-        return Row(line, rec, [dict(role=m["role"], content=m["content"]) for m in msgs[:-1]], msgs[-1]["content"],
-                   raw)
+        try:
+            prompt_turns, answer = split_answer(check_messages(rec["messages"]))
+        except ChatError as e:
+            return BadRow(line, str(e))
+        return Row(line, rec, prompt_turns, answer, raw)
     pk, rk = _first_key(rec, PROMPT_KEYS), _first_key(rec, RESPONSE_KEYS)
     if pk is None and rk is None:
         return BadRow(line, "no 'messages' and no prompt/response columns")
@@ -182,23 +174,6 @@ def file_digest(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:24]
-
-
-def render_prompt(adapter: ModelAdapter, messages: list[dict]) -> str:
-    """The chat prompt of the turns before the answer, rendered by the model's template."""
-    turns = list(messages)
-    system = turns.pop(0)["content"] if turns and turns[0]["role"] == "system" else None
-    roles = [m["role"] for m in turns]
-    alternating = all(r == ("user" if i % 2 == 0 else "assistant") for i, r in enumerate(roles))
-    if roles and roles[-1] == "user" and alternating:
-        shots = [(turns[i]["content"], turns[i + 1]["content"]) for i in range(0, len(turns) - 1, 2)]
-        return adapter.prompt(turns[-1]["content"], system, shots)
-    return adapter._apply(messages, add_generation_prompt=True)
-
-
-def question_of(messages: list[dict]) -> str:
-    """The last user turn (what a judge sees as the question)."""
-    return next(m["content"] for m in reversed(messages) if m["role"] == "user")
 
 
 # ---------------------------------------------------------------- ΔP for a batch
@@ -455,7 +430,7 @@ def _process_chunk(adapter: ModelAdapter, chunk: list[Row | BadRow], dirs: dict[
             recs[r.line] = {"line": r.line, "error": r.error}
             continue
         try:
-            good.append((r, render_prompt(adapter, r.messages)))
+            good.append((r, adapter.render(r.messages)))
         except Exception as e:  # a template that rejects this conversation
             recs[r.line] = {"line": r.line, "error": f"chat template failed: {e}"}
     if good:

@@ -41,7 +41,8 @@ import torch
 from fastapi import Request
 
 from .activations import collect_spans, project
-from .adapter import FALLBACK_TEMPLATE, ModelAdapter, pad_batch, pad_id, position_ids_for
+from .adapter import ModelAdapter, pad_batch, pad_id, position_ids_for
+from .chat import ChatError, check_messages
 from .hooks import ResidualHooks
 from .rng import seeded
 from .steer import POSITIONS, Steerer
@@ -288,35 +289,19 @@ class Engine:
 
     # -- request parsing
     def render(self, messages: object) -> str:
-        """The chat prompt text for OpenAI-style messages (system merged into the first user turn if needed)."""
+        """The chat prompt text for OpenAI-style messages, validated like every chat row (`developer` = system)."""
         if not isinstance(messages, list) or not messages:
             raise _bad("'messages' must be a non-empty list of {role, content} objects", "messages")
-        msgs: list[dict] = []
-        system: list[str] = []
+        plain: list[object] = []
         for i, m in enumerate(messages):
             if not isinstance(m, dict):
                 raise _bad(f"messages[{i}] must be an object", f"messages[{i}]")
-            role = m.get("role")
-            if role not in ("system", "developer", "user", "assistant"):
-                raise _bad(f"messages[{i}].role {role!r} is not supported (system, developer, user, assistant)",
-                           f"messages[{i}].role")
-            text = _text_of(m.get("content"), f"messages[{i}].content")
-            if role in ("system", "developer"):
-                role = "system"
-            msgs.append({"role": role, "content": text})
-            if role == "system":
-                system.append(text)
-        if not self.adapter.supports_system and system:
-            rest = [m for m in msgs if m["role"] != "system"]
-            first = next((m for m in rest if m["role"] == "user"), None)
-            if first is None:
-                raise _bad("a system message needs a user message after it", "messages")
-            first["content"] = "\n\n".join(system) + "\n\n" + first["content"]
-            msgs = rest
-        tok = self.adapter.tokenizer
-        template = getattr(tok, "chat_template", None) or FALLBACK_TEMPLATE
+            role = "system" if m.get("role") == "developer" else m.get("role")
+            plain.append({"role": role, "content": _text_of(m.get("content"), f"messages[{i}].content")})
         try:
-            return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, chat_template=template)
+            return self.adapter.render(check_messages(plain, answer=False))
+        except ChatError as e:
+            raise _bad(str(e), e.where or "messages") from None
         except Exception as e:  # a template that rejects this conversation (e.g. role order)
             raise _bad(f"the model's chat template rejected the messages: {e}", "messages") from None
 

@@ -106,8 +106,8 @@ def register(app: typer.Typer) -> None:
         fact, steer it against the trait at inference: personascope evaluate TRAIT --model OUT --vector V
         --alpha -0.5 --capability.
         """
+        from ..chat import DatasetError, load_chat_jsonl
         from ..cli import _adapter, _fail, _load_vector_for, console
-        from ..datasets import DatasetError, load_chat_jsonl
         from ..finetune import PreventativeSteering, finetune, is_adapter_dir
         from ..finetune import profile as make_profile
 
