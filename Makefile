@@ -22,6 +22,8 @@ chromium:
 		|| echo "could not install chromium: browser tests will be skipped"
 
 test: $(STAMP) chromium
+	$(BIN)/lint-imports
+	$(BIN)/mypy src
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

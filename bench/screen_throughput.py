@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from personascope.adapter import ModelAdapter
-from personascope.screen import ScreenConfig, screen_dataset
+from personascope.screen_run import ScreenConfig, screen_dataset
 from personascope.vectors import PersonaVector
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
@@ -102,15 +102,15 @@ def throughput(a: ModelAdapter, n: int, max_new_tokens: int, batch_size: int) ->
         pv = random_vector(a)
         for method in ("last-token", "generate"):
             cfg = ScreenConfig(method=method, batch_size=batch_size, max_new_tokens=max_new_tokens)
-            screen_dataset(a, warm, {"bench": pv}, method=method, out_dir=tmp / "warm", config=cfg, force=True,
-                           quiet=True, plots=False)
+            screen_dataset(a, warm, {"bench": pv}, method=method, out_dir=tmp / "warm", config=cfg,
+                           force=True, plots=False)
             best = float("inf")
             for rep in range(2):
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 t = time.perf_counter()
-                screen_dataset(a, data, {"bench": pv}, method=method, out_dir=tmp / f"{method}{rep}", config=cfg,
-                               quiet=True, plots=False)
+                screen_dataset(a, data, {"bench": pv}, method=method, out_dir=tmp / f"{method}{rep}",
+                               config=cfg, plots=False)
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 best = min(best, time.perf_counter() - t)
@@ -131,7 +131,7 @@ def memory_child(rows: int) -> None:
         tracemalloc.start()
         t = time.perf_counter()
         res = screen_dataset(a, data, {"bench": random_vector(a)}, method="last-token", out_dir=Path(tmp) / "out",
-                             config=ScreenConfig(method="last-token", batch_size=16), quiet=True, plots=False,
+                             config=ScreenConfig(method="last-token", batch_size=16), plots=False,
                              percentile=95)
         seconds = time.perf_counter() - t
         _, peak = tracemalloc.get_traced_memory()

@@ -1,4 +1,4 @@
-"""Finetuning experiment (DESIGN.md §3): does finetuning move the persona, does the shift predict it,
+"""Finetuning experiment: does finetuning move the persona, does the shift predict it,
 and does preventative steering keep the trait down better than steering after the fact?
 
 For each trait (default optimistic and sycophantic) on the default model, CPU, quick profile:
@@ -45,7 +45,7 @@ from personascope.finetune import profile as ft_profile
 from personascope.generate import SamplingConfig
 from personascope.judge import load_local_judge
 from personascope.models import DEFAULT_JUDGE_MODEL, DEFAULT_MODEL, load_model
-from personascope.plots import _save, plot_scatter, plt
+from personascope.plots import plot_scatter, plt, save_figure
 from personascope.shift import eval_prompts, last_token_activations, shift_from_activations
 from personascope.steer import Steerer
 from personascope.store import write_json
@@ -339,7 +339,7 @@ def write_report(out: Path, work: Path, data: dict, args, s: Settings, runs: lis
         ax.set_ylabel(f"shift along v̂ ({t})")
         ax.set_title(f"{t}: finetuning shift per layer", fontsize=10)
         ax.legend(fontsize=7)
-        _save(fig, out / f"shift_per_layer_{t}.png")
+        save_figure(fig, out / f"shift_per_layer_{t}.png")
 
     mitig = {}
     for t in args.traits:
@@ -377,7 +377,7 @@ def write_report(out: Path, work: Path, data: dict, args, s: Settings, runs: lis
             ax.set_xlim(0, 100)
             ax.set_title(title, fontsize=9)
         fig.suptitle(f"{t}: preventative (green) vs post-hoc (blue) steering of the II finetune")
-        _save(fig, out / f"mitigation_{t}.png")
+        save_figure(fig, out / f"mitigation_{t}.png")
 
     summary = {"settings": asdict(s), "model": args.model, "judge": judge.name,
                "thresholds": {"trait": args.trait_threshold, "coherence": args.coherence_threshold},
@@ -424,7 +424,7 @@ def _markdown(sm: dict, s: Settings, args) -> str:
     for t, meta in sm["vector_meta"].items():
         a(f"- {t} vector: `{meta.get('copied_from') or sm['vectors'][t]}` (kept pairs {meta.get('kept_pairs')}/"
           f"{meta.get('total_pairs')}, judge {meta.get('judge')}).")
-    a("- Coefficients are given as α = coef·‖v[l]‖/resid_norm[l] (DESIGN.md §8) with the raw coef beside them. "
+    a("- Coefficients are given as α = coef·‖v[l]‖/resid_norm[l] with the raw coef beside them. "
       "Preventative: +α·v added at all positions during training only; post-hoc: the II finetune steered with "
       "α·v (α < 0) on the response positions at inference.\n")
     a("## Datasets\n")

@@ -30,8 +30,8 @@ from personascope.generate import SamplingConfig, generate_batch, run_generation
 from personascope.judge import load_local_judge
 from personascope.judge_eval import auc
 from personascope.models import DEFAULT_JUDGE_MODEL, DEFAULT_MODEL, load_model
-from personascope.plots import _save, plt
-from personascope.screen import ScreenConfig, screen_dataset
+from personascope.plots import plt, save_figure
+from personascope.screen_run import ScreenConfig, screen_dataset
 from personascope.steer import Steerer
 from personascope.store import JsonlStore, write_json
 from personascope.traits import load_trait
@@ -45,7 +45,7 @@ MAX_NEW = 64  # dataset answers and the model's own answers
 METHODS = ("generate", "last-token")
 DATASETS = ("normal", "I", "II")
 PERCENTILE = 95.0
-CONTROL_ALPHA = 0.5  # steering strength of the positive-control rows (DESIGN.md §8: optimistic steers at ±0.5)
+CONTROL_ALPHA = 0.5  # steering strength of the positive-control rows (optimistic steers at ±0.5)
 
 
 def find_vector(adapter: ModelAdapter, get_judge) -> tuple[PersonaVector, str]:
@@ -168,7 +168,7 @@ def main() -> None:
         for ds in (*DATASETS, "steered"):
             t = time.perf_counter()
             r = screen(adapter, paths[ds], {TRAIT: pv}, method=method, out_dir=runs / method / ds,
-                       config=cfg, answer_cache=cache, quiet=True)
+                       config=cfg, answer_cache=cache)
             rep = r.traits[TRAIT]
             results["datasets"].setdefault(method, {})[ds] = {
                 "mean": rep.mean, "ci": [rep.ci_low, rep.ci_high], "n": rep.n, "seconds": time.perf_counter() - t}
@@ -216,7 +216,7 @@ def evaluate_mixed(adapter: ModelAdapter, pv: PersonaVector, path: Path, referen
     """Screen a labelled mixed file (flags at the 95th percentile of the reference); AUROC, precision, recall."""
     t = time.perf_counter()
     r = screen(adapter, path, {TRAIT: pv}, method=cfg.method, out_dir=out, config=cfg, answer_cache=cache,
-               reference=reference, percentile=PERCENTILE, judge=judge, quiet=False)
+               reference=reference, percentile=PERCENTILE, judge=judge)
     rows = annotated(out)
     labels = [row["trait_row"] for row in rows]
     ints = [int(y) for y in labels]
@@ -265,7 +265,7 @@ def plot_datasets(results: dict, path: Path, layer: int) -> Path:
         ax.set_title(f"{method}", fontsize=10)
         ax.set_ylabel("dataset ΔP (mean, 95% CI)")
     fig.suptitle(f"{TRAIT}: dataset-level ΔP at layer {layer} ({N_ROWS} rows each)", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_roc(mixed: dict, path: Path, what: str) -> Path:
@@ -279,7 +279,7 @@ def plot_roc(mixed: dict, path: Path, what: str) -> Path:
     ax.set_ylabel("true positive rate")
     ax.set_title(f"separating trait rows: {what} (n={len(r['labels'])})", fontsize=9)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _f(x: float | None, spec: str = ".3f") -> str:

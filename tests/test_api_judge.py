@@ -204,3 +204,10 @@ def inspect_params(fn) -> set[str]:
     import inspect
 
     return set(inspect.signature(fn).parameters)
+
+
+def test_api_judge_refuses_a_judge_mode():
+    from personascope.api_judge import make_judge
+
+    with pytest.raises(ValueError, match="--judge-mode binary applies to a local judge only"):
+        make_judge("some-model", "binary", "http://127.0.0.1:9/v1")

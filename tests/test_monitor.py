@@ -11,14 +11,8 @@ from tiny import tiny_pair
 from personascope import project_prompts
 from personascope.adapter import ModelAdapter
 from personascope.judge import LocalJudge
-from personascope.monitor import (
-    MonitorConfig,
-    load_shot_pool,
-    pearson_r,
-    run_monitor,
-    trace_answers,
-    trace_generation,
-)
+from personascope.monitor import pearson_r, trace_answers, trace_generation
+from personascope.monitor_run import MonitorConfig, load_shot_pool, run_monitor
 from personascope.traits import load_trait
 from personascope.vectors import PersonaVector, base_metadata
 
@@ -39,7 +33,7 @@ def _all_hidden(a: ModelAdapter, ids: list[int]) -> list[torch.Tensor]:
     """Residual stream [T, d] at every layer 0..L of one unpadded sequence, from output_hidden_states.
 
     Hugging Face applies the final norm to hidden_states[L], whereas layer L means the output of the
-    last block (DESIGN.md §1), so that one is read from the block's output directly.
+    last block, so that one is read from the block's output directly.
     """
     grabbed = []
     hook = a.blocks[-1].register_forward_hook(lambda m, i, o: grabbed.append(o[0] if isinstance(o, tuple) else o))

@@ -14,7 +14,7 @@ from personascope.scoring import ScoreCache, judge_answers
 from personascope.traits import load_trait
 
 pytestmark = pytest.mark.model
-TRAIT = "optimistic"  # the trait the small model expresses best (DESIGN.md §8)
+TRAIT = "optimistic"  # the trait the small model expresses best
 
 
 @pytest.fixture(scope="module")

@@ -7,17 +7,12 @@ import torch
 from tiny import tiny_pair
 from typer.testing import CliRunner
 
-import personascope.screen as screen_mod
+import personascope.screen_run as screen_mod
 from personascope.adapter import ModelAdapter, pad_id
 from personascope.judge import JudgeRequest, LocalJudge
-from personascope.screen import (
-    BadRow,
-    Row,
-    ScreenConfig,
-    bootstrap_ci,
-    read_rows,
-    screen_dataset,
-)
+from personascope.screen import BadRow, Row, read_rows
+from personascope.screen_report import bootstrap_ci
+from personascope.screen_run import ScreenConfig, screen_dataset
 from personascope.traits import load_trait
 from personascope.vectors import PersonaVector
 
@@ -100,7 +95,7 @@ def test_delta_p_equals_naive_generate(tmp_path, batch_size, side):
     pv = _pv(a)
     data = _write(tmp_path / "d.jsonl", ROWS)
     cfg = ScreenConfig(batch_size=batch_size, padding_side=side, max_new_tokens=NEW, chunk_size=3)
-    res = screen_dataset(a, data, {"opt": pv}, layer=2, out_dir=tmp_path / "out", config=cfg, quiet=True)
+    res = screen_dataset(a, data, {"opt": pv}, layer=2, out_dir=tmp_path / "out", config=cfg)
     got = _annotated(tmp_path / "out")
     assert len(got) == len(ROWS) and res.n_screened == len(ROWS) and res.n_malformed == 0
     for row, ann in zip(ROWS, got, strict=True):
@@ -121,7 +116,7 @@ def test_delta_p_equals_naive_last_token(tmp_path, batch_size, side):
     data = _write(tmp_path / "d.jsonl", ROWS)
     cfg = ScreenConfig(batch_size=batch_size, padding_side=side)
     screen_dataset(a, data, {"opt": pv}, layer=1, method="last-token", out_dir=tmp_path / "out", config=cfg,
-                   quiet=True, plots=False)
+                   plots=False)
     for row, ann in zip(ROWS, _annotated(tmp_path / "out"), strict=True):
         want, _ = _naive(a, row, 1, pv.vector(1), method="last-token")
         assert ann["screen"]["delta_p"]["opt"] == pytest.approx(want, abs=1e-4)
@@ -133,7 +128,7 @@ def test_resume_after_interrupt_equals_uninterrupted(tmp_path, monkeypatch):
     pv = _pv(a)
     data = _write(tmp_path / "d.jsonl", ROWS)
     cfg = ScreenConfig(batch_size=2, max_new_tokens=NEW, chunk_size=2)
-    full = screen_dataset(a, data, {"opt": pv}, out_dir=tmp_path / "full", config=cfg, percentile=50, quiet=True)
+    full = screen_dataset(a, data, {"opt": pv}, out_dir=tmp_path / "full", config=cfg, percentile=50)
 
     real = screen_mod._process_chunk
     calls = []
@@ -146,21 +141,21 @@ def test_resume_after_interrupt_equals_uninterrupted(tmp_path, monkeypatch):
 
     monkeypatch.setattr(screen_mod, "_process_chunk", flaky)
     with pytest.raises(KeyboardInterrupt):
-        screen_dataset(a, data, {"opt": pv}, out_dir=tmp_path / "part", config=cfg, percentile=50, quiet=True)
+        screen_dataset(a, data, {"opt": pv}, out_dir=tmp_path / "part", config=cfg, percentile=50)
     deltas = tmp_path / "part" / "deltas.jsonl"
     assert sum("chunk_end" in x for x in deltas.read_text().splitlines()) == 1
     with deltas.open("a") as f:  # a torn write of the interrupted chunk
         f.write('{"line": 3, "delta_p": {"opt": 1.')
     calls.clear()
     monkeypatch.setattr(screen_mod, "_process_chunk", lambda *a_, **k: calls.append(1) or real(*a_, **k))
-    resumed = screen_dataset(a, data, {"opt": pv}, out_dir=tmp_path / "part", config=cfg, percentile=50, quiet=True)
+    resumed = screen_dataset(a, data, {"opt": pv}, out_dir=tmp_path / "part", config=cfg, percentile=50)
     assert len(calls) == 2  # chunks 2 and 3 only
     np.testing.assert_array_equal(resumed.delta_p["opt"], full.delta_p["opt"])
     np.testing.assert_array_equal(resumed.lines, full.lines)
     assert _annotated(tmp_path / "part") == _annotated(tmp_path / "full")
     assert (tmp_path / "part" / "filtered.jsonl").read_text() == (tmp_path / "full" / "filtered.jsonl").read_text()
     with pytest.raises(ValueError, match="other settings"):
-        screen_dataset(a, data, {"opt": pv}, layer=1, out_dir=tmp_path / "part", config=cfg, quiet=True)
+        screen_dataset(a, data, {"opt": pv}, layer=1, out_dir=tmp_path / "part", config=cfg)
 
 
 def test_malformed_rows_are_reported_and_excluded(tmp_path):
@@ -182,8 +177,7 @@ def test_malformed_rows_are_reported_and_excluded(tmp_path):
     data.write_text("\n".join(lines) + "\n")
     rows = list(read_rows(data))
     assert [type(r) for r in rows] == [Row, BadRow, BadRow, BadRow, Row, BadRow, BadRow, BadRow]
-    res = screen_dataset(a, data, {"opt": pv}, method="last-token", out_dir=tmp_path / "out", threshold=-1e9,
-                         quiet=True)
+    res = screen_dataset(a, data, {"opt": pv}, method="last-token", out_dir=tmp_path / "out", threshold=-1e9)
     errors = {m["line"]: m["error"] for m in res.malformed}
     assert set(errors) == {2, 3, 4, 7, 8, 9}
     assert "bad JSON" in errors[2] and "no assistant turn" in errors[3] and "empty messages" in errors[4]
@@ -196,7 +190,7 @@ def test_malformed_rows_are_reported_and_excluded(tmp_path):
     assert (tmp_path / "out" / "filtered.jsonl").read_text() == ""  # … so nothing is kept
     (tmp_path / "empty.jsonl").write_text("")
     empty = screen_dataset(a, tmp_path / "empty.jsonl", {"opt": pv}, method="last-token", out_dir=tmp_path / "e",
-                           percentile=95, quiet=True, plots=False)
+                           percentile=95, plots=False)
     assert empty.n_screened == 0 and empty.traits["opt"].threshold is None
 
 
@@ -213,9 +207,9 @@ def test_csv_matches_jsonl_and_writes_filtered_csv(tmp_path):
     _write(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": r}]}
                                   for p, r in pairs])
     cfg = ScreenConfig(max_new_tokens=NEW, batch_size=2)
-    rc = screen_dataset(a, tmp_path / "d.csv", {"opt": pv}, out_dir=tmp_path / "c", config=cfg, quiet=True,
+    rc = screen_dataset(a, tmp_path / "d.csv", {"opt": pv}, out_dir=tmp_path / "c", config=cfg,
                         threshold=1e9)
-    rj = screen_dataset(a, tmp_path / "d.jsonl", {"opt": pv}, out_dir=tmp_path / "j", config=cfg, quiet=True)
+    rj = screen_dataset(a, tmp_path / "d.jsonl", {"opt": pv}, out_dir=tmp_path / "j", config=cfg)
     assert rc.delta_p["opt"] == pytest.approx(rj.delta_p["opt"], abs=1e-5)
     assert rc.lines.tolist() == [2, 4, 5]  # the second record spans lines 3–4
     assert [m["line"] for m in rc.malformed] == [6]
@@ -230,10 +224,9 @@ def test_percentile_threshold_from_reference(tmp_path):
     ref = _write(tmp_path / "ref.jsonl", ROWS)
     data = _write(tmp_path / "d.jsonl", ROWS[::-1] + ROWS[:2])
     cfg = ScreenConfig(max_new_tokens=NEW)
-    alone = screen_dataset(a, ref, {"opt": pv}, method="last-token", out_dir=tmp_path / "alone", config=cfg,
-                           quiet=True)
+    alone = screen_dataset(a, ref, {"opt": pv}, method="last-token", out_dir=tmp_path / "alone", config=cfg)
     res = screen_dataset(a, data, {"opt": pv}, method="last-token", out_dir=tmp_path / "out", config=cfg,
-                         percentile=70, reference=ref, quiet=True)
+                         percentile=70, reference=ref)
     t = float(np.percentile(alone.delta_p["opt"], 70))
     rep = res.traits["opt"]
     assert rep.threshold == pytest.approx(t) and "reference" in rep.threshold_source
@@ -253,13 +246,12 @@ def test_several_vectors_one_pass_equal_one_at_a_time(tmp_path):
     forwards = []
     hook = a.blocks[0].register_forward_hook(lambda m, i, o: forwards.append(1))
     cfg = ScreenConfig(batch_size=1)
-    both = screen_dataset(a, data, vecs, method="last-token", out_dir=tmp_path / "both", config=cfg, quiet=True)
+    both = screen_dataset(a, data, vecs, method="last-token", out_dir=tmp_path / "both", config=cfg)
     n_both = len(forwards)
     singles = {}
     for k, pv in vecs.items():
         forwards.clear()
-        singles[k] = screen_dataset(a, data, {k: pv}, method="last-token", out_dir=tmp_path / k, config=cfg,
-                                    quiet=True).delta_p[k]
+        singles[k] = screen_dataset(a, data, {k: pv}, method="last-token", out_dir=tmp_path / k, config=cfg).delta_p[k]
         assert len(forwards) == n_both == len(ROWS)  # one forward per sample, however many vectors
     hook.remove()
     assert both.traits["opt"].layer == 1 and both.traits["syc"].layer == 3
@@ -273,7 +265,7 @@ def test_judge_filter_side_by_side(tmp_path):
     judge = LocalJudge(a.model, a.tokenizer, trait_mode="contrastive", coherence_mode="logprob", name="tiny")
     data = _write(tmp_path / "d.jsonl", ROWS[:3])
     res = screen_dataset(a, data, {"opt": pv}, method="last-token", out_dir=tmp_path / "out", judge=judge,
-                         threshold=0.0, quiet=True)
+                         threshold=0.0)
     trait = load_trait("optimistic")
     want = judge.score([JudgeRequest("trait", _msgs(r)[0][-1]["content"], _msgs(r)[1], trait) for r in ROWS[:3]])
     assert res.judge_scores["opt"].tolist() == pytest.approx(want)

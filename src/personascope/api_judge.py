@@ -1,7 +1,7 @@
 """A judge on any OpenAI-compatible endpoint: the paper's 0–100 score from one token's top logprobs.
 
 `OpenAIJudge` asks for one token at temperature 0 with `logprobs` and `top_logprobs=20` and takes
-the probability-weighted mean over the tokens that are integers 0..100 (DESIGN.md §2); the score
+the probability-weighted mean over the tokens that are integers 0..100; the score
 is missing when less than 0.25 of the probability sits on integers. Requests run in a thread pool
 (`concurrency`), and 408/409/429/5xx answers, timeouts and dropped connections are retried with
 exponential backoff (the SDK's own retries are off, so the count and the waits are ours).
@@ -117,8 +117,14 @@ class OpenAIJudge(Judge):
 
 def make_judge(judge_model: str, judge_mode: str | None = None, judge_url: str | None = None,
                device: str | None = None) -> Judge:
-    """The API judge at `judge_url` when given, else the local judge model (with its scoring mode)."""
+    """The API judge at `judge_url` when given, else the local judge model (with its scoring mode).
+
+    An API judge has one scoring mode (the 0-100 logprob mean), so a `judge_mode` with `judge_url` is refused.
+    """
     if judge_url:
+        if judge_mode is not None:
+            raise ValueError(f"--judge-mode {judge_mode} applies to a local judge only; an API judge (--judge-url) "
+                             "always scores 0-100 from logprobs: drop --judge-mode or --judge-url")
         return OpenAIJudge(judge_url, judge_model)
     from .judge import load_local_judge
 

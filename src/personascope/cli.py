@@ -7,9 +7,22 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from .commands.common import (
+    DeviceOpt,
+    JudgeModelOpt,
+    JudgeModeOpt,
+    JudgeUrlOpt,
+    ModelOpt,
+    ProfileOpt,
+    console,
+)
+from .commands.common import fail as _fail
+from .commands.common import floats as _floats
+from .commands.common import load_adapter as _adapter
+from .commands.common import load_judge as _judge
+from .commands.common import load_vector_for as _load_vector_for
 from .models import DEFAULT_JUDGE_MODEL, DEFAULT_MODEL
 
 app = typer.Typer(help="Find, monitor and control character traits (persona vectors) in language models.",
@@ -18,40 +31,6 @@ traits_app = typer.Typer(help="List, show and validate trait data.", no_args_is_
 vector_app = typer.Typer(help="Inspect persona vector files.", no_args_is_help=True)
 app.add_typer(traits_app, name="traits")
 app.add_typer(vector_app, name="vector")
-console = Console()
-
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Built-in short name, local path or HF name.")]
-DeviceOpt = Annotated[str | None, typer.Option(help="cuda, mps or cpu (default: best available).")]
-JudgeModelOpt = Annotated[str, typer.Option("--judge-model", help="Local judge model (or the API model with "
-                                                                   "--judge-url).")]
-JudgeModeOpt = Annotated[str | None, typer.Option("--judge-mode", help="Trait scoring mode of a local judge: "
-                                                  "contrastive, binary, 0_100 or fewshot.")]
-ProfileOpt = Annotated[str, typer.Option(help="quick (CPU-sized) or paper (the paper's counts).")]
-JudgeUrlOpt = Annotated[str | None, typer.Option("--judge-url", help="OpenAI-compatible base URL of an API judge "
-                                                 "(--judge-model then names the API model).")]
-
-
-def _fail(msg: str) -> None:
-    console.print(f"[red]error:[/] {msg}")
-    raise typer.Exit(2)
-
-
-def _adapter(model: str, device: str | None):
-    from .adapter import ModelAdapter
-    from .models import load_model
-
-    with console.status(f"loading {model} …"):
-        m, tok = load_model(model, device=device)
-    return ModelAdapter(m, tok)
-
-
-def _judge(judge_model: str, judge_mode: str | None, device: str | None, judge_url: str | None = None):
-    from .api_judge import make_judge
-
-    with console.status(f"loading judge {judge_model} …"):
-        return make_judge(judge_model, judge_mode, judge_url, device)
-
-
 # ---------------------------------------------------------------- traits
 
 
@@ -166,26 +145,6 @@ def vector_info(path: Path) -> None:
 
 
 # ---------------------------------------------------------------- steering and evaluation
-
-
-def _floats(values: list[str] | None) -> list[float]:
-    out = []
-    for v in values or []:
-        out += [float(x) for x in str(v).split(",") if x.strip()]
-    return out
-
-
-def _load_vector_for(adapter, path: Path | None):
-    from .vectors import VectorMismatchError, load_vector
-
-    if path is None:
-        return None
-    try:
-        pv = load_vector(path)
-        pv.check(adapter)
-    except (FileNotFoundError, VectorMismatchError, ValueError) as e:
-        _fail(str(e))
-    return pv
 
 
 @app.command()
@@ -384,8 +343,9 @@ def demo(
 def _register_command_groups() -> None:
     from .commands import finetune, monitor, screen, serve
 
-    for module in (monitor, finetune, screen, serve):
+    for module in (monitor, finetune, screen):
         module.register(app)
+    serve.register(app, traits_app)  # `serve` and `traits new` (which talks to a served model)
 
 
 _register_command_groups()

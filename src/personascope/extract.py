@@ -1,4 +1,4 @@
-"""The extraction pipeline (DESIGN.md §2, steps 1–5): trait → answers → scores → kept pairs → vector.
+"""The extraction pipeline: trait → answers → scores → kept pairs → vector.
 
 Each stage is a function of its own and writes to the run directory as it goes, so an
 interrupted run resumes: `answers.jsonl` (generation), `scores.jsonl` (judge), then the vector,

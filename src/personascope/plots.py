@@ -10,7 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write (110 dpi) and close a figure; returns the path."""
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -31,7 +32,7 @@ def plot_extraction(summary: dict, scored: list[dict], run_dir: Path) -> list[Pa
     ax.set_xlabel("layer")
     ax.set_ylabel("norm")
     ax.set_title(f"{summary['trait']} vector norm per layer ({summary['model']})")
-    p1 = _save(fig, run_dir / "vector_norms.png")
+    p1 = save_figure(fig, run_dir / "vector_norms.png")
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for ax, field, title in ((axes[0], "trait_score", "trait score"), (axes[1], "coherence", "coherence")):
@@ -41,7 +42,7 @@ def plot_extraction(summary: dict, scored: list[dict], run_dir: Path) -> list[Pa
         ax.axvline(50, color="k", lw=0.8, ls=":")
         ax.set_title(f"{summary['trait']}: {title} ({summary['judge']})", fontsize=9)
         ax.legend()
-    p2 = _save(fig, run_dir / "score_histograms.png")
+    p2 = save_figure(fig, run_dir / "score_histograms.png")
     return [p1, p2]
 
 
@@ -62,7 +63,7 @@ def plot_sweep(rows: list[dict], path: Path, title: str) -> Path:
         ax.set_ylim(-2, 102)
         ax.legend(fontsize=8)
     fig.suptitle(title)
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def plot_scatter(xs: list[float], ys: list[float], groups: list[str], path: Path, title: str,
@@ -79,4 +80,4 @@ def plot_scatter(xs: list[float], ys: list[float], groups: list[str], path: Path
     ax.set_title(title, fontsize=10)
     if len(names) <= 12:
         ax.legend(fontsize=7, loc="best")
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))

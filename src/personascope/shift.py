@@ -1,4 +1,4 @@
-"""Finetuning shift (DESIGN.md §3): how far finetuning moved the model along a persona vector.
+"""Finetuning shift: how far finetuning moved the model along a persona vector.
 
 shift[l] = mean over the trait's evaluation prompts of (a_ft[l] − a_base[l]) · v̂[l], with `a` the
 residual stream at the last prompt token (the position that produces the first answer token).

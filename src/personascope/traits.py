@@ -1,6 +1,6 @@
 """Trait data: 5 pos/neg instruction pairs, extraction and evaluation questions, a judge rubric.
 
-Files use the paper's JSON shape (DESIGN.md §1), so the paper's own files load unchanged. A trait
+Files use the paper's JSON shape, so the paper's own files load unchanged. A trait
 is given as a built-in name, a directory (with extract.json and eval.json), a file inside a
 `trait_data_extract/` folder (its `trait_data_eval/` sibling is found), or a single file.
 """

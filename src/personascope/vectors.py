@@ -1,4 +1,4 @@
-"""Persona vector files: `.safetensors` with three spans, the residual norm and metadata (DESIGN.md §4)."""
+"""Persona vector files: `.safetensors` with three spans, the residual norm and metadata."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ._version import __version__
 from .activations import SPANS
 from .adapter import ModelAdapter
 
@@ -62,7 +63,7 @@ class PersonaVector:
         return round(self.n_layers * 2 / 3)
 
     def coef_from_alpha(self, alpha: float, layer: int, span: str = "response_avg") -> float:
-        """Raw coefficient for a relative one: alpha = coef · ||v[l]|| / resid_norm[l] (DESIGN.md §8)."""
+        """Raw coefficient for a relative one: alpha = coef · ||v[l]|| / resid_norm[l]."""
         if self.resid_norm is None:
             raise ValueError("this vector file has no resid_norm, so --alpha cannot be converted; use --coef")
         return float(alpha * self.resid_norm[layer] / self.vector(layer, span).norm().clamp(min=1e-12))
@@ -125,8 +126,7 @@ def load_vector(path: str | Path, trait: str | None = None) -> PersonaVector:
 
 
 def base_metadata(adapter: ModelAdapter, trait: str, **extra) -> dict[str, str]:
-    """Metadata every vector file carries (DESIGN.md §4)."""
-    from . import __version__
+    """Metadata every vector file carries."""
 
     meta = {
         "trait": trait,

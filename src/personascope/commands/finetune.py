@@ -16,7 +16,7 @@ from ..models import DEFAULT_JUDGE_MODEL, DEFAULT_MODEL
 
 def register(app: typer.Typer) -> None:
     """Add the finetune commands to the main app."""
-    from ..cli import DeviceOpt, JudgeModelOpt, JudgeModeOpt, JudgeUrlOpt, ModelOpt, ProfileOpt
+    from personascope.commands.common import DeviceOpt, JudgeModelOpt, JudgeModeOpt, JudgeUrlOpt, ModelOpt, ProfileOpt
 
     @app.command("make-dataset")
     def make_dataset_cmd(
@@ -43,13 +43,14 @@ def register(app: typer.Typer) -> None:
         device: DeviceOpt = None,
     ) -> None:
         """Build a finetuning dataset from the model's own answers (no system prompt in the rows)."""
-        from ..cli import _adapter, _fail, _judge, console
+        from personascope.commands.common import console, fail, load_adapter, load_judge
+
         from ..datasets import LEVELS, DatasetConfig, make_dataset, make_mistakes_dataset
         from ..generate import SamplingConfig
         from ..traits import TraitError, load_trait
 
         if level not in LEVELS:
-            _fail(f"unknown --level {level!r}; choose from {', '.join(LEVELS)}")
+            fail(f"unknown --level {level!r}; choose from {', '.join(LEVELS)}")
         out = out or Path("runs") / "datasets" / f"{Path(trait).stem}-{level}.jsonl"
         try:
             if level == "mistakes":
@@ -61,11 +62,11 @@ def register(app: typer.Typer) -> None:
                                                                  batch_size=batch_size, seed=seed),
                                     trait_threshold=trait_threshold, coherence_threshold=coherence_threshold,
                                     max_attempts=max_attempts)
-                adapter = _adapter(model, device)
-                j = _judge(judge_model, judge_mode, device, judge_url) if judge else None
+                adapter = load_adapter(model, device)
+                j = load_judge(judge_model, judge_mode, device, judge_url) if judge else None
                 res = make_dataset(adapter, t, level, out, j, cfg)
         except (TraitError, ValueError) as e:
-            _fail(str(e))
+            fail(str(e))
         stats = ""
         if res.mean_trait is not None:
             stats = f"; kept rows: mean trait {res.mean_trait:.1f}, coherence {res.mean_coherence:.1f}"
@@ -106,50 +107,51 @@ def register(app: typer.Typer) -> None:
         fact, steer it against the trait at inference: personascope evaluate TRAIT --model OUT --vector V
         --alpha -0.5 --capability.
         """
+        from personascope.commands.common import console, fail, load_adapter, load_vector_for
+
         from ..chat import DatasetError, load_chat_jsonl
-        from ..cli import _adapter, _fail, _load_vector_for, console
         from ..finetune import PreventativeSteering, finetune, is_adapter_dir
         from ..finetune import profile as make_profile
 
         if is_adapter_dir(model):
-            _fail(f"{model} is an adapter; finetune its base model, or merge the adapter first")
+            fail(f"{model} is an adapter; finetune its base model, or merge the adapter first")
         if steer_mode not in ("add", "ablate"):
-            _fail(f"unknown --steer-mode {steer_mode!r}; use add or ablate")
+            fail(f"unknown --steer-mode {steer_mode!r}; use add or ablate")
         if steer_layers not in (None, "all"):
-            _fail("--steer-layers takes only 'all' (use --steer-layer L for one layer)")
+            fail("--steer-layers takes only 'all' (use --steer-layer L for one layer)")
         try:
             cfg = make_profile(profile, epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size,
                                grad_accum=grad_accum, r=rank, alpha=lora_alpha, max_len=max_len, seed=seed)
         except ValueError as e:
-            _fail(str(e))
+            fail(str(e))
         try:
             load_chat_jsonl(data)  # malformed rows fail before a model is loaded
         except DatasetError as e:
-            _fail(str(e))
-        adapter = _adapter(model, device)
+            fail(str(e))
+        adapter = load_adapter(model, device)
         steering = None
         if steer_vector is not None:
-            pv = _load_vector_for(adapter, steer_vector)
+            pv = load_vector_for(adapter, steer_vector)
             if steer_layer is not None:
                 try:
                     adapter.check_layer(steer_layer)
                 except ValueError as e:
-                    _fail(str(e))
+                    fail(str(e))
             layer = pv.default_layer(steer_layer)
             if steer_mode == "add" and steer_coef is None and steer_alpha is None:
-                _fail("preventative steering needs --steer-coef or --steer-alpha")
+                fail("preventative steering needs --steer-coef or --steer-alpha")
             coef = steer_coef if steer_coef is not None else (
                 pv.coef_from_alpha(steer_alpha, layer) if steer_alpha is not None else 1.0)
             steering = PreventativeSteering(pv, coef, layer, steer_mode, steer_layers == "all")
             console.print(f"preventative steering (training only): {steering.describe()}")
         elif any(x is not None for x in (steer_layer, steer_layers, steer_coef, steer_alpha)):
-            _fail("--steer-layer/--steer-layers/--steer-coef/--steer-alpha need --steer-vector")
+            fail("--steer-layer/--steer-layers/--steer-coef/--steer-alpha need --steer-vector")
         out = out or Path("runs") / "finetune" / data.stem
         try:
             res = finetune(adapter, data, out, cfg, steering=steering, base_name=model, force=force,
                            profile_name=profile)
         except (DatasetError, ValueError) as e:
-            _fail(str(e))
+            fail(str(e))
         losses = f"loss {res.losses[0]:.3f} → {res.losses[-1]:.3f}" if res.losses else ""
         console.print(f"adapter: {res.out_dir} ({res.steps} steps on {res.rows} rows, {res.seconds:.0f} s; {losses})")
         console.print(f"use it with any command: --model {res.out_dir}")
@@ -181,30 +183,31 @@ def register(app: typer.Typer) -> None:
 
         from rich.table import Table
 
+        from personascope.commands.common import console, fail, load_adapter, load_judge, load_vector_for
+
         from ..adapter import ModelAdapter
-        from ..cli import _adapter, _fail, _judge, _load_vector_for, console
         from ..finetune import adapter_base_name, is_adapter_dir, load_finetuned
-        from ..plots import _save, plt
+        from ..plots import plt, save_figure
         from ..shift import finetuning_shift
         from ..store import write_json
         from ..traits import TraitError, load_trait
 
         if not is_adapter_dir(finetuned):
-            _fail(f"{finetuned} is not an adapter directory (no adapter_config.json)")
+            fail(f"{finetuned} is not an adapter directory (no adapter_config.json)")
         base_name = base or adapter_base_name(finetuned)
-        base_adapter = _adapter(base_name, device)
-        pv = _load_vector_for(base_adapter, vector)
+        base_adapter = load_adapter(base_name, device)
+        pv = load_vector_for(base_adapter, vector)
         try:
             t = load_trait(trait or pv.trait)
         except TraitError as e:
-            _fail(f"{e} (pass --trait)")
+            fail(f"{e} (pass --trait)")
         with console.status(f"loading {finetuned} …"):
             ft_adapter = ModelAdapter(*load_finetuned(base_name, finetuned, device=device))
         try:
             la = base_adapter.check_layer(pv.default_layer(layer))
             res = finetuning_shift(base_adapter, ft_adapter, t, pv, la, questions)
         except ValueError as e:
-            _fail(str(e))
+            fail(str(e))
         run_dir = out or Path("runs") / f"shift-{Path(finetuned).name}"
         table = Table(title=f"finetuning shift of {finetuned} along {t.name} (last prompt token, "
                             f"{res.n_prompts} eval prompts)")
@@ -221,7 +224,7 @@ def register(app: typer.Typer) -> None:
             from ..evaluate import EVAL_PROFILES, Condition, print_rows
             from ..evaluate import evaluate as run_eval
 
-            j = _judge(judge_model, judge_mode, device, judge_url)
+            j = load_judge(judge_model, judge_mode, device, judge_url)
             cfg = replace(EVAL_PROFILES["quick"], n_questions=questions)
             if max_new_tokens:
                 cfg = replace(cfg, sampling=replace(cfg.sampling, max_new_tokens=max_new_tokens))
@@ -249,7 +252,7 @@ def register(app: typer.Typer) -> None:
         ax.set_ylabel("shift along v̂")
         ax.set_title(f"{t.name}: finetuning shift ({Path(finetuned).name})", fontsize=9)
         run_dir.mkdir(parents=True, exist_ok=True)
-        _save(fig, run_dir / "shift.png")
+        save_figure(fig, run_dir / "shift.png")
         write_json(run_dir / "shift.json", summary)
         console.print(f"results: {run_dir / 'shift.json'}, plot {run_dir / 'shift.png'}")
         console.print(f"mitigate after the fact: personascope evaluate {t.name} --model {finetuned} "

@@ -13,22 +13,22 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def _read_ladder(path: Path) -> list[str]:
     """A JSON list of system prompts (suppressing → eliciting), or an object with a "ladder" list."""
-    from personascope.cli import _fail
+    from personascope.commands.common import fail
 
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        _fail(f"{path}: cannot read the ladder ({e})")
+        fail(f"{path}: cannot read the ladder ({e})")
     if isinstance(data, dict):
         data = data.get("ladder")
     if not isinstance(data, list) or len(data) < 2 or not all(isinstance(s, str) and s.strip() for s in data):
-        _fail(f"{path}: expected a JSON list of at least 2 system prompts, from suppressing to eliciting")
+        fail(f"{path}: expected a JSON list of at least 2 system prompts, from suppressing to eliciting")
     return data
 
 
 def register(app: typer.Typer) -> None:
     """Add the monitor commands to the main app."""
-    from personascope.cli import DeviceOpt, JudgeModelOpt, JudgeModeOpt, JudgeUrlOpt, ModelOpt, ProfileOpt
+    from personascope.commands.common import DeviceOpt, JudgeModelOpt, JudgeModeOpt, JudgeUrlOpt, ModelOpt, ProfileOpt
     from personascope.models import DEFAULT_JUDGE_MODEL, DEFAULT_MODEL
 
     @app.command()
@@ -65,19 +65,20 @@ def register(app: typer.Typer) -> None:
         """Does the last prompt token's projection predict the trait? System-prompt ladder and many-shot, with r."""
         from dataclasses import replace
 
-        from personascope.cli import _adapter, _fail, _judge, _load_vector_for
-        from personascope.monitor import MONITOR_PROFILES, load_shot_pool, run_monitor
+        from personascope.commands.common import fail, load_adapter, load_judge, load_vector_for
+        from personascope.monitor_report import print_result
+        from personascope.monitor_run import MONITOR_PROFILES, load_shot_pool, run_monitor
         from personascope.traits import TraitError, load_trait
 
         if profile not in MONITOR_PROFILES:
-            _fail(f"unknown profile {profile!r}; choose from {', '.join(MONITOR_PROFILES)}")
+            fail(f"unknown profile {profile!r}; choose from {', '.join(MONITOR_PROFILES)}")
         try:
             t = load_trait(trait)
         except TraitError as e:
-            _fail(str(e))
+            fail(str(e))
         exps = tuple(x.strip() for x in experiments.split(",") if x.strip())
         if not exps or set(exps) - {"system", "shots"}:
-            _fail(f"--experiments takes system, shots or both, got {experiments!r}")
+            fail(f"--experiments takes system, shots or both, got {experiments!r}")
         cfg = MONITOR_PROFILES[profile]
         over = {"samples": samples, "n_questions": questions, "max_new_tokens": max_new_tokens,
                 "temperature": temperature, "batch_size": batch_size, "seed": seed,
@@ -92,26 +93,27 @@ def register(app: typer.Typer) -> None:
             try:
                 lad = load_ladder(t.name)
             except TraitError as e:
-                _fail(str(e))
+                fail(str(e))
         pool = None
         if shots_from is not None:
             try:
                 pool = load_shot_pool(shots_from, shots_from.parent / "scores.jsonl", t.eval_questions)
             except FileNotFoundError as e:
-                _fail(str(e))
-        adapter = _adapter(model, device)
-        pv = _load_vector_for(adapter, vector)
+                fail(str(e))
+        adapter = load_adapter(model, device)
+        pv = load_vector_for(adapter, vector)
         try:
             adapter.check_layer(pv.default_layer(layer))
         except ValueError as e:
-            _fail(str(e))
-        judge = _judge(judge_model, judge_mode, device, judge_url)
+            fail(str(e))
+        judge = load_judge(judge_model, judge_mode, device, judge_url)
         run_dir = out or Path("runs") / f"monitor-{t.name}-{adapter.name.replace('/', '_')}"
         try:
-            run_monitor(adapter, t, judge, pv, run_dir, cfg, layer=layer, ladder=lad, shot_pool=pool,
-                        screenshot=screenshot)
+            result = run_monitor(adapter, t, judge, pv, run_dir, cfg, layer=layer, ladder=lad, shot_pool=pool,
+                                 screenshot=screenshot)
         except ValueError as e:
-            _fail(str(e))
+            fail(str(e))
+        print_result(result)
 
     @app.command()
     def watch(
@@ -131,15 +133,15 @@ def register(app: typer.Typer) -> None:
         """Chat in the terminal with a live trait meter before each answer and a coloured per-token trace."""
         import sys
 
-        from personascope.cli import _adapter, _fail, _load_vector_for, console
+        from personascope.commands.common import console, fail, load_adapter, load_vector_for
         from personascope.watch import read_lines, run_watch
 
-        adapter = _adapter(model, device)
-        pv = _load_vector_for(adapter, vector)
+        adapter = load_adapter(model, device)
+        pv = load_vector_for(adapter, vector)
         la = pv.default_layer(layer)
         try:
             adapter.check_layer(la)
         except ValueError as e:
-            _fail(str(e))
+            fail(str(e))
         run_watch(adapter, pv, la, read_lines(sys.stdin, console), console, threshold=threshold, system=system,
                   max_new_tokens=max_new_tokens, temperature=temperature, history=history, html_path=save_html)

@@ -10,7 +10,7 @@ from ..models import DEFAULT_JUDGE_MODEL, DEFAULT_MODEL
 
 def register(app: typer.Typer) -> None:
     """Add the screen commands to the main app."""
-    from ..cli import DeviceOpt, JudgeModelOpt, JudgeModeOpt, JudgeUrlOpt, ModelOpt
+    from personascope.commands.common import DeviceOpt, JudgeModelOpt, JudgeModeOpt, JudgeUrlOpt, ModelOpt
 
     @app.command()
     def screen(
@@ -45,39 +45,43 @@ def register(app: typer.Typer) -> None:
         force: Annotated[bool, typer.Option(help="Start over instead of resuming.")] = False,
     ) -> None:
         """Screen training data: ΔP per sample (projection difference), flags, filtered file and report."""
-        from ..cli import _adapter, _fail, _judge, _load_vector_for, console
-        from ..screen import METHODS, ScreenConfig, screen_dataset
+        from personascope.commands.common import console, fail, load_adapter, load_judge, load_vector_for
+
+        from ..screen import METHODS
+        from ..screen_report import print_result
+        from ..screen_run import ScreenConfig, screen_dataset
 
         if method not in METHODS:
-            _fail(f"unknown --method {method!r}; choose from {', '.join(METHODS)}")
+            fail(f"unknown --method {method!r}; choose from {', '.join(METHODS)}")
         if filter_by not in ("delta_p", "judge", "any"):
-            _fail("--filter-by must be delta_p, judge or any")
+            fail("--filter-by must be delta_p, judge or any")
         if filter_by != "delta_p" and not judge:
-            _fail(f"--filter-by {filter_by} needs --judge")
+            fail(f"--filter-by {filter_by} needs --judge")
         if percentile is not None and not 0 <= percentile <= 100:
-            _fail("--percentile must be between 0 and 100")
+            fail("--percentile must be between 0 and 100")
         if threshold is not None and percentile is not None:
-            _fail("give --threshold or --percentile, not both")
+            fail("give --threshold or --percentile, not both")
         for p in [data, *([reference] if reference else [])]:
             if not p.exists():
-                _fail(f"{p} does not exist")
-        adapter = _adapter(model, device)
+                fail(f"{p} does not exist")
+        adapter = load_adapter(model, device)
         vectors = {}
         for path in vector:
-            pv = _load_vector_for(adapter, path)
+            pv = load_vector_for(adapter, path)
             name = pv.trait if pv.trait not in vectors else f"{pv.trait}:{path.stem}"
             vectors[name] = pv
         if layer is not None:
             try:
                 adapter.check_layer(layer)
             except ValueError as e:
-                _fail(str(e))
-        j = _judge(judge_model, judge_mode, device, judge_url) if judge else None
+                fail(str(e))
+        j = load_judge(judge_model, judge_mode, device, judge_url) if judge else None
         cfg = ScreenConfig(method=method, batch_size=batch_size, chunk_size=chunk_size, max_new_tokens=max_new_tokens)
         try:
-            screen_dataset(adapter, data, vectors, layer=layer, method=method, out_dir=out, threshold=threshold,
-                           percentile=percentile, reference=reference, judge=j, config=cfg, top=top,
-                           filter_by=filter_by, force=force)
+            result = screen_dataset(adapter, data, vectors, layer=layer, method=method, out_dir=out,
+                                    threshold=threshold, percentile=percentile, reference=reference, judge=j,
+                                    config=cfg, top=top, filter_by=filter_by, force=force)
         except (ValueError, FileNotFoundError) as e:
-            _fail(str(e))
+            fail(str(e))
+        print_result(result)
         console.print(f"report: {(out or Path('runs') / f'screen-{data.stem}') / 'summary.json'}")

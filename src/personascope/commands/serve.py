@@ -17,7 +17,7 @@ def _parse_vector_spec(spec: str) -> tuple[str | None, Path]:
     return None, Path(spec)
 
 
-def register(app: typer.Typer) -> None:
+def register(app: typer.Typer, traits_app: typer.Typer) -> None:
     """Add the serve commands to the main app."""
 
     @app.command()
@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
         max_queue: Annotated[int, typer.Option(help="Requests waiting before new ones get 429.")] = 256,
     ) -> None:
         """Serve the model over an OpenAI-compatible API with persona steering, monitoring and a dashboard."""
-        from personascope.cli import _fail, console
+        from personascope.commands.common import console, fail
         from personascope.serve import VECTOR_NAME, Engine, ServeConfig, load_serving_model, run_server
         from personascope.vectors import VectorMismatchError, load_vector
 
@@ -53,34 +53,30 @@ def register(app: typer.Typer) -> None:
             try:
                 pv = load_vector(path)
             except (FileNotFoundError, ValueError) as e:
-                _fail(str(e))
+                fail(str(e))
             name = name or pv.trait
             if not VECTOR_NAME.match(name):
-                _fail(f"vector name {name!r} must be 1-64 letters, digits, '_', '-' or '.'")
+                fail(f"vector name {name!r} must be 1-64 letters, digits, '_', '-' or '.'")
             if name in loaded:
-                _fail(f"two vectors are named {name!r}; use NAME=FILE to name them apart")
+                fail(f"two vectors are named {name!r}; use NAME=FILE to name them apart")
             loaded[name] = pv
         try:
             with console.status(f"loading {model} …"):
                 adapter = load_serving_model(model, device=device, dtype=dtype)
         except Exception as e:  # unknown model, missing packages, bad dtype
-            _fail(f"cannot load model {model!r}: {e}")
+            fail(f"cannot load model {model!r}: {e}")
         cfg = ServeConfig(max_batch=max_batch, batch_wait_ms=batch_wait_ms, max_tokens_limit=max_tokens_limit,
                           default_max_tokens=min(256, max_tokens_limit), max_body_bytes=max_body_bytes,
                           max_queue=max_queue, api_key=key)
         try:
             engine = Engine(adapter, loaded, cfg, model_id=model)
         except VectorMismatchError as e:
-            _fail(str(e))
+            fail(str(e))
         for name, pv in loaded.items():
             console.print(f"vector [bold]{name}[/] ({pv.trait}, default layer {pv.default_layer()}) from {pv.path}")
         console.print(f"serving [bold]{model}[/] on http://{host}:{port}  (dashboard at /, API at /v1)"
                       + ("  [auth: bearer key]" if key else ""))
         run_server(engine, host, port)
-
-    traits_app = next((g.typer_instance for g in app.registered_groups if g.name == "traits"), None)
-    if traits_app is None:
-        from personascope.cli import traits_app
 
     @traits_app.command("new")
     def traits_new(
@@ -101,18 +97,18 @@ def register(app: typer.Typer) -> None:
         force: Annotated[bool, typer.Option(help="Overwrite an existing trait folder.")] = False,
     ) -> None:
         """Write trait data (instructions, questions, rubric) from a description, using an LLM."""
-        from personascope.cli import _fail, console
+        from personascope.commands.common import console, fail
         from personascope.traitgen import TraitGenError, generate_trait, make_generator, write_trait
 
         target = out / name
         if (target / "extract.json").exists() and not force:
-            _fail(f"{target} already holds a trait; pass --force to overwrite it")
+            fail(f"{target} already holds a trait; pass --force to overwrite it")
         try:
             gen = make_generator(generator_model, generator_url, api_key_env, device)
             data = generate_trait(gen, name, description, attempts=attempts, max_tokens=max_tokens,
                                   log=lambda msg: console.print(msg, markup=False))
         except TraitGenError as e:
-            _fail(str(e))
+            fail(str(e))
         path = write_trait(data, out, name)
         console.print(f"wrote [bold]{path}[/] (extract.json, eval.json); check it with: "
                       f"personascope traits show {path}")

@@ -1,0 +1,43 @@
+"""An OpenAI-compatible chat server that steers and monitors with persona vectors, plus a dashboard.
+
+`create_app(engine)` is a FastAPI app with `/v1/models`, `/v1/chat/completions` (non-streaming
+and SSE streaming; temperature, top_p, max_tokens, seed, stop, n, logprobs/top_logprobs), the
+extension `/v1/vectors`, `/health` and the dashboard at `/`. Two extension fields ride in the
+request body (the openai SDK's `extra_body`):
+
+- `steering: [{"vector": NAME, "layer": L, "coef": C | "alpha": A, "positions": "response"}]`
+- `monitor: {"vectors": [NAME], "layer": L}`: the response gains the projection of the last
+  prompt token on v̂ (`monitor.prompt`) and, per choice, one projection per answer token (the
+  activation at the token's own position, the output of block L − 1). It is read before any
+  steering at that same layer is added, so it shows the model's own state (which steering at
+  lower layers, and the steered text so far, do move), not the vector just injected there.
+
+`Engine` owns the model: one worker thread takes queued requests, groups up to `max_batch` rows
+that arrive within `batch_wait_ms`, and runs them as one left-padded batch with its own decoding
+loop (prefill, then one token at a time with the KV cache). Steering uses per-row coefficient
+tensors, so rows of one batch carry different vectors and coefficients (0 where a row does not
+use a vector) and no request sees another's steering. Finished rows leave the batch at once.
+"""
+
+
+from .app import complete, create_app, run_server, stream
+from .engine import Engine, Job, Row
+from .loading import TINY_PREFIX, load_serving_model, tiny_random_model
+from .protocol import (
+    MAX_STOP,
+    MAX_TOP_LOGPROBS,
+    VECTOR_NAME,
+    ApiError,
+    ChatRequest,
+    Event,
+    MonitorSpec,
+    RequestParser,
+    ServeConfig,
+    SteerItem,
+)
+
+__all__ = [
+    "MAX_STOP", "MAX_TOP_LOGPROBS", "TINY_PREFIX", "VECTOR_NAME", "ApiError", "ChatRequest", "Engine", "Event", "Job",
+    "MonitorSpec", "RequestParser", "Row", "ServeConfig", "SteerItem", "complete", "create_app", "load_serving_model",
+    "run_server", "stream", "tiny_random_model",
+]

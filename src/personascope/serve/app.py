@@ -1,0 +1,248 @@
+"""The FastAPI app of `personascope serve`: OpenAI-style responses (whole or SSE), auth, limits, dashboard."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import sys
+import time
+import traceback
+import uuid
+from importlib import resources
+
+from fastapi import Request
+
+from .engine import Engine, Job
+from .protocol import ApiError, ChatRequest, invalid
+
+# ---------------------------------------------------------------- responses
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _monitor_head(engine: Engine, req: ChatRequest, prompt: dict[str, float] | None) -> dict | None:
+    if req.monitor is None:
+        return None
+    layer = req.monitor.layer
+    scale = {n: {"baseline": engine.baselines[n][layer],
+                 "norm": float(engine.vectors[n].vector(layer).norm())} for n in req.monitor.vectors}
+    return {"layer": layer, "vectors": req.monitor.vectors, "prompt": prompt, "scale": scale}
+
+
+def _steering_echo(req: ChatRequest) -> list[dict] | None:
+    if not req.steering:
+        return None
+    return [{"vector": s.vector, "layer": s.layer, "coef": s.coef, "positions": s.positions} for s in req.steering]
+
+
+async def complete(engine: Engine, req: ChatRequest, job: Job, rid: str) -> dict:
+    """Collect a whole (non-streaming) completion."""
+    choices = [{"index": c, "text": [], "logprobs": [], "tokens": [], "proj": [], "finish": None}
+               for c in range(req.n)]
+    prompt, prompt_tokens, completion_tokens = None, 0, 0
+    while True:
+        ev = await job.events.get()
+        if ev.kind == "error":
+            raise ev.error
+        if ev.kind == "end":
+            break
+        if ev.kind == "prompt":
+            prompt, prompt_tokens = ev.prompt, ev.prompt_tokens
+            continue
+        ch = choices[ev.choice]
+        completion_tokens += 1
+        ch["text"].append(ev.text)
+        if ev.logprob is not None:
+            ch["logprobs"].append(ev.logprob)
+        if ev.token is not None and req.monitor:
+            ch["tokens"].append(ev.token)
+            ch["proj"].append(ev.projection)
+        if ev.finish_reason:
+            ch["finish"] = ev.finish_reason
+    out_choices = []
+    for c, ch in enumerate(choices):
+        item: dict = {"index": c, "message": {"role": "assistant", "content": "".join(ch["text"])},
+                      "finish_reason": ch["finish"] or "stop",
+                      "logprobs": {"content": ch["logprobs"], "refusal": None} if req.logprobs else None}
+        if req.monitor:
+            item["monitor"] = {"tokens": ch["tokens"],
+                               "projections": {n: [p[n] for p in ch["proj"]] for n in req.monitor.vectors}}
+        out_choices.append(item)
+    resp = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": engine.model_id,
+            "choices": out_choices, "usage": _usage(prompt_tokens, completion_tokens)}
+    if req.monitor:
+        resp["monitor"] = _monitor_head(engine, req, prompt)
+    if req.steering:
+        resp["steering"] = _steering_echo(req)
+    return resp
+
+
+def _sse(obj: dict | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
+
+
+async def stream(engine: Engine, req: ChatRequest, job: Job, rid: str):
+    """Yield SSE lines: a role chunk per choice, one chunk per token step, usage if asked, then [DONE]."""
+    created = int(time.time())
+    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": engine.model_id}
+    completion_tokens, prompt_tokens = 0, 0
+    try:
+        while True:
+            ev = await job.events.get()
+            if ev.kind == "error":
+                yield _sse(ev.error.body())
+                return
+            if ev.kind == "end":
+                break
+            if ev.kind == "prompt":
+                prompt_tokens = ev.prompt_tokens
+                for c in range(req.n):
+                    chunk = {**base, "choices": [{"index": c, "delta": {"role": "assistant", "content": ""},
+                                                  "logprobs": None, "finish_reason": None}]}
+                    if c == 0 and req.monitor:
+                        chunk["monitor"] = _monitor_head(engine, req, ev.prompt)
+                    if c == 0 and req.steering:
+                        chunk["steering"] = _steering_echo(req)
+                    yield _sse(chunk)
+                continue
+            completion_tokens += 1
+            choice: dict = {"index": ev.choice, "delta": {"content": ev.text} if ev.text else {},
+                            "logprobs": {"content": [ev.logprob], "refusal": None} if ev.logprob else None,
+                            "finish_reason": ev.finish_reason}
+            if req.monitor and ev.token is not None:
+                choice["monitor"] = {"tokens": [ev.token],
+                                     "projections": {n: [ev.projection[n]] for n in req.monitor.vectors}}
+            yield _sse({**base, "choices": [choice]})
+        if req.include_usage:
+            yield _sse({**base, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+        yield _sse("[DONE]")
+    finally:
+        job.cancelled = True  # a client that went away stops its rows at the next step
+
+
+# ---------------------------------------------------------------- the app
+
+
+def _dashboard_html() -> str:
+    return (resources.files("personascope") / "static" / "dashboard.html").read_text(encoding="utf-8")
+
+
+def create_app(engine: Engine):
+    """The FastAPI app around an engine (the engine's worker starts and stops with the app)."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    cfg = engine.config
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="personascope", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, exc: ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):
+        return JSONResponse(ApiError(exc.status_code, str(exc.detail), None, None).body(),
+                            status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, exc: RequestValidationError):
+        return JSONResponse(ApiError(400, str(exc.errors()[:1]), None, None).body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def server_error(request, exc: Exception):
+        traceback.print_exception(exc, file=sys.stderr)
+        return JSONResponse(ApiError(500, f"internal error: {type(exc).__name__}", None, None, "server_error")
+                            .body(), status_code=500)
+
+    def authorize(request: Request) -> None:
+        if cfg.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(given.encode(), cfg.api_key.encode()):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", None,
+                           "invalid_api_key")
+
+    async def read_json(request: Request) -> object:
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > cfg.max_body_bytes:
+            raise ApiError(413, f"the request body is {length} bytes; the limit is {cfg.max_body_bytes}", None,
+                           "request_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cfg.max_body_bytes:
+                raise ApiError(413, f"the request body exceeds the limit of {cfg.max_body_bytes} bytes", None,
+                               "request_too_large")
+            chunks.append(chunk)
+        try:
+            return json.loads(b"".join(chunks))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise invalid(f"the request body is not valid JSON: {e}", None, "invalid_json") from None
+
+    @app.get("/", response_class=HTMLResponse)
+    async def dashboard():
+        return HTMLResponse(_dashboard_html())
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": engine.model_id, "auth": cfg.api_key is not None,
+                "pending": engine.pending, **engine.stats}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorize(request)
+        return {"object": "list", "data": [{"id": engine.model_id, "object": "model", "created": engine.created,
+                                            "owned_by": "personascope"}]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model_info(model_id: str, request: Request):
+        authorize(request)
+        if model_id != engine.model_id:
+            raise ApiError(404, f"the model {model_id!r} does not exist here", "model", "model_not_found")
+        return {"id": engine.model_id, "object": "model", "created": engine.created, "owned_by": "personascope"}
+
+    @app.get("/v1/vectors")
+    async def vectors(request: Request):
+        authorize(request)
+        return {"model": engine.model_id, "n_layers": engine.adapter.n_layers, "vectors": engine.vector_info()}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        authorize(request)
+        req = engine.parse(await read_json(request))
+        job = Job(req, asyncio.get_running_loop())
+        engine.submit(job)
+        rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        if req.stream:
+            return StreamingResponse(stream(engine, req, job, rid), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            return JSONResponse(await complete(engine, req, job, rid))
+        finally:
+            job.cancelled = True
+
+    return app
+
+
+def run_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Serve with uvicorn until interrupted."""
+    import uvicorn
+
+    uvicorn.run(create_app(engine), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+

@@ -1,0 +1,398 @@
+"""The serving engine: one worker thread batches queued requests and decodes them with per-row steering.
+
+Rows that arrive within `batch_wait_ms` run as one left-padded batch with the engine's own
+decoding loop (prefill, then one token at a time with the KV cache). Steering uses per-row
+coefficient tensors, so no request sees another's steering; finished rows leave the batch at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import secrets
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+
+import torch
+
+from ..activations import collect_spans, project
+from ..adapter import ModelAdapter, pad_batch, pad_id, position_ids_for
+from ..hooks import ResidualHooks
+from ..steer import Steerer
+from ..vectors import PersonaVector
+from .protocol import NEUTRAL_PROMPTS, ApiError, ChatRequest, Event, RequestParser, ServeConfig
+
+
+class Engine(RequestParser):
+    """Owns the model and the vectors; one worker thread batches and decodes queued requests."""
+
+    def __init__(self, adapter: ModelAdapter, vectors: dict[str, PersonaVector] | None = None,
+                 config: ServeConfig | None = None, model_id: str | None = None):
+        self.adapter = adapter
+        self.vectors = dict(vectors or {})
+        for pv in self.vectors.values():
+            pv.check(adapter)
+        self.config = config or ServeConfig()
+        self.model_id = model_id or adapter.name
+        self.created = int(time.time())
+        self.eos_ids = self._eos_ids()
+        self.pad = pad_id(adapter.tokenizer)
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._carry: deque[Job] = deque()
+        self._thread: threading.Thread | None = None
+        self._token_text: dict[int, str] = {}
+        self._lock = threading.Lock()
+        self.tok_lock = threading.Lock()  # fast tokenizers may refuse use from two threads at once
+        self.pending = 0
+        self.stats = {"requests": 0, "batches": 0, "rows": 0, "max_batch_rows": 0, "tokens": 0, "errors": 0}
+        self.baselines = self._baselines()
+
+    # -- setup
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for src in (self.adapter.tokenizer.eos_token_id,
+                    getattr(getattr(self.adapter.model, "generation_config", None), "eos_token_id", None)):
+            if isinstance(src, int):
+                ids.add(src)
+            elif isinstance(src, list | tuple):
+                ids.update(int(x) for x in src)
+        return ids
+
+    @torch.no_grad()
+    def _baselines(self) -> dict[str, list[float]]:
+        """Per vector and layer: the mean projection of neutral prompts' last token (the meter's zero)."""
+        if not self.vectors:
+            return {}
+        items = [(self.adapter.encode_prompt(self.adapter.prompt(p)), []) for p in NEUTRAL_PROMPTS]
+        spans, _ = collect_spans(self.adapter, items, batch_size=len(items))
+        last = spans["prompt_last"]  # [N, L + 1, d]
+        return {name: [float(project(last[:, layer], pv.vector(layer)).mean()) for layer in range(pv.n_layers + 1)]
+                for name, pv in self.vectors.items()}
+
+    def vector_info(self) -> list[dict]:
+        """What the dashboard needs to draw sliders and meters for each vector."""
+        out = []
+        for name, pv in self.vectors.items():
+            norms = pv.vectors["response_avg"].norm(dim=-1)
+            layer = pv.default_layer()
+            out.append({
+                "name": name, "trait": pv.trait, "default_layer": layer, "n_layers": pv.n_layers,
+                "has_alpha": pv.resid_norm is not None,
+                "coef_per_alpha": [pv.coef_from_alpha(1.0, la) for la in range(pv.n_layers + 1)]
+                if pv.resid_norm is not None else None,
+                "norm": [float(x) for x in norms], "baseline": self.baselines.get(name),
+            })
+        return out
+
+    # -- request parsing
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="personascope-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            if self.pending >= self.config.max_queue:
+                raise ApiError(429, f"the server is busy ({self.pending} requests queued); retry shortly", None,
+                               "server_busy", "rate_limit_error")
+            self.pending += 1
+            self.stats["requests"] += 1
+        self._queue.put(job)
+
+    def _next_batch(self) -> list[Job] | None:
+        """Block for one job, then gather more that arrive within the batching window (up to max_batch rows)."""
+        job = self._carry.popleft() if self._carry else self._queue.get()
+        if job is None:
+            return None
+        batch, rows = [job], job.request.n
+        deadline = time.monotonic() + self.config.batch_wait_ms / 1000
+        while rows < self.config.max_batch:
+            try:
+                nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if nxt is None:
+                self._queue.put(None)
+                break
+            if rows + nxt.request.n > self.config.max_batch:
+                self._carry.append(nxt)
+                break
+            batch.append(nxt)
+            rows += nxt.request.n
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            live = [j for j in batch if not j.cancelled]
+            try:
+                if live:
+                    self._generate(live)
+            except Exception as e:  # keep serving: fail this batch's requests, not the server
+                self.stats["errors"] += 1
+                traceback.print_exc(file=sys.stderr)
+                for j in live:
+                    j.emit(Event("error", error=ApiError(500, f"generation failed: {type(e).__name__}: {e}", None,
+                                                         "generation_error", "server_error")))
+            finally:
+                with self._lock:
+                    self.pending -= len(batch)
+                for j in batch:
+                    if j.cancelled and j not in live:
+                        j.emit(Event("end"))
+
+    # -- decoding
+    def decode(self, ids: list[int]) -> str:
+        with self.tok_lock:
+            return self.adapter.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def token_text(self, tid: int) -> str:
+        """A token's own text (special tokens included), for logprobs."""
+        text = self._token_text.get(tid)
+        if text is None:
+            with self.tok_lock:
+                text = self.adapter.tokenizer.decode([tid])
+            self._token_text[tid] = text
+        return text
+
+    def _logprob_entry(self, tid: int, logp: float) -> dict:
+        text = self.token_text(tid)
+        return {"token": text, "logprob": max(logp, -9999.0), "bytes": list(text.encode("utf-8"))}
+
+    def _steerer(self, rows: list[Row]) -> Steerer | None:
+        coefs: dict[tuple[str, int, str], torch.Tensor] = {}
+        for i, r in enumerate(rows):
+            for s in r.job.request.steering:
+                key = (s.vector, s.layer, s.positions)
+                coefs.setdefault(key, torch.zeros(len(rows)))[i] += s.coef
+        if not coefs:
+            return None
+        st = Steerer(self.adapter)
+        for (name, layer, positions), coef in coefs.items():
+            st.add(self.vectors[name].vector(layer), layer, coef, positions)
+        return st
+
+    def _capture(self, layers: set[int], store: dict[int, torch.Tensor]) -> ResidualHooks:
+        """Hooks recording the last position of each forward at each monitored layer (before steering there)."""
+        def recorder(layer: int):
+            def record(h: torch.Tensor) -> None:
+                store[layer] = h[:, -1].detach().float()
+
+            return record
+
+        return ResidualHooks(self.adapter, [(layer, recorder(layer)) for layer in layers])
+
+    def _projections(self, rows: list[Row], store: dict[int, torch.Tensor]) -> list[dict[str, float] | None]:
+        out: list[dict[str, float] | None] = [None] * len(rows)
+        cache: dict[tuple[int, str], torch.Tensor] = {}
+        for i, r in enumerate(rows):
+            mon = r.job.request.monitor
+            if mon is None:
+                continue
+            vals = {}
+            for name in mon.vectors:
+                key = (mon.layer, name)
+                if key not in cache:
+                    cache[key] = project(store[mon.layer], self.vectors[name].vector(mon.layer)).cpu()
+                vals[name] = float(cache[key][i])
+            out[i] = vals
+        return out
+
+    def _sample(self, logits: torch.Tensor, rows: list[Row]) -> tuple[list[int], torch.Tensor | None]:
+        logp = torch.log_softmax(logits, dim=-1) if any(r.job.request.logprobs for r in rows) else None
+        toks = logits.argmax(-1).tolist()
+        for i, r in enumerate(rows):
+            req = r.job.request
+            if req.temperature <= 0:
+                continue
+            probs = torch.softmax(logits[i] / req.temperature, dim=-1)
+            if req.top_p < 1.0:
+                sp, si = probs.sort(descending=True)
+                cut = (sp.cumsum(-1) - sp) > req.top_p
+                sp[cut] = 0.0
+                probs = torch.zeros_like(probs).scatter_(0, si, sp)
+            toks[i] = int(torch.multinomial(probs, 1, generator=r.generator))
+        return toks, logp
+
+    @torch.no_grad()
+    def _generate(self, jobs: list[Job]) -> None:
+        dev = self.adapter.device
+        rows = [Row(self, j, c) for j in jobs for c in range(j.request.n)]
+        self.stats["batches"] += 1
+        self.stats["rows"] += len(rows)
+        self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], len(rows))
+        ids, mask = pad_batch([r.job.request.prompt_ids for r in rows], self.pad, "left")
+        ids, mask = ids.to(dev), mask.to(dev)
+        steerer = self._steerer(rows)
+        store: dict[int, torch.Tensor] = {}
+        monitored = {r.job.request.monitor.layer for r in rows if r.job.request.monitor}
+        capture = self._capture(monitored, store).attach()  # before the steering hooks: sees unsteered output
+        try:
+            if steerer is not None:
+                steerer.attach()
+            out = self.adapter.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_for(mask),
+                                     use_cache=True, logits_to_keep=1)
+            cache, logits = out.cache, out.logits[:, -1].float()
+            prompt_proj = self._projections(rows, store)
+            for i, r in enumerate(rows):
+                if r.choice == 0:
+                    r.job.emit(Event("prompt", prompt=prompt_proj[i], prompt_tokens=len(r.job.request.prompt_ids)))
+            while rows:
+                toks, logp = self._sample(logits, rows)
+                entries = self._entries(toks, logp, rows)
+                for r, t, e in zip(rows, toks, entries, strict=True):
+                    r.accept(t, e)
+                self.stats["tokens"] += len(rows)
+                # a monitored token's event waits for the forward that sees it (its projection); others go now
+                watch = any(r.job.request.monitor for r in rows)
+                if not watch:
+                    for r in rows:
+                        r.flush(None)
+                if watch or any(not r.finished for r in rows):
+                    mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype, device=dev)], dim=1)
+                    out = self.adapter.model(input_ids=torch.tensor(toks, device=dev)[:, None], attention_mask=mask,
+                                             position_ids=position_ids_for(mask)[:, -1:], cache=cache, use_cache=True)
+                    cache, logits = out.cache, out.logits[:, -1].float()
+                if watch:
+                    for r, p in zip(rows, self._projections(rows, store), strict=True):
+                        r.flush(p)
+                keep = [i for i, r in enumerate(rows) if not r.finished and not r.job.cancelled]
+                if len(keep) < len(rows):
+                    if keep:
+                        sel = torch.tensor(keep, device=dev)
+                        cache.batch_select_indices(sel)
+                        mask, logits = mask[sel], logits[sel]
+                        if steerer is not None:
+                            steerer.select_rows(sel)
+                    rows = [rows[i] for i in keep]
+        finally:
+            capture.remove()
+            if steerer is not None:
+                steerer.remove()
+
+    def _entries(self, toks: list[int], logp: torch.Tensor | None, rows: list[Row]) -> list[dict | None]:
+        if logp is None:
+            return [None] * len(rows)
+        out: list[dict | None] = []
+        k = max((r.job.request.top_logprobs for r in rows if r.job.request.logprobs), default=0)
+        top = logp.topk(k, dim=-1) if k else None
+        for i, (r, t) in enumerate(zip(rows, toks, strict=True)):
+            req = r.job.request
+            if not req.logprobs:
+                out.append(None)
+                continue
+            e = self._logprob_entry(t, float(logp[i, t]))
+            e["top_logprobs"] = [self._logprob_entry(int(tid), float(lp)) for lp, tid in
+                                 zip(top.values[i, : req.top_logprobs].tolist(),
+                                     top.indices[i, : req.top_logprobs].tolist(), strict=True)] if top else []
+            out.append(e)
+        return out
+
+
+
+
+class Job:
+    """One HTTP request in the engine: events go to an asyncio queue on the server's loop."""
+
+    def __init__(self, request: ChatRequest, loop: asyncio.AbstractEventLoop | None = None):
+        self.request = request
+        self.loop = loop
+        self.events: asyncio.Queue[Event] | queue.Queue[Event] = asyncio.Queue() if loop else queue.Queue()
+        self.cancelled = False
+        self.finished_rows = 0
+
+    def emit(self, event: Event) -> None:
+        if self.loop is None:
+            self.events.put_nowait(event)
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the loop is gone (server shutting down)
+            self.cancelled = True
+
+
+class Row:
+    """One sequence of a batch (one choice of one request): text, stop strings, finish reason."""
+
+    def __init__(self, engine: Engine, job: Job, choice: int):
+        self.engine, self.job, self.choice = engine, job, choice
+        req = job.request
+        seed = req.seed + choice if req.seed is not None else secrets.randbits(62)
+        self.generator = torch.Generator(device=engine.adapter.device).manual_seed(seed % (2**63))
+        self.ids: list[int] = []
+        self.text = ""  # decoded answer so far (complete characters only, until the row finishes)
+        self._offsets = (0, 0)  # incremental detokenisation: (context start, end of decoded ids)
+        self.emitted = 0
+        self.finished = False
+        self.reason: str | None = None
+        self._pending: tuple[str, dict | None, str | None] | None = None
+        self._maxstop = max((len(s) for s in req.stop), default=0)
+
+    def _detokenize(self, force: bool = False) -> None:
+        """Extend `text` with the new tokens, decoded with a little context; wait out split UTF-8 characters."""
+        start, read = self._offsets
+        before = self.engine.decode(self.ids[start:read])
+        after = self.engine.decode(self.ids[start:])
+        if len(after) > len(before) and (force or not after.endswith("\ufffd")):
+            self.text += after[len(before):]
+            self._offsets = (read, len(self.ids))
+
+    def accept(self, tid: int, entry: dict | None) -> None:
+        """Take one sampled token; work out the text it releases and whether the row is done."""
+        req = self.job.request
+        eos = tid in self.engine.eos_ids
+        if not eos:
+            self.ids.append(tid)
+        count = len(self.ids) + (1 if eos else 0)
+        self._detokenize(force=eos or count >= req.max_tokens)
+        text = self.text
+        end = len(text)
+        if req.stop:
+            hits = [i for i in (text.find(s, max(0, self.emitted - self._maxstop)) for s in req.stop) if i >= 0]
+            if hits:
+                end, self.finished, self.reason = min(hits), True, "stop"
+        if not self.finished:
+            if eos:
+                self.finished, self.reason = True, "stop"
+            elif count >= req.max_tokens:
+                self.finished, self.reason = True, "length"
+            else:
+                end = self._safe_end(text)
+        delta = text[self.emitted : end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        # the monitor's token text is the piece of content this token released, so pieces join to the content
+        self._pending = (delta, entry, delta if not eos or delta else None)
+
+    def _safe_end(self, text: str) -> int:
+        """How much text can be released: hold back a tail that may start a stop string."""
+        end = len(text)
+        for k in range(min(self._maxstop - 1, end - self.emitted), 0, -1):
+            if any(s.startswith(text[end - k :]) for s in self.job.request.stop):
+                return end - k
+        return end
+
+    def flush(self, projection: dict[str, float] | None) -> None:
+        """Send this step's event (after the forward that saw the token, so its projection is known)."""
+        if self._pending is None or self.job.cancelled:
+            return
+        delta, entry, token = self._pending
+        self._pending = None
+        self.job.emit(Event("token", self.choice, delta, entry, token, projection if token is not None else None,
+                            self.reason if self.finished else None))
+        if self.finished:
+            self.job.finished_rows += 1
+            if self.job.finished_rows == self.job.request.n:
+                self.job.emit(Event("end"))
+

@@ -1,0 +1,312 @@
+"""The OpenAI-compatible protocol of `personascope serve`: errors, limits, validated requests and events.
+
+`RequestParser` turns a JSON body into a `ChatRequest` (ApiError, 4xx, names the offending
+parameter); the engine inherits it, since parsing needs the model's template and vectors.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+from dataclasses import dataclass, field
+
+from ..adapter import ModelAdapter
+from ..chat import ChatError, check_messages
+from ..steer import POSITIONS
+from ..vectors import PersonaVector
+
+MAX_TOP_LOGPROBS = 20
+MAX_STOP = 4
+VECTOR_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+NEUTRAL_PROMPTS = ("Hello! How are you today?", "What is the capital of France?",
+                   "Can you explain how a bicycle works?", "Give me a tip for cooking rice.")
+
+
+# ---------------------------------------------------------------- errors and config
+
+
+class ApiError(Exception):
+    """An error answered with an OpenAI-style body: {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class ServeConfig:
+    """Limits and batching knobs of the server (safe defaults)."""
+
+    max_batch: int = 8
+    batch_wait_ms: float = 5.0
+    max_tokens_limit: int = 1024
+    default_max_tokens: int = 256
+    max_prompt_tokens: int = 8192
+    max_body_bytes: int = 1_000_000
+    max_queue: int = 256
+    max_n: int = 8
+    api_key: str | None = None
+
+
+# ---------------------------------------------------------------- requests
+
+
+@dataclass
+class SteerItem:
+    """One resolved steering entry of a request."""
+
+    vector: str
+    layer: int
+    coef: float
+    positions: str = "response"
+
+
+@dataclass
+class MonitorSpec:
+    vectors: list[str]
+    layer: int
+
+
+@dataclass
+class ChatRequest:
+    """A validated chat completion request."""
+
+    model: str
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    logprobs: bool = False
+    top_logprobs: int = 0
+    stream: bool = False
+    include_usage: bool = False
+    steering: list[SteerItem] = field(default_factory=list)
+    monitor: MonitorSpec | None = None
+
+
+def invalid(message: str, param: str | None, code: str = "invalid_value", status: int = 400) -> ApiError:
+    return ApiError(status, message, param, code)
+
+
+def number_field(body: dict, key: str, default: float, lo: float, hi: float) -> float:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise invalid(f"'{key}' must be a number between {lo} and {hi}, got {value!r}", key)
+    if not lo <= value <= hi:
+        raise invalid(f"'{key}' must be between {lo} and {hi}, got {value}", key)
+    return float(value)
+
+
+def integer_field(body: dict, key: str, default: int | None, lo: int, hi: int | None) -> int | None:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid(f"'{key}' must be an integer, got {value!r}", key)
+    if value < lo or (hi is not None and value > hi):
+        raise invalid(f"'{key}' must be between {lo} and {hi}, got {value}" if hi is not None
+                   else f"'{key}' must be at least {lo}, got {value}", key)
+    return value
+
+
+def text_of(content: object, param: str) -> str:
+    if isinstance(content, str):
+        return content
+    if content is None:
+        return ""
+    if isinstance(content, list):
+        parts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise invalid(f"{param}[{j}]: only text content parts are supported", f"{param}[{j}]")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise invalid(f"{param} must be a string or a list of text parts", param)
+
+
+@dataclass
+class Event:
+    """What the worker tells a request: prompt projections, a token step, the end, or an error."""
+
+    kind: str  # prompt | token | end | error
+    choice: int = 0
+    text: str = ""
+    logprob: dict | None = None
+    token: str | None = None
+    projection: dict[str, float] | None = None
+    finish_reason: str | None = None
+    prompt: dict[str, float] | None = None
+    prompt_tokens: int = 0
+    error: ApiError | None = None
+
+
+class RequestParser:
+    """Validation of chat completion bodies against a model, its loaded vectors and the server's limits."""
+
+    adapter: ModelAdapter
+    vectors: dict[str, PersonaVector]
+    config: ServeConfig
+    model_id: str
+    tok_lock: threading.Lock
+
+    def render(self, messages: object) -> str:
+        """The chat prompt text for OpenAI-style messages, validated like every chat row (`developer` = system)."""
+        if not isinstance(messages, list) or not messages:
+            raise invalid("'messages' must be a non-empty list of {role, content} objects", "messages")
+        plain: list[object] = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict):
+                raise invalid(f"messages[{i}] must be an object", f"messages[{i}]")
+            role = "system" if m.get("role") == "developer" else m.get("role")
+            plain.append({"role": role, "content": text_of(m.get("content"), f"messages[{i}].content")})
+        try:
+            return self.adapter.render(check_messages(plain, answer=False))
+        except ChatError as e:
+            raise invalid(str(e), e.where or "messages") from None
+        except Exception as e:  # a template that rejects this conversation (e.g. role order)
+            raise invalid(f"the model's chat template rejected the messages: {e}", "messages") from None
+
+    def _layer(self, value: object, param: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise invalid(f"{param} must be an integer layer index, got {value!r}", param)
+        if not 0 <= value <= self.adapter.n_layers:
+            raise invalid(f"{param} {value} is out of range: {self.model_id} has layers 0..{self.adapter.n_layers}",
+                       param, "layer_out_of_range")
+        return value
+
+    def _vector_name(self, value: object, param: str) -> str:
+        if not isinstance(value, str) or value not in self.vectors:
+            known = ", ".join(self.vectors) or "none (start the server with --vector NAME=FILE)"
+            raise invalid(f"{param}: unknown vector {value!r}; loaded vectors: {known}", param, "unknown_vector")
+        return value
+
+    def _steering(self, raw: object) -> list[SteerItem]:
+        if raw is None:
+            return []
+        if not isinstance(raw, list):
+            raise invalid("'steering' must be a list of {vector, layer, coef} objects", "steering")
+        items = []
+        for i, s in enumerate(raw):
+            p = f"steering[{i}]"
+            if not isinstance(s, dict):
+                raise invalid(f"{p} must be an object", p)
+            unknown = set(s) - {"vector", "layer", "coef", "alpha", "positions"}
+            if unknown:
+                raise invalid(f"{p} has unknown field(s) {sorted(unknown)}", p)
+            name = self._vector_name(s.get("vector"), f"{p}.vector")
+            pv = self.vectors[name]
+            layer = self._layer(s["layer"], f"{p}.layer") if "layer" in s else pv.default_layer()
+            positions = s.get("positions", "response")
+            if positions not in POSITIONS:
+                raise invalid(f"{p}.positions must be one of {', '.join(POSITIONS)}, got {positions!r}",
+                           f"{p}.positions")
+            if ("coef" in s) == ("alpha" in s):
+                raise invalid(f"{p} needs exactly one of 'coef' (raw) or 'alpha' (relative)", p)
+            key = "coef" if "coef" in s else "alpha"
+            value = s[key]
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+                    or abs(value) > 1e4:
+                raise invalid(f"{p}.{key} must be a finite number (|x| ≤ 10000), got {value!r}", f"{p}.{key}",
+                           "invalid_coefficient")
+            if key == "alpha":
+                if pv.resid_norm is None:
+                    raise invalid(f"{p}: vector {name!r} has no resid_norm, so 'alpha' cannot be converted; use 'coef'",
+                               f"{p}.alpha")
+                value = pv.coef_from_alpha(float(value), layer)
+            items.append(SteerItem(name, layer, float(value), positions))
+        return items
+
+    def _monitor(self, raw: object) -> MonitorSpec | None:
+        if raw is None:
+            return None
+        if not isinstance(raw, dict):
+            raise invalid("'monitor' must be an object {vectors: [NAME], layer: L}", "monitor")
+        names = raw.get("vectors")
+        if isinstance(names, str):
+            names = [names]
+        if not isinstance(names, list) or not names:
+            raise invalid("monitor.vectors must be a non-empty list of vector names", "monitor.vectors")
+        names = [self._vector_name(n, f"monitor.vectors[{i}]") for i, n in enumerate(names)]
+        layer = self._layer(raw["layer"], "monitor.layer") if "layer" in raw else \
+            self.vectors[names[0]].default_layer()
+        return MonitorSpec(list(dict.fromkeys(names)), layer)
+
+    def parse(self, body: object) -> ChatRequest:
+        """Validate a chat completion body; ApiError (4xx) names the offending parameter."""
+        if not isinstance(body, dict):
+            raise invalid("the request body must be a JSON object", None, "invalid_json")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise invalid("'model' is required", "model", "missing_required_parameter")
+        if model != self.model_id:
+            raise ApiError(404, f"the model {model!r} does not exist here; this server serves {self.model_id!r}",
+                           "model", "model_not_found")
+        if "messages" not in body:
+            raise invalid("'messages' is required", "messages", "missing_required_parameter")
+        for key in ("tools", "functions", "tool_choice", "function_call", "logit_bias"):
+            if body.get(key):
+                raise invalid(f"'{key}' is not supported by this server", key, "unsupported_parameter")
+        for key in ("frequency_penalty", "presence_penalty"):
+            if body.get(key):
+                raise invalid(f"'{key}' is not supported by this server (only 0)", key, "unsupported_parameter")
+        rf = body.get("response_format")
+        if rf and not (isinstance(rf, dict) and rf.get("type") == "text"):
+            raise invalid("'response_format' other than text is not supported", "response_format",
+                       "unsupported_parameter")
+        cfg = self.config
+        key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        max_tokens = integer_field(body, key, min(cfg.default_max_tokens, cfg.max_tokens_limit), 1,
+                                   cfg.max_tokens_limit)
+        stop = body.get("stop")
+        if stop is None:
+            stop = []
+        elif isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
+            raise invalid(f"'stop' must be a non-empty string or a list of up to {MAX_STOP} of them", "stop")
+        logprobs = body.get("logprobs") or False
+        if not isinstance(logprobs, bool):
+            raise invalid(f"'logprobs' must be a boolean, got {logprobs!r}", "logprobs")
+        top = integer_field(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
+        if top and not logprobs:
+            raise invalid("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        stream = body.get("stream") or False
+        if not isinstance(stream, bool):
+            raise invalid(f"'stream' must be a boolean, got {stream!r}", "stream")
+        opts = body.get("stream_options") or {}
+        if not isinstance(opts, dict):
+            raise invalid("'stream_options' must be an object", "stream_options")
+        seed = body.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise invalid(f"'seed' must be an integer, got {seed!r}", "seed")
+        with self.tok_lock:
+            prompt_ids = self.adapter.encode_prompt(self.render(body["messages"]))
+        limit = min(cfg.max_prompt_tokens, self._context_length() - max_tokens)
+        if len(prompt_ids) > limit:
+            raise invalid(f"the prompt has {len(prompt_ids)} tokens; the limit is {limit} with max_tokens={max_tokens}",
+                       "messages", "context_length_exceeded")
+        return ChatRequest(
+            model=model, prompt_ids=prompt_ids, max_tokens=max_tokens,
+            temperature=number_field(body, "temperature", 1.0, 0.0, 2.0),
+            top_p=number_field(body, "top_p", 1.0, 0.0, 1.0),
+            n=integer_field(body, "n", 1, 1, min(cfg.max_n, cfg.max_batch)), seed=seed, stop=stop, logprobs=logprobs,
+            top_logprobs=top, stream=stream, include_usage=bool(opts.get("include_usage")),
+            steering=self._steering(body.get("steering")), monitor=self._monitor(body.get("monitor")),
+        )
+
+    def _context_length(self) -> int:
+        cfg = self.adapter.model.config
+        cfg = getattr(cfg, "text_config", None) or cfg
+        return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 32768)
+
+    # -- the worker
