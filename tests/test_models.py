@@ -51,3 +51,16 @@ def test_default_model_answers_a_chat_prompt():
     assert model.dtype == torch.bfloat16
     answer = generate_batch(a, [a.prompt("What is the capital of France? Answer in one word.")], 8, temperature=0)
     assert "paris" in answer[0].lower()
+
+
+def test_cpu_dtype_follows_native_bf16(monkeypatch):
+    """CPUs without native bf16 (AVX2 only) run bf16 matmuls ~16x slower than fp32: pick fp32 there."""
+    import torch
+
+    from personascope import models
+
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: False)
+    assert models.pick_dtype(torch.device("cpu")) is torch.float32
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: True)
+    assert models.pick_dtype(torch.device("cpu")) is torch.bfloat16
+    assert models.pick_dtype(torch.device("cpu"), "fp32") is torch.float32
