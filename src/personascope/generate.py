@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .adapter import ModelAdapter, pad_batch, pad_id
@@ -30,6 +31,29 @@ def progress_bar(**kw) -> Progress:
                     TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), transient=False, **kw)
 
 
+class ExponentialSampler(LogitsProcessor):
+    """Samples the next token (temperature, top-p) by the exponential race and marks it as the only choice.
+
+    argmax(p_i / E_i) with E_i ~ Exp(1) is a draw from p; it avoids torch.multinomial, whose CPU cost over a
+    150k vocabulary equals a 0.5B model's forward pass. It draws from its own generator, not the global RNG.
+    """
+
+    def __init__(self, temperature: float, top_p: float, generator: torch.Generator):
+        self.temperature, self.top_p, self.generator = temperature, top_p, generator
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = (scores.float() / self.temperature).softmax(-1)
+        if self.top_p < 1.0:
+            sorted_p, order = probs.sort(-1, descending=True)
+            drop = sorted_p.cumsum(-1) - sorted_p > self.top_p  # keep the smallest prefix reaching top_p
+            probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+        race = torch.empty_like(probs).exponential_(generator=self.generator)
+        choice = (probs / race).argmax(-1)
+        out = torch.full_like(scores, float("-inf"))
+        out[torch.arange(len(choice), device=scores.device), choice] = 0.0
+        return out
+
+
 @torch.no_grad()
 def generate_batch(
     adapter: ModelAdapter,
@@ -44,14 +68,19 @@ def generate_batch(
     dev = adapter.device
     greedy = temperature <= 0
     with seeded(seed):
+        # sampling runs in a logits processor (see ExponentialSampler) and HF then takes the argmax: same
+        # distribution as do_sample, without torch.multinomial, which costs as much as the forward pass on CPU
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(int(torch.randint(0, 2**62, (1,)).item()) if seed is None else seed)
         out = adapter.model.generate(
             input_ids=ids.to(dev),
             attention_mask=mask.to(dev),
             max_new_tokens=max_new_tokens,
-            do_sample=not greedy,
-            temperature=None if greedy else temperature,
-            top_p=None if greedy else top_p,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
             top_k=None,
+            logits_processor=None if greedy else LogitsProcessorList([ExponentialSampler(temperature, top_p, gen)]),
             pad_token_id=pad_id(adapter.tokenizer),
         )
     new = out[:, ids.shape[1]:]
