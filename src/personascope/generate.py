@@ -6,8 +6,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from .adapter import ModelAdapter, pad_batch, pad_id
 from .rng import seeded
