@@ -30,6 +30,16 @@ OUT = ROOT / "experiments" / "results" / "judge_probe"
 WEIGHTS = ROOT / "src" / "personascope" / "data" / "judge_probe"
 
 
+def unlabelled_real() -> list[LabelledAnswer]:
+    """Every generated real answer (labels unknown), so features can be computed while labelling goes on."""
+    out = []
+    for path in sorted((ROOT / "experiments" / "real_answers").glob("answers-*.jsonl")):
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            out.append(LabelledAnswer(r["trait"], r["question"], r["answer"], None, None, None, "real:unlabelled"))
+    return out
+
+
 def scores_of(weights, feats: torch.Tensor) -> tuple[list[float], list[float], list[float]]:
     """(trait score, P(refusal), coherence) per row."""
     p = weights.probabilities(feats)
@@ -58,9 +68,12 @@ def main() -> None:
     ap.add_argument("--judge-model", default="qwen2.5-coder-0.5b")
     ap.add_argument("--layers", default="6,9,12,15,18")
     ap.add_argument("--l2", default="0.01,0.03,0.1,0.3")
+    ap.add_argument("--features-only", action="store_true", help="compute and cache features, then stop")
+    ap.add_argument("--shard", default="0/1", help="I/N: compute every N-th row from I (with --features-only)")
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     model, tok = load_model(args.judge_model)
     adapter = ModelAdapter(model, tok)
     layers = [int(x) for x in args.layers.split(",")]
@@ -70,12 +83,17 @@ def main() -> None:
     real = load_real_set()
     tune = [r for r in real if r.group == "real:tune"]
     held = [r for r in real if r.group == "real:heldout"]
-    rows = written + tune + held
+    rows = written + tune + held + unlabelled_real()
+    shard, n_shards = (int(x) for x in args.shard.split("/"))
 
-    cache_path = OUT / f"features-{args.judge_model}.pt"
-    cache: dict[str, torch.Tensor] = torch.load(cache_path) if cache_path.exists() else {}
+    cache_path = OUT / f"features-{args.judge_model}-{shard}.pt"
+    cache: dict[str, torch.Tensor] = {}
+    for part in sorted(OUT.glob(f"features-{args.judge_model}-*.pt")):
+        cache.update(torch.load(part))
     t0, made = time.time(), 0
     for i, r in enumerate(rows):
+        if args.features_only and i % n_shards != shard:
+            continue
         key = json.dumps([r.trait, r.question, r.answer])
         if key not in cache:
             cache[key] = fx.features(traits.get(r.trait), r.question, r.answer)
@@ -84,6 +102,8 @@ def main() -> None:
                 torch.save(cache, cache_path)
                 print(f"features {i + 1}/{len(rows)} ({(time.time() - t0) / made:.2f} s/answer)", flush=True)
     torch.save(cache, cache_path)
+    if args.features_only:
+        return
     sec_per_answer = (time.time() - t0) / made if made else None
     d = adapter.hidden_size
 

@@ -129,9 +129,9 @@ class ProbeFeatures:
         while k < min(len(p_ids), len(ids) - 1) and p_ids[k] == ids[k]:
             k += 1
         cache = copy.deepcopy(p_cache)
-        cache.crop(k)
+        if k < len(p_ids):
+            cache.crop(k - len(p_ids))  # a negative count removes that many cached tokens
         got: dict[int, torch.Tensor] = {}
-        top = max(self.layers)
         hooks = []
         blocks = self.adapter.blocks
 
@@ -156,7 +156,6 @@ class ProbeFeatures:
         finally:
             for h in hooks:
                 h.remove()
-        del top
         feats = torch.cat([got[row] for row in self.layers])
         self._features[key] = feats
         while len(self._features) > self.cache_size:
