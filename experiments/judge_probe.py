@@ -63,6 +63,32 @@ def metrics(rows: list[LabelledAnswer], trait: list[float], refusal: list[float]
             "refusal_accuracy": acc, "n_refusals": sum(bool(rows[i].refusal) for i in ref), "mean_by_level": means}
 
 
+def _fmt(x) -> str:
+    return "—" if x is None or x != x else f"{x:.2f}" if abs(x) <= 1 else f"{x:.0f}"
+
+
+def write_markdown(report: dict, path: Path) -> None:
+    """Per-trait tables for the held-out part, the new-trait path and leave-one-trait-out on all real answers."""
+    lines = [f"# Probe judge on {report['judge_model']}", "",
+             f"Chosen by leave-one-trait-out CV on tuning data: layers {report['chosen']['layers']}, "
+             f"l2 {report['chosen']['l2']} (CV AUC {report['chosen']['loto_auc']:.3f}, "
+             f"Spearman {report['chosen']['loto_spearman']:.3f}). "
+             f"Feature time {report['seconds_per_answer_features'] or 0:.2f} s per answer "
+             "(trait + coherence + refusal from one forward pass).", ""]
+    for part, title in (("heldout", "Held-out real answers (questions 7–9), final probe"),
+                        ("heldout_new_trait", "Held-out real answers, probe trained without the trait"),
+                        ("loto_all_real", "All real answers of a trait, probe trained without the trait")):
+        lines += [f"## {title}", "", "| trait | n | scored | AUC shown vs rest | Spearman level | refusal acc "
+                  "| mean opposite / neutral / shown |", "|---|---|---|---|---|---|---|"]
+        for t, m in report[part].items():
+            mb = m["mean_by_level"]
+            lines.append(f"| {t} | {m['n']} | {m['n_scored']} | {_fmt(m['auc_shown'])} | {_fmt(m['spearman_level'])} "
+                         f"| {_fmt(m['refusal_accuracy'])} | {_fmt(mb['opposite'])} / {_fmt(mb['neutral'])} / "
+                         f"{_fmt(mb['shown'])} |")
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--judge-model", default="qwen2.5-coder-0.5b")
@@ -147,7 +173,16 @@ def main() -> None:
         w = fit_heads(feats(tr, use), tr, use, l2)
         sc2, rf2, _ = scores_of(w, feats(te, use))
         report["heldout_new_trait"][t] = metrics(te, sc2, rf2)
+    # the new-trait path on all real answers: train without trait T (written + real), score every real answer of T
+    report["loto_all_real"] = {}
+    for t in traits:
+        tr = [r for r in written + tune + held if r.trait != t]
+        te = [r for r in tune + held if r.trait == t]
+        w = fit_heads(feats(tr, use), tr, use, l2)
+        sc3, rf3, _ = scores_of(w, feats(te, use))
+        report["loto_all_real"][t] = metrics(te, sc3, rf3)
     (OUT / f"report-{args.judge_model}.json").write_text(json.dumps(report, indent=1))
+    write_markdown(report, OUT / f"report-{args.judge_model}.md")
     for part in ("heldout", "heldout_new_trait"):
         ms = report[part].values()
         print(part, "mean AUC", sum(m["auc_shown"] for m in ms) / 7, "min", min(m["auc_shown"] for m in ms),

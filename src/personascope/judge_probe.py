@@ -202,3 +202,22 @@ class ProbeJudge(Judge):
     def refusals(self, requests: Sequence[JudgeRequest]) -> list[bool]:
         """Whether each answer is a refusal (reported apart and excluded from pairs, not scored low)."""
         return [self.read(r.trait, r.question, r.answer).refusal for r in requests]
+
+
+def probe_weights_path(judge_model: str) -> Path:
+    """Where the shipped probe weights for a built-in judge model live."""
+    from importlib import resources
+
+    return Path(str(resources.files("personascope") / "data" / "judge_probe" / f"{judge_model}.safetensors"))
+
+
+def load_probe_judge(judge_model: str, weights: str | Path | None = None, device: str | None = None) -> ProbeJudge:
+    """The probe judge on a judge model, with the shipped weights for it (or `weights`, e.g. retrained ones)."""
+    from .models import load_model
+
+    path = Path(weights) if weights else probe_weights_path(judge_model)
+    if not path.exists():
+        raise ValueError(f"no probe weights for judge model {judge_model!r} ({path}); the package ships them for "
+                         "qwen2.5-coder-0.5b — pass that as --judge-model, or another --judge-mode")
+    model, tok = load_model(judge_model, device=device)
+    return ProbeJudge(ModelAdapter(model, tok), ProbeWeights.load(path), name=f"probe:{judge_model}")
