@@ -203,7 +203,9 @@ def evaluate(
     profile: ProfileOpt = "quick",
     questions: Annotated[int | None, typer.Option(help="Use the first N evaluation questions.")] = None,
     samples: Annotated[int | None, typer.Option()] = None,
-    capability: Annotated[bool, typer.Option(help="Also report multiple-choice accuracy.")] = False,
+    capability: Annotated[bool, typer.Option(help="Also report multiple-choice accuracy (120 built-in questions; "
+                                                  "for full MMLU use lm-eval with `vector export --format lmeval`, "
+                                                  "see docs/interop.md).")] = False,
     capability_file: Annotated[Path | None, typer.Option(help="MMLU-style JSONL (default: built-in).")] = None,
     out: Annotated[Path | None, typer.Option(help="Run directory.")] = None,
     judge_model: JudgeModelOpt = DEFAULT_JUDGE_MODEL,
@@ -386,6 +388,11 @@ def _register_command_groups() -> None:
 
     for module in (monitor, finetune, screen, serve):
         module.register(app)
+    # interop (issue 19): `vector export` / `vector import`
+    from .commands import interop
+
+    vector_app.command("export")(interop.vector_export)
+    vector_app.command("import")(interop.vector_import)
 
 
 _register_command_groups()
