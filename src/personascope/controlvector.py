@@ -312,7 +312,7 @@ def import_gguf(path: str | Path, adapter: ModelAdapter, trait: str | None = Non
 
 
 def llama_cpp_steerer(adapter: ModelAdapter, cv: ControlVectorFile, scale: float = 1.0) -> Steerer:
-    """A Steerer that applies a control vector file the way llama.cpp does: `scale · direction.N`, block N, all positions."""
+    """A Steerer applying a control vector file as llama.cpp does: `scale · direction.N` after block N, everywhere."""
     st = Steerer(adapter)
     for row, v in cv.rows.items():
         st.add(v, row, scale, positions="all")
