@@ -67,7 +67,7 @@ def test_repeng_reads_our_export_at_the_right_block(adapter, repeng, tmp_path):
     pv = make_vector(adapter)
     res = export_gguf(pv, tmp_path / "evil.gguf", choose_coefs(pv, [3, 5], coef=2.5))
     assert res.blocks == [2, 4] and res.layer_range == (2, 4)
-    assert "--control-vector-layer-range 2 4" in res.llama_cpp_args()
+    assert res.llama_cpp_args(0.5) == f"--control-vector-scaled {res.path}:0.5 --control-vector-layer-range 2 4"
     cv = repeng.ControlVector.import_gguf(str(res.path))
     assert cv.model_type == "qwen2"
     assert sorted(cv.directions) == [2, 4]  # row l -> direction.{l-1}

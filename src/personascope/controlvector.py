@@ -85,9 +85,9 @@ class GgufExport:
         return min(self.blocks), max(self.blocks)
 
     def llama_cpp_args(self, scale: float = 1.0) -> str:
-        """The llama.cpp flags that apply this file at the exported blocks."""
+        """The llama.cpp flags that apply this file at the exported blocks (older builds take `FILE SCALE`)."""
         a, b = self.layer_range
-        return f"--control-vector-scaled {self.path} {scale:g} --control-vector-layer-range {a} {b}"
+        return f"--control-vector-scaled {self.path}:{scale:g} --control-vector-layer-range {a} {b}"
 
 
 def parse_layers(pv: PersonaVector, layers: str | None = None, layer_range: tuple[int, int] | None = None,
@@ -185,7 +185,7 @@ def export_gguf(pv: PersonaVector, out: str | Path, choice: LayerChoice, span: s
     notes = [EVERY_POSITION_WARNING]
     if choice.alpha is None and all(c == 1.0 for c in choice.coefs.values()):
         notes.append("no coefficient baked in (coef 1): give the coefficient as the scale of "
-                     "--control-vector-scaled FILE COEF")
+                     "--control-vector-scaled FILE:COEF")
     return GgufExport(out, list(choice.rows), dict(choice.coefs), notes)
 
 

@@ -115,4 +115,4 @@ def vector_import(
                   f"{pv.metadata['control_rows']} (chosen layer {pv.best_layer})")
     if "baked_coefs" not in pv.metadata:
         console.print("the rows are the file's directions: --coef C --positions all matches llama.cpp "
-                      "--control-vector-scaled FILE C")
+                      "--control-vector-scaled FILE:C")
