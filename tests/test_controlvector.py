@@ -226,6 +226,8 @@ def test_cli_export_and_import(adapter, tmp_path):
     imp = runner.invoke(app, ["vector", "import", str(tmp_path / "evil.gguf"), "--model", str(model_dir),
                               "--device", "cpu", "--out", str(tmp_path / "back.safetensors")])
     assert imp.exit_code == 0, imp.output
+    clash = runner.invoke(app, ["vector", "import", str(tmp_path / "evil.gguf"), "--model", str(model_dir)])
+    assert clash.exit_code == 2 and "already exists" in clash.output  # never overwrites the source vector
     back = load_vector(tmp_path / "back.safetensors")
     for row in (3, 4):
         torch.testing.assert_close(back.vector(row), pv.vector(row), rtol=1e-6, atol=1e-6)

@@ -80,7 +80,7 @@ def vector_export(
     for w in res.warnings:
         console.print(f"[yellow]note:[/] {w}")
     coefs = ", ".join(f"layer {r}: {c:.4g}" for r, c in res.coefs.items())
-    console.print(f"wrote {res.path} ({pv.trait}; coefficients baked in: {coefs})")
+    console.print(f"wrote {res.path} ({pv.trait}; coefficient in the file per layer: {coefs})")
     if format == "gguf":
         a, b = res.layer_range
         console.print(f"llama.cpp blocks {a}..{b} (personascope layers {a + 1}..{b + 1}); run e.g.\n"
@@ -89,7 +89,9 @@ def vector_export(
         from ..models import resolve_model_path
 
         hooks = ", ".join(f"layer {r} -> {h}" for r, h in res.hookpoints.items())
-        console.print(f"hookpoints: {hooks}\nrun e.g.\n  {res.command(resolve_model_path(model))}")
+        local = resolve_model_path(model)
+        local = str(Path(local).resolve()) if Path(local).exists() else local
+        console.print(f"hookpoints: {hooks}\nrun e.g.\n  {res.command(local)}")
 
 
 def vector_import(
@@ -105,12 +107,15 @@ def vector_import(
     from ..controlvector import ControlVectorError, import_gguf
     from ..vectors import VectorMismatchError
 
+    dest = out or path.with_suffix(".safetensors")
+    if out is None and dest.exists():
+        _fail(f"{dest} already exists; choose the output file with --out")
     adapter = _load_adapter(model, device)
     try:
         pv = import_gguf(path, adapter, trait)
     except (FileNotFoundError, ValueError, VectorMismatchError, ControlVectorError) as e:
         _fail(str(e))
-    dest = pv.save(out or path.with_suffix(".safetensors"))
+    dest = pv.save(dest)
     console.print(f"wrote {dest}: trait {pv.trait!r}, {pv.metadata['source']}, layers "
                   f"{pv.metadata['control_rows']} (chosen layer {pv.best_layer})")
     if "baked_coefs" not in pv.metadata:
