@@ -28,7 +28,8 @@ from .models import DEFAULT_JUDGE_MODEL, DEFAULT_MODEL
 app = typer.Typer(help="Find, monitor and control character traits (persona vectors) in language models.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
 traits_app = typer.Typer(help="List, show and validate trait data.", no_args_is_help=True)
-vector_app = typer.Typer(help="Inspect persona vector files.", no_args_is_help=True)
+vector_app = typer.Typer(help="Inspect persona vector files; export them as control vectors (GGUF) or lm-eval "
+                         "steering files, and import GGUF control vectors.", no_args_is_help=True)
 app.add_typer(traits_app, name="traits")
 app.add_typer(vector_app, name="vector")
 # ---------------------------------------------------------------- traits
@@ -162,7 +163,9 @@ def evaluate(
     profile: ProfileOpt = "quick",
     questions: Annotated[int | None, typer.Option(help="Use the first N evaluation questions.")] = None,
     samples: Annotated[int | None, typer.Option()] = None,
-    capability: Annotated[bool, typer.Option(help="Also report multiple-choice accuracy.")] = False,
+    capability: Annotated[bool, typer.Option(help="Also report multiple-choice accuracy (120 built-in questions; "
+                                                  "for full MMLU use lm-eval with `vector export --format lmeval`, "
+                                                  "see docs/interop.md).")] = False,
     capability_file: Annotated[Path | None, typer.Option(help="MMLU-style JSONL (default: built-in).")] = None,
     out: Annotated[Path | None, typer.Option(help="Run directory.")] = None,
     judge_model: JudgeModelOpt = DEFAULT_JUDGE_MODEL,
@@ -341,11 +344,12 @@ def demo(
 
 
 def _register_command_groups() -> None:
-    from .commands import finetune, monitor, screen, serve
+    from .commands import finetune, interop, monitor, screen, serve
 
     for module in (monitor, finetune, screen):
         module.register(app)
     serve.register(app, traits_app)  # `serve` and `traits new` (which talks to a served model)
+    interop.register(vector_app)  # `vector export` / `vector import` (llama.cpp, repeng, EasySteer, lm-eval)
 
 
 _register_command_groups()
