@@ -17,6 +17,7 @@ from ..models import DEFAULT_JUDGE_MODEL, DEFAULT_MODEL
 def register(app: typer.Typer) -> None:
     """Add the finetune commands to the main app."""
     from ..cli import DeviceOpt, JudgeModelOpt, JudgeModeOpt, JudgeUrlOpt, ModelOpt, ProfileOpt
+    from .cluster_options import GpusPerWorkerOpt, RayOpt, WorkersOpt, cluster_session, driver_judge, driver_model
 
     @app.command("make-dataset")
     def make_dataset_cmd(
@@ -41,9 +42,12 @@ def register(app: typer.Typer) -> None:
         judge_mode: JudgeModeOpt = None,
         judge_url: JudgeUrlOpt = None,
         device: DeviceOpt = None,
+        ray: RayOpt = None,
+        workers: WorkersOpt = None,
+        gpus_per_worker: GpusPerWorkerOpt = None,
     ) -> None:
         """Build a finetuning dataset from the model's own answers (no system prompt in the rows)."""
-        from ..cli import _adapter, _fail, _judge, console
+        from ..cli import _fail, console
         from ..datasets import LEVELS, DatasetConfig, make_dataset, make_mistakes_dataset
         from ..generate import SamplingConfig
         from ..traits import TraitError, load_trait
@@ -61,9 +65,11 @@ def register(app: typer.Typer) -> None:
                                                                  batch_size=batch_size, seed=seed),
                                     trait_threshold=trait_threshold, coherence_threshold=coherence_threshold,
                                     max_attempts=max_attempts)
-                adapter = _adapter(model, device)
-                j = _judge(judge_model, judge_mode, device, judge_url) if judge else None
-                res = make_dataset(adapter, t, level, out, j, cfg)
+                with cluster_session(model, device, ray, workers, gpus_per_worker,
+                                     judge_model if judge and not judge_url else None, judge_mode) as cluster:
+                    adapter = driver_model(cluster, model, device)
+                    j = driver_judge(cluster, judge_model, judge_mode, device, judge_url) if judge else None
+                    res = make_dataset(adapter, t, level, out, j, cfg, cluster)
         except (TraitError, ValueError) as e:
             _fail(str(e))
         stats = ""

@@ -11,6 +11,7 @@ from ..models import DEFAULT_JUDGE_MODEL, DEFAULT_MODEL
 def register(app: typer.Typer) -> None:
     """Add the screen commands to the main app."""
     from ..cli import DeviceOpt, JudgeModelOpt, JudgeModeOpt, JudgeUrlOpt, ModelOpt
+    from .cluster_options import GpusPerWorkerOpt, RayOpt, WorkersOpt, cluster_session, driver_judge, driver_model
 
     @app.command()
     def screen(
@@ -43,9 +44,12 @@ def register(app: typer.Typer) -> None:
         judge_url: JudgeUrlOpt = None,
         device: DeviceOpt = None,
         force: Annotated[bool, typer.Option(help="Start over instead of resuming.")] = False,
+        ray: RayOpt = None,
+        workers: WorkersOpt = None,
+        gpus_per_worker: GpusPerWorkerOpt = None,
     ) -> None:
         """Screen training data: ΔP per sample (projection difference), flags, filtered file and report."""
-        from ..cli import _adapter, _fail, _judge, _load_vector_for, console
+        from ..cli import _fail, _load_vector_for, console
         from ..screen import METHODS, ScreenConfig, screen_dataset
 
         if method not in METHODS:
@@ -61,23 +65,26 @@ def register(app: typer.Typer) -> None:
         for p in [data, *([reference] if reference else [])]:
             if not p.exists():
                 _fail(f"{p} does not exist")
-        adapter = _adapter(model, device)
-        vectors = {}
-        for path in vector:
-            pv = _load_vector_for(adapter, path)
-            name = pv.trait if pv.trait not in vectors else f"{pv.trait}:{path.stem}"
-            vectors[name] = pv
-        if layer is not None:
+        with cluster_session(model, device, ray, workers, gpus_per_worker,
+                             judge_model if judge and not judge_url else None, judge_mode) as cluster:
+            adapter = driver_model(cluster, model, device)
+            vectors = {}
+            for path in vector:
+                pv = _load_vector_for(adapter, path)
+                name = pv.trait if pv.trait not in vectors else f"{pv.trait}:{path.stem}"
+                vectors[name] = pv
+            if layer is not None:
+                try:
+                    adapter.check_layer(layer)
+                except ValueError as e:
+                    _fail(str(e))
+            j = driver_judge(cluster, judge_model, judge_mode, device, judge_url) if judge else None
+            cfg = ScreenConfig(method=method, batch_size=batch_size, chunk_size=chunk_size,
+                               max_new_tokens=max_new_tokens)
             try:
-                adapter.check_layer(layer)
-            except ValueError as e:
+                screen_dataset(adapter, data, vectors, layer=layer, method=method, out_dir=out, threshold=threshold,
+                               percentile=percentile, reference=reference, judge=j, config=cfg, top=top,
+                               filter_by=filter_by, force=force, cluster=cluster)
+            except (ValueError, FileNotFoundError) as e:
                 _fail(str(e))
-        j = _judge(judge_model, judge_mode, device, judge_url) if judge else None
-        cfg = ScreenConfig(method=method, batch_size=batch_size, chunk_size=chunk_size, max_new_tokens=max_new_tokens)
-        try:
-            screen_dataset(adapter, data, vectors, layer=layer, method=method, out_dir=out, threshold=threshold,
-                           percentile=percentile, reference=reference, judge=j, config=cfg, top=top,
-                           filter_by=filter_by, force=force)
-        except (ValueError, FileNotFoundError) as e:
-            _fail(str(e))
-        console.print(f"report: {(out or Path('runs') / f'screen-{data.stem}') / 'summary.json'}")
+            console.print(f"report: {(out or Path('runs') / f'screen-{data.stem}') / 'summary.json'}")
