@@ -88,12 +88,14 @@ class JudgeSpec:
     model: str
     mode: str | None = None
     device: str | None = None
+    coherence_mode: str | None = None
 
     def load(self):
         """The judge with its model loaded (on an actor)."""
         from .judge import load_local_judge
 
-        return load_local_judge(self.model, trait_mode=self.mode, device=self.device)
+        return load_local_judge(self.model, trait_mode=self.mode, coherence_mode=self.coherence_mode,
+                                device=self.device)
 
     def stand_in(self):
         """The same judge without weights, for the driver: its name, modes and rubric keys (it scores nothing)."""
@@ -101,7 +103,7 @@ class JudgeSpec:
 
         meta = ModelSpec(self.model).load_meta()
         return LocalJudge(meta.model, meta.tokenizer, trait_mode=self.mode or DEFAULT_TRAIT_MODE,
-                          coherence_mode=DEFAULT_COHERENCE_MODE, name=f"local:{self.model}")
+                          coherence_mode=self.coherence_mode or DEFAULT_COHERENCE_MODE, name=f"local:{self.model}")
 
 
 class Worker:
