@@ -19,7 +19,7 @@ import tracemalloc
 from pathlib import Path
 
 import torch
-from common import machine, record
+from common import record
 
 from personascope.cluster import ModelSpec, RayCluster
 from personascope.screen import ScreenConfig, screen_dataset
@@ -111,7 +111,7 @@ def main() -> None:
     lines += [f"| {n} | {p:.2f} |" for n, p in peaks.items()]
     lines += ["", "deltas.jsonl of every Ray run is byte-identical to the single-process one (asserted)."]
     print("\n".join(lines))
-    record(f"cluster_scaling: screen --method last-token, 1 vs 2 local Ray workers ({machine()})", lines)
+    record("cluster_scaling: screen --method last-token, 1 vs 2 local Ray workers", lines)
 
 
 if __name__ == "__main__":
