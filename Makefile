@@ -9,6 +9,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[models,dev]"
+	# repeng pins numpy<2 but its GGUF reader and ControlModel (all the tests use) work with NumPy 2
+	$(BIN)/pip install -q --no-deps repeng==0.4.0
 	touch $(STAMP)
 
 install: $(STAMP)

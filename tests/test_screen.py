@@ -130,7 +130,7 @@ def test_resume_after_interrupt_equals_uninterrupted(tmp_path, monkeypatch):
     cfg = ScreenConfig(batch_size=2, max_new_tokens=NEW, chunk_size=2)
     full = screen_dataset(a, data, {"opt": pv}, out_dir=tmp_path / "full", config=cfg, percentile=50)
 
-    real = screen_mod._process_chunk
+    real = screen_mod.process_chunk
     calls = []
 
     def flaky(*args, **kw):
@@ -139,7 +139,7 @@ def test_resume_after_interrupt_equals_uninterrupted(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kw)
 
-    monkeypatch.setattr(screen_mod, "_process_chunk", flaky)
+    monkeypatch.setattr(screen_mod, "process_chunk", flaky)
     with pytest.raises(KeyboardInterrupt):
         screen_dataset(a, data, {"opt": pv}, out_dir=tmp_path / "part", config=cfg, percentile=50)
     deltas = tmp_path / "part" / "deltas.jsonl"
@@ -147,7 +147,7 @@ def test_resume_after_interrupt_equals_uninterrupted(tmp_path, monkeypatch):
     with deltas.open("a") as f:  # a torn write of the interrupted chunk
         f.write('{"line": 3, "delta_p": {"opt": 1.')
     calls.clear()
-    monkeypatch.setattr(screen_mod, "_process_chunk", lambda *a_, **k: calls.append(1) or real(*a_, **k))
+    monkeypatch.setattr(screen_mod, "process_chunk", lambda *a_, **k: calls.append(1) or real(*a_, **k))
     resumed = screen_dataset(a, data, {"opt": pv}, out_dir=tmp_path / "part", config=cfg, percentile=50)
     assert len(calls) == 2  # chunks 2 and 3 only
     np.testing.assert_array_equal(resumed.delta_p["opt"], full.delta_p["opt"])

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from .commands.cluster_options import GpusPerWorkerOpt, RayOpt, WorkersOpt, cluster_session, driver_judge, driver_model
 from .commands.common import (
     DeviceOpt,
     JudgeModelOpt,
@@ -28,7 +29,8 @@ from .models import DEFAULT_JUDGE_MODEL, DEFAULT_MODEL
 app = typer.Typer(help="Find, monitor and control character traits (persona vectors) in language models.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
 traits_app = typer.Typer(help="List, show and validate trait data.", no_args_is_help=True)
-vector_app = typer.Typer(help="Inspect persona vector files.", no_args_is_help=True)
+vector_app = typer.Typer(help="Inspect persona vector files; export them as control vectors (GGUF) or lm-eval "
+                         "steering files, and import GGUF control vectors.", no_args_is_help=True)
 app.add_typer(traits_app, name="traits")
 app.add_typer(vector_app, name="vector")
 # ---------------------------------------------------------------- traits
@@ -101,6 +103,9 @@ def extract(
     judge_url: JudgeUrlOpt = None,
     device: DeviceOpt = None,
     force: Annotated[bool, typer.Option(help="Start over instead of resuming.")] = False,
+    ray: RayOpt = None,
+    workers: WorkersOpt = None,
+    gpus_per_worker: GpusPerWorkerOpt = None,
 ) -> None:
     """Extract a persona vector: generate, judge, filter, extract (resumable)."""
     from .extract import extract_vector
@@ -115,12 +120,14 @@ def extract(
                        temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed,
                        pos_threshold=pos_threshold, neg_threshold=neg_threshold,
                        coherence_threshold=coherence_threshold)
-    adapter = _adapter(model, device)
-    judge = _judge(judge_model, judge_mode, device, judge_url)
-    try:
-        extract_vector(adapter, t, judge=judge, config=cfg, run_dir=out, force=force)
-    except ValueError as e:
-        _fail(str(e))
+    with cluster_session(model, device, ray, workers, gpus_per_worker, None if judge_url else judge_model,
+                         judge_mode) as cluster:
+        adapter = driver_model(cluster, model, device)
+        judge = driver_judge(cluster, judge_model, judge_mode, device, judge_url)
+        try:
+            extract_vector(adapter, t, judge=judge, config=cfg, run_dir=out, force=force, cluster=cluster)
+        except ValueError as e:
+            _fail(str(e))
 
 
 @vector_app.command("info")
@@ -162,13 +169,18 @@ def evaluate(
     profile: ProfileOpt = "quick",
     questions: Annotated[int | None, typer.Option(help="Use the first N evaluation questions.")] = None,
     samples: Annotated[int | None, typer.Option()] = None,
-    capability: Annotated[bool, typer.Option(help="Also report multiple-choice accuracy.")] = False,
+    capability: Annotated[bool, typer.Option(help="Also report multiple-choice accuracy (120 built-in questions; "
+                                                  "for full MMLU use lm-eval with `vector export --format lmeval`, "
+                                                  "see docs/interop.md).")] = False,
     capability_file: Annotated[Path | None, typer.Option(help="MMLU-style JSONL (default: built-in).")] = None,
     out: Annotated[Path | None, typer.Option(help="Run directory.")] = None,
     judge_model: JudgeModelOpt = DEFAULT_JUDGE_MODEL,
     judge_mode: JudgeModeOpt = None,
     judge_url: JudgeUrlOpt = None,
     device: DeviceOpt = None,
+    ray: RayOpt = None,
+    workers: WorkersOpt = None,
+    gpus_per_worker: GpusPerWorkerOpt = None,
 ) -> None:
     """Judge answers to the evaluation questions: plain, prompted and/or steered (sweeps)."""
     from dataclasses import replace
@@ -181,54 +193,58 @@ def evaluate(
         t = load_trait(trait)
     except TraitError as e:
         _fail(str(e))
-    adapter = _adapter(model, device)
-    pv = _load_vector_for(adapter, vector)
-    cfg = EVAL_PROFILES[profile]
-    if questions or samples:
-        cfg = replace(cfg, n_questions=questions or cfg.n_questions,
-                      sampling=replace(cfg.sampling, samples=samples or cfg.sampling.samples))
-    conditions = [Condition()]
-    layers = [int(x) for x in _floats(layer)] or ([pv.default_layer()] if pv else [])
-    if pv is not None:
-        for la in layers:
-            try:
-                adapter.check_layer(la)
-            except ValueError as e:
-                _fail(str(e))
-        if alpha and len(layers) > 1:
-            _fail("--alpha is converted per layer; give one --layer with --alpha, or use --coef for a sweep")
-        coefs = _floats(coef) + [pv.coef_from_alpha(a, layers[0]) for a in _floats(alpha)]
-        conditions = sweep_conditions(layers, coefs or [1.0], positions)
-    for sys_text in system or []:
-        text = t.system_prompt(sys_text, 0) if sys_text in ("pos", "neg") else sys_text
-        conditions.append(Condition(system=text, label=f"system:{sys_text}"))
-    run_dir = out or Path("runs") / f"eval-{t.name}-{adapter.name.replace('/', '_')}"
-    judge = _judge(judge_model, judge_mode, device, judge_url)
-    from .evaluate import evaluate as run_eval
+    if capability and (ray is not None or workers is not None):
+        _fail("--capability runs on the driver's model; measure it in a run without --ray/--workers")
+    with cluster_session(model, device, ray, workers, gpus_per_worker, None if judge_url else judge_model,
+                         judge_mode) as cluster:
+        adapter = driver_model(cluster, model, device)
+        pv = _load_vector_for(adapter, vector)
+        cfg = EVAL_PROFILES[profile]
+        if questions or samples:
+            cfg = replace(cfg, n_questions=questions or cfg.n_questions,
+                          sampling=replace(cfg.sampling, samples=samples or cfg.sampling.samples))
+        conditions = [Condition()]
+        layers = [int(x) for x in _floats(layer)] or ([pv.default_layer()] if pv else [])
+        if pv is not None:
+            for la in layers:
+                try:
+                    adapter.check_layer(la)
+                except ValueError as e:
+                    _fail(str(e))
+            if alpha and len(layers) > 1:
+                _fail("--alpha is converted per layer; give one --layer with --alpha, or use --coef for a sweep")
+            coefs = _floats(coef) + [pv.coef_from_alpha(a, layers[0]) for a in _floats(alpha)]
+            conditions = sweep_conditions(layers, coefs or [1.0], positions)
+        for sys_text in system or []:
+            text = t.system_prompt(sys_text, 0) if sys_text in ("pos", "neg") else sys_text
+            conditions.append(Condition(system=text, label=f"system:{sys_text}"))
+        run_dir = out or Path("runs") / f"eval-{t.name}-{adapter.name.replace('/', '_')}"
+        judge = driver_judge(cluster, judge_model, judge_mode, device, judge_url)
+        from .evaluate import evaluate as run_eval
 
-    rows = run_eval(adapter, t, judge, conditions, run_dir, vector=pv, cfg=cfg)
-    if capability:
-        from .capability import load_mc, mc_accuracy
-        from .steer import Steerer
+        rows = run_eval(adapter, t, judge, conditions, run_dir, vector=pv, cfg=cfg, cluster=cluster)
+        if capability:
+            from .capability import load_mc, mc_accuracy
+            from .steer import Steerer
 
-        mc = load_mc(capability_file)
-        for r in rows:
-            st = Steerer(adapter)
-            if r["layer"] is not None and r["coef"]:
-                st.add(pv, r["layer"], r["coef"], r["positions"])
-            prompt_sys = r["system"]
-            if prompt_sys:
-                r["capability"] = None  # system-prompted MC is not measured
-                continue
-            r["capability"] = mc_accuracy(adapter, mc, steerer=st).accuracy
-    print_rows(rows, f"{t.name} on {adapter.name} (judge {judge.name}, {judge.describe_mode('trait', t)})")
-    if pv is not None and len(conditions) > 2:
-        plot_sweep(sweep_rows(rows, layers), run_dir / "sweep.png", f"{t.name} steering sweep ({adapter.name})")
-        console.print(f"sweep plot: {run_dir / 'sweep.png'}")
-    from .store import write_json
+            mc = load_mc(capability_file)
+            for r in rows:
+                st = Steerer(adapter)
+                if r["layer"] is not None and r["coef"]:
+                    st.add(pv, r["layer"], r["coef"], r["positions"])
+                prompt_sys = r["system"]
+                if prompt_sys:
+                    r["capability"] = None  # system-prompted MC is not measured
+                    continue
+                r["capability"] = mc_accuracy(adapter, mc, steerer=st).accuracy
+        print_rows(rows, f"{t.name} on {adapter.name} (judge {judge.name}, {judge.describe_mode('trait', t)})")
+        if pv is not None and len(conditions) > 2:
+            plot_sweep(sweep_rows(rows, layers), run_dir / "sweep.png", f"{t.name} steering sweep ({adapter.name})")
+            console.print(f"sweep plot: {run_dir / 'sweep.png'}")
+        from .store import write_json
 
-    write_json(run_dir / "summary.json", [{k: v for k, v in r.items() if k != "per_question"} for r in rows])
-    console.print(f"results: {run_dir / 'summary.json'}")
+        write_json(run_dir / "summary.json", [{k: v for k, v in r.items() if k != "per_question"} for r in rows])
+        console.print(f"results: {run_dir / 'summary.json'}")
 
 
 @app.command("choose-layer")
@@ -341,11 +357,12 @@ def demo(
 
 
 def _register_command_groups() -> None:
-    from .commands import finetune, monitor, screen, serve
+    from .commands import finetune, interop, monitor, screen, serve
 
     for module in (monitor, finetune, screen):
         module.register(app)
     serve.register(app, traits_app)  # `serve` and `traits new` (which talks to a served model)
+    interop.register(vector_app)  # `vector export` / `vector import` (llama.cpp, repeng, EasySteer, lm-eval)
 
 
 _register_command_groups()

@@ -153,11 +153,13 @@ def make_dataset(
     out: str | Path,
     judge: Judge | None = None,
     cfg: DatasetConfig | None = None,
+    cluster=None,
 ) -> DatasetResult:
     """Generate, judge, filter and write a chat JSONL dataset of the given level (resumable).
 
     Without a judge nothing is filtered (every first sample is kept): useful for tests and for
-    models whose answers need no check.
+    models whose answers need no check. With a `cluster` (cluster.RayCluster) generation and
+    judging run on its actors.
     """
     cfg = cfg or DatasetConfig()
     out = Path(out)
@@ -189,14 +191,14 @@ def make_dataset(
         jobs = [{**j, "sample": attempt} for j in pending]
         run_generation(adapter, jobs, lambda j: prompts[(j["system"], j["question_text"])],
                        lambda j: store.key(j) in store, store.append, cfg.sampling,
-                       f"{trait.name} {level}: answers (try {attempt + 1})")
+                       f"{trait.name} {level}: answers (try {attempt + 1})", cluster)
         answers = [{**j, "answer": store.get(store.key(j))["answer"]} for j in jobs]
         if judge is None:
             kept.update({a["slot"]: a for a in answers})
             break
         kinds = ("trait", "coherence")
         scored = judge_answers(judge, trait, answers, scores, cfg.judge_batch_size, kinds,
-                               f"{trait.name} {level}: judge (try {attempt + 1})")
+                               f"{trait.name} {level}: judge (try {attempt + 1})", cluster)
         pending = []
         for rec in scored:
             if _passes(rec, cfg):

@@ -76,8 +76,12 @@ def evaluate(
     run_dir: str | Path,
     vector: PersonaVector | None = None,
     cfg: EvalConfig | None = None,
+    cluster=None,
 ) -> list[dict]:
-    """Generate and judge answers for every condition; returns one summary row per condition."""
+    """Generate and judge answers for every condition; returns one summary row per condition.
+
+    With a `cluster` (cluster.RayCluster) generation (steered on the actors) and judging run on its actors.
+    """
     cfg = cfg or EVAL_PROFILES["quick"]
     run_dir = Path(run_dir)
     if not trait.eval_questions:
@@ -100,9 +104,10 @@ def evaluate(
             steerer.add(vector, cond.layer, cond.coef, cond.positions)
         with steerer:
             run_generation(adapter, jobs, lambda j: prompts[j["question_text"]], lambda j: store.key(j) in store,
-                           store.append, cfg.sampling, f"answer {cond.key}")
+                           store.append, cfg.sampling, f"answer {cond.key}", cluster, steerer.specs)
         answers = [store.get(store.key(j)) for j in jobs]
-        scored = judge_answers(judge, trait, answers, scores, cfg.judge_batch_size, description=f"judge {cond.key}")
+        scored = judge_answers(judge, trait, answers, scores, cfg.judge_batch_size, description=f"judge {cond.key}",
+                               cluster=cluster)
         t_mean, t_std = _stats([r["trait_score"] for r in scored])
         c_mean, c_std = _stats([r["coherence"] for r in scored])
         alpha = None

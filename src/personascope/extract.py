@@ -79,22 +79,25 @@ def answer_jobs(trait: Trait, cfg: ExtractConfig) -> list[dict]:
     ]
 
 
-def generate_answers(adapter: ModelAdapter, trait: Trait, run_dir: Path, cfg: ExtractConfig) -> list[dict]:
-    """Sample answers under the pos and neg instructions; resumes from `answers.jsonl`."""
+def generate_answers(adapter: ModelAdapter, trait: Trait, run_dir: Path, cfg: ExtractConfig, cluster=None
+                     ) -> list[dict]:
+    """Sample answers under the pos and neg instructions; resumes from `answers.jsonl` (on `cluster`'s actors)."""
     store = JsonlStore(Path(run_dir) / "answers.jsonl", ANSWER_KEY)
     jobs = answer_jobs(trait, cfg)
     prompts = {(j["system"], j["question_text"]): adapter.prompt(j["question_text"], j["system"]) for j in jobs}
     run_generation(adapter, jobs, lambda j: prompts[(j["system"], j["question_text"])],
-                   lambda j: store.key(j) in store, store.append, cfg.sampling, "generate")
+                   lambda j: store.key(j) in store, store.append, cfg.sampling, "generate", cluster)
     return [store.get(store.key(j)) for j in jobs]
 
 
 # ------------------------------------------------------------------------- stage 2: judge
 
 
-def score_answers(judge: Judge, trait: Trait, answers: list[dict], run_dir: Path, cfg: ExtractConfig) -> list[dict]:
+def score_answers(judge: Judge, trait: Trait, answers: list[dict], run_dir: Path, cfg: ExtractConfig,
+                  cluster=None) -> list[dict]:
     """Judge every answer for the trait and coherence; cached in `scores.jsonl`."""
-    return judge_answers(judge, trait, answers, ScoreCache(Path(run_dir) / "scores.jsonl"), cfg.judge_batch_size)
+    return judge_answers(judge, trait, answers, ScoreCache(Path(run_dir) / "scores.jsonl"), cfg.judge_batch_size,
+                         cluster=cluster)
 
 
 # ------------------------------------------------------------------------- stage 3: filter
@@ -139,34 +142,43 @@ def filter_pairs(scored: list[dict], cfg: ExtractConfig) -> FilterResult:
 
 
 def mean_activations(
-    adapter: ModelAdapter, records: list[dict], batch_size: int = 8, description: str = "extract"
+    adapter: ModelAdapter, records: list[dict], batch_size: int = 8, description: str = "extract", cluster=None
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Per-span mean over records of the span activations at every layer ([L + 1, d]) and mean resid norm."""
+    """Per-span mean over records of the span activations at every layer ([L + 1, d]) and mean resid norm.
+
+    With a `cluster` the batches run on its actors; their sums are added in the same order (same result).
+    """
     items = [adapter.encode_pair(adapter.prompt(r["question_text"], r["system"]), r["answer"]) for r in records]
     sums = {s: torch.zeros(adapter.n_layers + 1, adapter.hidden_size, dtype=torch.float64) for s in SPANS}
     norm = torch.zeros(adapter.n_layers + 1, dtype=torch.float64)
+    if cluster is None:
+        batches = ((b.indices, {**{s: b.spans[s].double().sum(0) for s in SPANS},
+                                "resid_norm": b.resid_norm.double().sum(0)})
+                   for b in iter_span_batches(adapter, items, batch_size=batch_size))
+    else:
+        batches = cluster.span_sums(items, batch_size)
     with progress_bar() as bar:
         task = bar.add_task(description, total=len(items), rate="")
         n_tok = 0
-        for batch in iter_span_batches(adapter, items, batch_size=batch_size):
+        for indices, batch_sums in batches:
             for s in SPANS:
-                sums[s] += batch.spans[s].double().sum(0)
-            norm += batch.resid_norm.double().sum(0)
-            n_tok += sum(len(items[i][0]) + len(items[i][1]) for i in batch.indices)
+                sums[s] += batch_sums[s]
+            norm += batch_sums["resid_norm"]
+            n_tok += sum(len(items[i][0]) + len(items[i][1]) for i in indices)
             elapsed = bar.tasks[task].elapsed or 1e-9
-            bar.update(task, advance=len(batch.indices), rate=f"{n_tok / elapsed:.0f} tok/s")
+            bar.update(task, advance=len(indices), rate=f"{n_tok / elapsed:.0f} tok/s")
     n = max(len(items), 1)
     return {s: (v / n).float() for s, v in sums.items()}, (norm / n).float()
 
 
-def vector_from_pairs(adapter: ModelAdapter, kept: list[tuple[dict, dict]], batch_size: int = 8
+def vector_from_pairs(adapter: ModelAdapter, kept: list[tuple[dict, dict]], batch_size: int = 8, cluster=None
                       ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """v[l] = mean(pos) − mean(neg) for every layer and span, and the mean residual norm."""
     if not kept:
         raise ValueError("no pos/neg pair passed the filter, so there is nothing to extract a vector from; "
                          "sample more answers (--samples), use more questions, or relax the thresholds")
-    pos, pos_norm = mean_activations(adapter, [p for p, _ in kept], batch_size, "extract pos")
-    neg, neg_norm = mean_activations(adapter, [n for _, n in kept], batch_size, "extract neg")
+    pos, pos_norm = mean_activations(adapter, [p for p, _ in kept], batch_size, "extract pos", cluster)
+    neg, neg_norm = mean_activations(adapter, [n for _, n in kept], batch_size, "extract neg", cluster)
     return {s: pos[s] - neg[s] for s in SPANS}, (pos_norm + neg_norm) / 2
 
 
@@ -184,8 +196,12 @@ def extract_vector(
     tokenizer=None,
     force: bool = False,
     plots: bool = True,
+    cluster=None,
 ) -> PersonaVector:
-    """The whole pipeline; returns the vector, also saved as `RUN_DIR/vector.safetensors`."""
+    """The whole pipeline; returns the vector, also saved as `RUN_DIR/vector.safetensors`.
+
+    With a `cluster` (cluster.RayCluster) generation, judging and activations run on its actors.
+    """
     adapter = model if isinstance(model, ModelAdapter) else ModelAdapter(model, tokenizer)
     trait = load_trait(trait) if isinstance(trait, str) else trait
     cfg = config or PROFILES["quick"]
@@ -198,10 +214,10 @@ def extract_vector(
 
         judge = load_local_judge()
 
-    answers = generate_answers(adapter, trait, run_dir, cfg)
-    scored = score_answers(judge, trait, answers, run_dir, cfg)
+    answers = generate_answers(adapter, trait, run_dir, cfg, cluster)
+    scored = score_answers(judge, trait, answers, run_dir, cfg, cluster)
     result = filter_pairs(scored, cfg)
-    diffs, resid_norm = vector_from_pairs(adapter, result.kept, cfg.extract_batch_size)
+    diffs, resid_norm = vector_from_pairs(adapter, result.kept, cfg.extract_batch_size, cluster)
     modes = {"trait": judge.describe_mode("trait", trait), "coherence": judge.describe_mode("coherence")}
     meta = base_metadata(
         adapter, trait.name, kept_pairs=str(len(result.kept)), total_pairs=str(result.total),

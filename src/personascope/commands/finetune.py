@@ -18,6 +18,8 @@ def register(app: typer.Typer) -> None:
     """Add the finetune commands to the main app."""
     from personascope.commands.common import DeviceOpt, JudgeModelOpt, JudgeModeOpt, JudgeUrlOpt, ModelOpt, ProfileOpt
 
+    from .cluster_options import GpusPerWorkerOpt, RayOpt, WorkersOpt, cluster_session, driver_judge, driver_model
+
     @app.command("make-dataset")
     def make_dataset_cmd(
         trait: Annotated[str, typer.Argument(help="Built-in trait name or trait JSON path.")],
@@ -41,9 +43,12 @@ def register(app: typer.Typer) -> None:
         judge_mode: JudgeModeOpt = None,
         judge_url: JudgeUrlOpt = None,
         device: DeviceOpt = None,
+        ray: RayOpt = None,
+        workers: WorkersOpt = None,
+        gpus_per_worker: GpusPerWorkerOpt = None,
     ) -> None:
         """Build a finetuning dataset from the model's own answers (no system prompt in the rows)."""
-        from personascope.commands.common import console, fail, load_adapter, load_judge
+        from personascope.commands.common import console, fail
 
         from ..datasets import LEVELS, DatasetConfig, make_dataset, make_mistakes_dataset
         from ..generate import SamplingConfig
@@ -62,9 +67,11 @@ def register(app: typer.Typer) -> None:
                                                                  batch_size=batch_size, seed=seed),
                                     trait_threshold=trait_threshold, coherence_threshold=coherence_threshold,
                                     max_attempts=max_attempts)
-                adapter = load_adapter(model, device)
-                j = load_judge(judge_model, judge_mode, device, judge_url) if judge else None
-                res = make_dataset(adapter, t, level, out, j, cfg)
+                with cluster_session(model, device, ray, workers, gpus_per_worker,
+                                     judge_model if judge and not judge_url else None, judge_mode) as cluster:
+                    adapter = driver_model(cluster, model, device)
+                    j = driver_judge(cluster, judge_model, judge_mode, device, judge_url) if judge else None
+                    res = make_dataset(adapter, t, level, out, j, cfg, cluster)
         except (TraitError, ValueError) as e:
             fail(str(e))
         stats = ""
