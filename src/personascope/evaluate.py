@@ -101,7 +101,7 @@ def evaluate(
         with steerer:
             run_generation(adapter, jobs, lambda j: prompts[j["question_text"]], lambda j: store.key(j) in store,
                            store.append, cfg.sampling, f"answer {cond.key}")
-        answers = [store.get(store.key(j)) for j in jobs]
+        answers = [store.record_for(j) for j in jobs]
         scored = judge_answers(judge, trait, answers, scores, cfg.judge_batch_size, description=f"judge {cond.key}")
         t_mean, t_std = _stats([r["trait_score"] for r in scored])
         c_mean, c_std = _stats([r["coherence"] for r in scored])

@@ -327,7 +327,8 @@ class LocalJudge(Judge):
 
     def _yes_no_ids(self) -> tuple[list[int], list[int]]:
         tok = self.adapter.tokenizer
-        yes, no = [], []
+        yes: list[int] = []
+        no: list[int] = []
         for word, bucket in (("yes", yes), ("no", no)):
             for variant in (word, word.capitalize(), word.upper(), " " + word, " " + word.capitalize()):
                 ids = tok(variant, add_special_tokens=False)["input_ids"]

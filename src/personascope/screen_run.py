@@ -161,12 +161,16 @@ def _process_chunk(adapter: ModelAdapter, chunk: list[Row | BadRow], dirs: dict[
         data_items = [adapter.encode_pair(p, r.response) for r, p in good]
         model_items, answers = None, None
         if cfg.method == "generate":
+            if cache is None:
+                raise ValueError("method 'generate' needs an answer cache")
             answers = model_answers(adapter, [p for _, p in good], cache, cfg.max_new_tokens, cfg.batch_size)
             model_items = [(ids, adapter.encode_pair(p, a)[1])
                            for (ids, _), (_, p), a in zip(data_items, good, answers, strict=True)]
         bd = delta_p(adapter, data_items, model_items, dirs, cfg.batch_size, cfg.padding_side)
         scores = None
         if judge is not None:
+            if traits is None or judge_cache is None:
+                raise ValueError("judging a chunk needs the traits and a judge cache")
             if bar is not None:
                 bar.stop()
             try:
@@ -276,7 +280,7 @@ def _read_pass(deltas: Path, names: list[str], judged: bool, total: int, seconds
 
 def _thresholds(names: list[str], threshold: float | dict | None, percentile: float | None,
                 ref: PassResult | None, data: PassResult) -> dict[str, tuple[float | None, str]]:
-    out = {}
+    out: dict[str, tuple[float | None, str]] = {}
     for k in names:
         if threshold is not None:
             t = threshold.get(k) if isinstance(threshold, dict) else threshold

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .activations import collect_spans
+from .activations import last_token_activations
 from .adapter import ModelAdapter
 from .traits import Trait
 from .vectors import PersonaVector
@@ -27,13 +27,6 @@ class ShiftResult:
     per_prompt: list[float]
     n_prompts: int
     span: str = "prompt_last"
-
-
-def last_token_activations(adapter: ModelAdapter, prompts: list[str], batch_size: int = 8) -> torch.Tensor:
-    """[N, L + 1, d] float32: every layer's residual stream at the last token of each rendered prompt."""
-    items = [(adapter.encode_prompt(p), []) for p in prompts]
-    spans, _ = collect_spans(adapter, items, batch_size=batch_size)
-    return spans["prompt_last"]
 
 
 def eval_prompts(adapter: ModelAdapter, trait: Trait, n_questions: int | None = None) -> list[str]:

@@ -2,7 +2,7 @@
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -80,7 +80,7 @@ def register(app: typer.Typer) -> None:
         if not exps or set(exps) - {"system", "shots"}:
             fail(f"--experiments takes system, shots or both, got {experiments!r}")
         cfg = MONITOR_PROFILES[profile]
-        over = {"samples": samples, "n_questions": questions, "max_new_tokens": max_new_tokens,
+        over: dict[str, Any] = {"samples": samples, "n_questions": questions, "max_new_tokens": max_new_tokens,
                 "temperature": temperature, "batch_size": batch_size, "seed": seed,
                 "shots": _ints(shots) if shots else None}
         cfg = replace(cfg, experiments=exps, **{k: v for k, v in over.items() if v is not None})
