@@ -16,7 +16,10 @@ from .commands.common import (
     JudgeUrlOpt,
     ModelOpt,
     ProfileOpt,
+    alpha_to_coef,
+    check_layers,
     console,
+    ints,
 )
 from .commands.common import fail as _fail
 from .commands.common import floats as _floats
@@ -188,16 +191,12 @@ def evaluate(
         cfg = replace(cfg, n_questions=questions or cfg.n_questions,
                       sampling=replace(cfg.sampling, samples=samples or cfg.sampling.samples))
     conditions = [Condition()]
-    layers = [int(x) for x in _floats(layer)] or ([pv.default_layer()] if pv else [])
+    layers = ints(layer, "--layer") or ([pv.default_layer()] if pv else [])
     if pv is not None:
-        for la in layers:
-            try:
-                adapter.check_layer(la)
-            except ValueError as e:
-                _fail(str(e))
+        check_layers(adapter, layers, "--layer")
         if alpha and len(layers) > 1:
             _fail("--alpha is converted per layer; give one --layer with --alpha, or use --coef for a sweep")
-        coefs = _floats(coef) + [pv.coef_from_alpha(a, layers[0]) for a in _floats(alpha)]
+        coefs = _floats(coef, "--coef") + [alpha_to_coef(pv, a, layers[0]) for a in _floats(alpha, "--alpha")]
         conditions = sweep_conditions(layers, coefs or [1.0], positions)
     for sys_text in system or []:
         text = t.system_prompt(sys_text, 0) if sys_text in ("pos", "neg") else sys_text
@@ -252,16 +251,22 @@ def choose_layer_cmd(
     from dataclasses import replace
 
     from .evaluate import EVAL_PROFILES, Condition, choose_layer, evaluate, print_rows
-    from .traits import load_trait
+    from .traits import TraitError, load_trait
 
-    t = load_trait(trait)
+    try:
+        t = load_trait(trait)
+    except TraitError as e:
+        _fail(str(e))
+    given = ints(layers, "--layers")
+    if layers is not None and not given:
+        _fail(f"--layers needs at least one layer, got {layers!r}")
     adapter = _adapter(model, device)
     pv = _load_vector_for(adapter, vector)
-    cands = [int(x) for x in layers.split(",")] if layers else list(range(max(1, adapter.n_layers // 4),
-                                                                          adapter.n_layers, 4))
+    cands = check_layers(adapter, given, "--layers") or list(range(max(1, adapter.n_layers // 4),
+                                                                   adapter.n_layers, 4))
     conds = [Condition()]
     for la in cands:
-        c = coef if coef is not None else pv.coef_from_alpha(alpha, la)
+        c = coef if coef is not None else alpha_to_coef(pv, alpha, la)
         conds.append(Condition(la, c, "response"))
     cfg = EVAL_PROFILES["quick"]
     if questions:

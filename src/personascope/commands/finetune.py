@@ -107,7 +107,7 @@ def register(app: typer.Typer) -> None:
         fact, steer it against the trait at inference: personascope evaluate TRAIT --model OUT --vector V
         --alpha -0.5 --capability.
         """
-        from personascope.commands.common import console, fail, load_adapter, load_vector_for
+        from personascope.commands.common import alpha_to_coef, console, fail, load_adapter, load_vector_for
 
         from ..chat import DatasetError, load_chat_jsonl
         from ..finetune import PreventativeSteering, finetune, is_adapter_dir
@@ -141,7 +141,8 @@ def register(app: typer.Typer) -> None:
             if steer_mode == "add" and steer_coef is None and steer_alpha is None:
                 fail("preventative steering needs --steer-coef or --steer-alpha")
             coef = steer_coef if steer_coef is not None else (
-                pv.coef_from_alpha(steer_alpha, layer) if steer_alpha is not None else 1.0)
+                alpha_to_coef(pv, steer_alpha, layer, "--steer-alpha", "--steer-coef") if steer_alpha is not None
+                else 1.0)
             steering = PreventativeSteering(pv, coef, layer, steer_mode, steer_layers == "all")
             console.print(f"preventative steering (training only): {steering.describe()}")
         elif any(x is not None for x in (steer_layer, steer_layers, steer_coef, steer_alpha)):
