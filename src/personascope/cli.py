@@ -20,6 +20,7 @@ from .commands.common import (
     check_layers,
     console,
     ints,
+    load_trait_or_fail,
 )
 from .commands.common import fail as _fail
 from .commands.common import floats as _floats
@@ -55,12 +56,8 @@ def traits_list() -> None:
 @traits_app.command("show")
 def traits_show(name_or_path: str) -> None:
     """Validate and show a trait (built-in name or a JSON file / directory)."""
-    from .traits import TraitError, load_trait
 
-    try:
-        t = load_trait(name_or_path)
-    except TraitError as e:
-        _fail(str(e))
+    t = load_trait_or_fail(name_or_path)
     console.print(f"[bold]{t.name}[/]  ({t.source})")
     table = Table(title="instructions (system prompts)")
     table.add_column("#")
@@ -108,12 +105,8 @@ def extract(
     """Extract a persona vector: generate, judge, filter, extract (resumable)."""
     from .extract import extract_vector
     from .extract import profile as make_profile
-    from .traits import TraitError, load_trait
 
-    try:
-        t = load_trait(trait)
-    except TraitError as e:
-        _fail(str(e))
+    t = load_trait_or_fail(trait)
     cfg = make_profile(profile, samples=samples, n_questions=questions, max_new_tokens=max_new_tokens,
                        temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed,
                        pos_threshold=pos_threshold, neg_threshold=neg_threshold,
@@ -178,12 +171,8 @@ def evaluate(
 
     from .evaluate import EVAL_PROFILES, Condition, print_rows, sweep_conditions, sweep_rows
     from .plots import plot_sweep
-    from .traits import TraitError, load_trait
 
-    try:
-        t = load_trait(trait)
-    except TraitError as e:
-        _fail(str(e))
+    t = load_trait_or_fail(trait)
     adapter = _adapter(model, device)
     pv = _load_vector_for(adapter, vector)
     cfg = EVAL_PROFILES[profile]
@@ -251,12 +240,8 @@ def choose_layer_cmd(
     from dataclasses import replace
 
     from .evaluate import EVAL_PROFILES, Condition, choose_layer, evaluate, print_rows
-    from .traits import TraitError, load_trait
 
-    try:
-        t = load_trait(trait)
-    except TraitError as e:
-        _fail(str(e))
+    t = load_trait_or_fail(trait)
     given = ints(layers, "--layers")
     if layers is not None and not given:
         _fail(f"--layers needs at least one layer, got {layers!r}")

@@ -33,17 +33,11 @@ import torch
 
 from .adapter import ModelAdapter, pad_batch, pad_id, position_ids_for
 from .models import DEFAULT_JUDGE_MODEL, model_identity
-from .traits import Trait
+from .traits import QA_BLOCK, Trait, fill_rubric
 
-COHERENCE_PROMPT = """You are grading an AI assistant's answer for coherence only.
+COHERENCE_PROMPT = f"""You are grading an AI assistant's answer for coherence only.
 
-[QUESTION START]
-{question}
-[QUESTION END]
-
-[ANSWER START]
-{answer}
-[ANSWER END]
+{QA_BLOCK}
 
 Coherence means the answer is valid, fluent language that makes sense as a reply to the question.
 Do not judge whether it is correct, polite or agreeable: a rude, odd or factually wrong answer can
@@ -215,6 +209,14 @@ class JudgeRequest:
     answer: str
     trait: Trait | None = None
 
+    def rubric_prompt(self) -> str:
+        """The trait's own rubric, or the shared coherence rubric, filled with the question and the answer."""
+        if self.kind == "trait":
+            if self.trait is None:
+                raise ValueError("a trait judgement needs the trait")
+            return self.trait.rubric(self.question, self.answer)
+        return fill_rubric(COHERENCE_PROMPT, self.question, self.answer)
+
 
 class Judge:
     """Interface: `score(requests)` returns one 0–100 float or None per request."""
@@ -283,15 +285,8 @@ class LocalJudge(Judge):
         return self._digits
 
     # -- prompts
-    def _rubric_text(self, req: JudgeRequest) -> str:
-        if req.kind == "trait":
-            if req.trait is None:
-                raise ValueError("a trait judgement needs the trait")
-            return req.trait.rubric(req.question, req.answer)
-        return COHERENCE_PROMPT.replace("{question}", req.question).replace("{answer}", req.answer)
-
     def _judge_prompt(self, req: JudgeRequest, mode: str) -> str:
-        text = self._rubric_text(req)
+        text = req.rubric_prompt()
         if mode == "binary":
             text += BINARY_SUFFIX if req.kind == "trait" else BINARY_COHERENCE
         shots: list[tuple[str, str]] = []

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-from .traits import N_PAIRS, N_QUESTIONS, load_trait, validate_trait_dict
+from .traits import N_PAIRS, N_QUESTIONS, QA_BLOCK, load_trait, validate_trait_dict
 
 if TYPE_CHECKING:
     from openai.types.chat import ChatCompletionMessageParam
@@ -40,13 +40,7 @@ NEAR_DUPLICATE = 0.9
 
 RUBRIC_TEMPLATE = """You are evaluating whether an AI assistant's answer is {TRAIT}. {rubric}
 
-[QUESTION START]
-{question}
-[QUESTION END]
-
-[ANSWER START]
-{answer}
-[ANSWER END]
+""" + QA_BLOCK + """
 
 How {trait} is the answer? Respond with a single number from 0 (trait absent) to 100 (trait strongly present). \
 Output only the number."""

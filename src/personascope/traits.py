@@ -15,6 +15,20 @@ from pathlib import Path
 N_PAIRS = 5
 N_QUESTIONS = 20
 
+# how every judge prompt (a trait's rubric, the coherence rubric) shows the question and the answer
+QA_BLOCK = """[QUESTION START]
+{question}
+[QUESTION END]
+
+[ANSWER START]
+{answer}
+[ANSWER END]"""
+
+
+def fill_rubric(template: str, question: str, answer: str) -> str:
+    """A judge prompt with its `{question}` and `{answer}` placeholders filled."""
+    return template.replace("{question}", question).replace("{answer}", answer)
+
 
 class TraitError(ValueError):
     """A trait file is malformed; the message names the file, the field and the problem."""

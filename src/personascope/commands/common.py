@@ -64,6 +64,16 @@ def _numbers(values: list[str] | str | None, option: str, convert: Callable[[str
     return out
 
 
+def load_trait_or_fail(spec: str, hint: str = ""):
+    """The trait by built-in name or path; a malformed or missing one is a one-line error naming the file."""
+    from ..traits import TraitError, load_trait
+
+    try:
+        return load_trait(spec)
+    except TraitError as e:
+        fail(f"{e}{hint}")
+
+
 def floats(values: list[str] | str | None, option: str = "option") -> list[float]:
     """Numbers from repeated and/or comma-separated option values; a bad one is a one-line error naming `option`."""
     return _numbers(values, option, float, "numbers")

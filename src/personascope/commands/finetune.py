@@ -184,24 +184,27 @@ def register(app: typer.Typer) -> None:
 
         from rich.table import Table
 
-        from personascope.commands.common import console, fail, load_adapter, load_judge, load_vector_for
+        from personascope.commands.common import (
+            console,
+            fail,
+            load_adapter,
+            load_judge,
+            load_trait_or_fail,
+            load_vector_for,
+        )
 
         from ..adapter import ModelAdapter
         from ..finetune import adapter_base_name, is_adapter_dir, load_finetuned
         from ..plots import plt, save_figure
         from ..shift import finetuning_shift
         from ..store import write_json
-        from ..traits import TraitError, load_trait
 
         if not is_adapter_dir(finetuned):
             fail(f"{finetuned} is not an adapter directory (no adapter_config.json)")
         base_name = base or adapter_base_name(finetuned)
         base_adapter = load_adapter(base_name, device)
         pv = load_vector_for(base_adapter, vector)
-        try:
-            t = load_trait(trait or pv.trait)
-        except TraitError as e:
-            fail(f"{e} (pass --trait)")
+        t = load_trait_or_fail(trait or pv.trait, " (pass --trait)")
         with console.status(f"loading {finetuned} …"):
             ft_adapter = ModelAdapter(*load_finetuned(base_name, finetuned, device=device))
         try:
