@@ -81,27 +81,18 @@ def evaluate(
 
     rows = run_eval(adapter, t, judge, conditions, run_dir, vector=pv, cfg=cfg)
     if capability:
-        from ..capability import load_mc, mc_accuracy
-        from ..steer import Steerer
+        from ..capability import load_mc
+        from ..evaluate import capability_per_row
 
-        mc = load_mc(capability_file)
-        for r in rows:
-            st = Steerer(adapter)
-            if r["layer"] is not None and r["coef"]:
-                st.add(pv, r["layer"], r["coef"], r["positions"])
-            prompt_sys = r["system"]
-            if prompt_sys:
-                r["capability"] = None  # system-prompted MC is not measured
-                continue
-            r["capability"] = mc_accuracy(adapter, mc, steerer=st).accuracy
+        for r, acc in zip(rows, capability_per_row(adapter, rows, load_mc(capability_file), pv), strict=True):
+            r["capability"] = acc
     print_rows(rows, f"{t.name} on {adapter.name} (judge {judge.name}, {judge.describe_mode('trait', t)})")
     if pv is not None and len(conditions) > 2:
         plot_sweep(sweep_rows(rows, layers), run_dir / "sweep.png", f"{t.name} steering sweep ({adapter.name})")
         console.print(f"sweep plot: {run_dir / 'sweep.png'}")
-    from ..store import write_json
+    from ..evaluate import write_summary
 
-    write_json(run_dir / "summary.json", [{k: v for k, v in r.items() if k != "per_question"} for r in rows])
-    console.print(f"results: {run_dir / 'summary.json'}")
+    console.print(f"results: {write_summary(rows, run_dir)}")
 
 
 def choose_layer_cmd(
