@@ -25,9 +25,10 @@ chromium:
 
 test: $(STAMP) chromium
 	$(BIN)/lint-imports
+	$(BIN)/mypy src
 	$(BIN)/python -m pytest -q
 
-# mypy on src (config in pyproject); joins `test` once it reports no errors
+# mypy on src alone (config in pyproject); `test` runs it too
 typecheck: $(STAMP)
 	$(BIN)/mypy src
 

@@ -11,11 +11,15 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .chat import merge_system
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # model_type -> dotted path of the decoder block list
 BLOCK_PATHS: dict[str, str] = {
@@ -81,7 +85,7 @@ class ModelAdapter:
     """A loaded causal LM plus what personascope needs to know about it."""
 
     model: nn.Module
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     blocks_path: str | None = None
 
     @cached_property

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import os
 from collections import Counter, deque
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from .adapter import ModelAdapter
+
+K = TypeVar("K", bound=Hashable)  # a task's key in RayCluster.map
 
 
 class WorkerLostError(RuntimeError):
@@ -164,7 +166,7 @@ class RayCluster:
         self.stats = MapStats()
         self._gen: list[int] = []
         self._owns_ray = False
-        self._remote = None
+        self._remote: Any = None
 
     # -- life cycle
     def start(self) -> RayCluster:
@@ -233,8 +235,7 @@ class RayCluster:
         return ray.put(obj)
 
     # -- the runner
-    def map(self, fn: Callable, tasks: Iterable[tuple[Hashable, tuple]], ordered: bool = False
-            ) -> Iterator[tuple[Hashable, Any]]:
+    def map(self, fn: Callable, tasks: Iterable[tuple[K, tuple]], ordered: bool = False) -> Iterator[tuple[K, Any]]:
         """Run `fn(worker, *args)` for each (key, args) task; yield (key, result) once per key.
 
         Results come as they finish, or in task order with `ordered` (results waiting for an earlier
@@ -306,7 +307,7 @@ class RayCluster:
     # -- the pipeline stages on the actors (what generate, scoring, extract and screen_run call)
     def generate(self, jobs: list[dict], prompt_of: Callable[[dict], str], done: Callable[[dict], bool],
                  save: Callable[[list[dict]], None], cfg, description: str = "generate",
-                 steering: list | None = None) -> int:
+                 steering: Sequence | None = None) -> int:
         """`generate.run_generation` on the actors (same batches and seeds); returns answers made now."""
         from .cluster_jobs import generate_on_cluster
 

@@ -8,7 +8,7 @@ the results through the caller's store (the driver is the only writer).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 
 def generate_job(worker: Worker, prompts: list[str], max_new_tokens: int, temperature: float, top_p: float,
-                 seed: int, steering: list | None) -> list[str]:
+                 seed: int, steering: Sequence | None) -> list[str]:
     """One generation batch on an actor, under the caller's steering specs (if any)."""
     if not steering:
         return generate_batch(worker.adapter, prompts, max_new_tokens, temperature, top_p, seed)
@@ -37,7 +37,7 @@ def generate_job(worker: Worker, prompts: list[str], max_new_tokens: int, temper
 
 def generate_on_cluster(cluster: RayCluster, jobs: list[dict], prompt_of: Callable[[dict], str],
                         done: Callable[[dict], bool], save: Callable[[list[dict]], None], cfg: SamplingConfig,
-                        description: str = "generate", steering: list | None = None) -> int:
+                        description: str = "generate", steering: Sequence | None = None) -> int:
     """`run_generation` on the actors: the same batches with the same seeds, each saved when it returns."""
     ordered = sorted(jobs, key=lambda j: len(prompt_of(j)))
     batches = [ordered[i : i + cfg.batch_size] for i in range(0, len(ordered), cfg.batch_size)]

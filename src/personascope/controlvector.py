@@ -269,7 +269,7 @@ def import_gguf(path: str | Path, adapter: ModelAdapter, trait: str | None = Non
     resid_norm restored; for other files the rows are the file's directions (coef 1 = llama.cpp scale 1).
     """
     cv = read_gguf(path)
-    src = cv.path
+    src = cv.path or str(path)
     L, d = adapter.n_layers, adapter.hidden_size
     if cv.hidden_size != d:
         raise VectorMismatchError(f"{src} has directions of length {cv.hidden_size}, but {adapter.name} has hidden "
@@ -289,10 +289,10 @@ def import_gguf(path: str | Path, adapter: ModelAdapter, trait: str | None = Non
     rows = torch.zeros(L + 1, d)
     baked: dict[int, float] = {}
     if ours:
-        baked = dict(zip(f.get(PREFIX + "rows", []), f.get(PREFIX + "coefs", []), strict=False))
+        baked = dict(zip(_seq(f.get(PREFIX + "rows")), _seq(f.get(PREFIX + "coefs")), strict=False))
     for r, v in cv.rows.items():
         rows[r] = v / baked[r] if baked.get(r) else v
-    name = trait or (f.get(PREFIX + "trait") if ours else None) or Path(src).stem
+    name = trait or (str(f.get(PREFIX + "trait") or "") if ours else None) or Path(src).stem
     norms = rows.norm(dim=-1)
     extra: dict[str, str] = {
         "source": f"{cv.source_format} control vector",
@@ -306,9 +306,14 @@ def import_gguf(path: str | Path, adapter: ModelAdapter, trait: str | None = Non
         extra.update(baked_coefs=json.dumps({str(r): c for r, c in baked.items()}),
                      span_origin=str(f.get(PREFIX + "span", "response_avg")), source_model=str(f.get(PREFIX + "model")))
     extra.update(_easysteer_meta(f))
-    resid = f.get(PREFIX + "resid_norm") if ours else None
+    resid = _seq(f.get(PREFIX + "resid_norm")) if ours else []
     resid_norm = torch.tensor(resid, dtype=torch.float32) if resid and len(resid) == L + 1 else None
     return PersonaVector({"response_avg": rows}, resid_norm, base_metadata(adapter, name, **extra))
+
+
+def _seq(value: object) -> list:
+    """A GGUF array field as a list ([] when the field is missing or not an array)."""
+    return list(value) if isinstance(value, list | tuple) else []
 
 
 def llama_cpp_steerer(adapter: ModelAdapter, cv: ControlVectorFile, scale: float = 1.0) -> Steerer:

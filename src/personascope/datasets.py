@@ -19,6 +19,7 @@ import random
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -172,8 +173,9 @@ def make_dataset(
         raise ValueError(f"--n {cfg.n} is more than the {len(pool)} questions in the pool")
     order = pool_order(len(pool), cfg.pool_seed)[: cfg.n]
     n_instr = len(trait.instructions)
-    slots = [{"trait": trait.name, "level": level, "slot": s, "question": order[s], "question_text": pool[order[s]],
-              "side": _side(level, s), "instruction": s % n_instr} for s in range(cfg.n)]
+    slots: list[dict[str, Any]] = [
+        {"trait": trait.name, "level": level, "slot": s, "question": order[s], "question_text": pool[order[s]],
+         "side": _side(level, s), "instruction": s % n_instr} for s in range(cfg.n)]
     for j in slots:
         j["system"] = trait.system_prompt(j["side"], j["instruction"])
     work = work_dir_for(out)
@@ -192,7 +194,7 @@ def make_dataset(
         run_generation(adapter, jobs, lambda j: prompts[(j["system"], j["question_text"])],
                        lambda j: store.key(j) in store, store.append, cfg.sampling,
                        f"{trait.name} {level}: answers (try {attempt + 1})", cluster)
-        answers = [{**j, "answer": store.get(store.key(j))["answer"]} for j in jobs]
+        answers = [{**j, "answer": store.record_for(j)["answer"]} for j in jobs]
         if judge is None:
             kept.update({a["slot"]: a for a in answers})
             break

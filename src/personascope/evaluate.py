@@ -105,7 +105,7 @@ def evaluate(
         with steerer:
             run_generation(adapter, jobs, lambda j: prompts[j["question_text"]], lambda j: store.key(j) in store,
                            store.append, cfg.sampling, f"answer {cond.key}", cluster, steerer.specs)
-        answers = [store.get(store.key(j)) for j in jobs]
+        answers = [store.record_for(j) for j in jobs]
         scored = judge_answers(judge, trait, answers, scores, cfg.judge_batch_size, description=f"judge {cond.key}",
                                cluster=cluster)
         t_mean, t_std = _stats([r["trait_score"] for r in scored])
@@ -174,3 +174,28 @@ def print_rows(rows: list[dict], title: str) -> None:
                       f(r["coherence_mean"], r["coherence_std"]), str(r["n"]),
                       *([("—" if r.get("capability") is None else f"{r['capability']:.3f}")] if with_cap else []))
     console.print(table)
+
+
+def capability_per_row(adapter: ModelAdapter, rows: list[dict], mc_rows: list[dict],
+                       vector: PersonaVector | None = None) -> list[float | None]:
+    """Multiple-choice accuracy under each row's steering (None for system-prompted rows, which are not
+    measured)."""
+    from .capability import mc_accuracy
+
+    out: list[float | None] = []
+    for r in rows:
+        if r["system"]:
+            out.append(None)
+            continue
+        st = Steerer(adapter)
+        if vector is not None and r["layer"] is not None and r["coef"]:
+            st.add(vector, r["layer"], r["coef"], r["positions"])
+        out.append(mc_accuracy(adapter, mc_rows, steerer=st).accuracy)
+    return out
+
+
+def write_summary(rows: list[dict], run_dir: Path) -> Path:
+    """summary.json: the rows without their per-question detail; returns its path."""
+    path = run_dir / "summary.json"
+    write_json(path, [{k: v for k, v in r.items() if k != "per_question"} for r in rows])
+    return path

@@ -87,7 +87,7 @@ def generate_answers(adapter: ModelAdapter, trait: Trait, run_dir: Path, cfg: Ex
     prompts = {(j["system"], j["question_text"]): adapter.prompt(j["question_text"], j["system"]) for j in jobs}
     run_generation(adapter, jobs, lambda j: prompts[(j["system"], j["question_text"])],
                    lambda j: store.key(j) in store, store.append, cfg.sampling, "generate", cluster)
-    return [store.get(store.key(j)) for j in jobs]
+    return [store.record_for(j) for j in jobs]
 
 
 # ------------------------------------------------------------------------- stage 2: judge
@@ -108,7 +108,7 @@ class FilterResult:
     """Pos/neg pairs kept for extraction and why the others were dropped."""
 
     kept: list[tuple[dict, dict]]
-    dropped: Counter
+    dropped: Counter[str]
     total: int
 
 
@@ -117,7 +117,8 @@ def filter_pairs(scored: list[dict], cfg: ExtractConfig) -> FilterResult:
     by_key: dict[tuple, dict[str, dict]] = {}
     for r in scored:
         by_key.setdefault((r["instruction"], r["question"], r["sample"]), {})[r["side"]] = r
-    kept, dropped = [], Counter()
+    kept: list[tuple[dict, dict]] = []
+    dropped: Counter[str] = Counter()
     for key in sorted(by_key):
         pair = by_key[key]
         if "pos" not in pair or "neg" not in pair:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -96,7 +96,7 @@ def run_generation(
     cfg: SamplingConfig,
     description: str = "generate",
     cluster=None,
-    steering: list | None = None,
+    steering: Sequence | None = None,
 ) -> int:
     """Generate an `answer` for each job not yet done, batch by batch, saving each batch at once.
 

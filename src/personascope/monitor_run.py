@@ -85,7 +85,7 @@ def load_shot_pool(answers_path: Path, scores_path: Path | None = None, exclude:
         for rec in read_jsonl(Path(scores_path)):
             if rec.get("score") is None:
                 continue
-            key = (rec.get("question"), rec.get("answer"))
+            key = (str(rec.get("question")), str(rec.get("answer")))
             target = trait_scores if rec.get("kind") == "trait" else coherence if rec.get("kind") == "coherence" \
                 else None
             if target is not None:
@@ -94,15 +94,18 @@ def load_shot_pool(answers_path: Path, scores_path: Path | None = None, exclude:
     seen: set[tuple[str, str]] = set()
     cands = []
     for rec in read_jsonl(answers_path):
-        q, a = rec.get("question_text"), (rec.get("answer") or "").strip()
+        q, raw = str(rec.get("question_text") or ""), str(rec.get("answer") or "")
+        a = raw.strip()
         if rec.get("side") != "pos" or not q or not a or q in skip or (q, a) in seen:
             continue
-        if coherence.get((q, rec.get("answer")), 100.0) < min_coherence:
+        if coherence.get((q, raw), 100.0) < min_coherence:
             continue
         seen.add((q, a))
-        cands.append((trait_scores.get((q, rec.get("answer")), -1.0), q, a))
+        cands.append((trait_scores.get((q, raw), -1.0), q, a))
     cands.sort(key=lambda c: -c[0])
-    first, rest, used = [], [], set()
+    first: list[tuple[str, str]] = []
+    rest: list[tuple[str, str]] = []
+    used: set[str] = set()
     for _, q, a in cands:
         (rest if q in used else first).append((q, a))
         used.add(q)
@@ -267,7 +270,7 @@ def run_monitor(
     jobs = [{**j, "prompt_id": f"{j['prompt_id']}-{vid}"} for j in jobs]
     store = JsonlStore(out / "answers.jsonl", ANSWER_KEY)
     generate_traced(adapter, jobs, store, vector, layer, cfg)
-    answers = [store.get(store.key(j)) for j in jobs]
+    answers = [store.record_for(j) for j in jobs]
     scored = judge_answers(judge, trait, answers, ScoreCache(out / "scores.jsonl"), cfg.judge_batch_size,
                            description="judge answers")
     exps = {e: analyse(scored, e, layer, adapter.n_layers) for e in ("system", "shots")

@@ -32,6 +32,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -250,6 +251,18 @@ def delta_p(
 # ---------------------------------------------------------------- the model's own answers
 
 
+class AnswerLookup(Protocol):
+    """What `model_answers` needs of an answer cache: `AnswerCache` on disk, or an in-memory one on a Ray actor."""
+
+    def key(self, prompt_text: str) -> str: ...
+
+    def __contains__(self, key: str) -> bool: ...
+
+    def get(self, key: str) -> str: ...
+
+    def put(self, pairs: list[tuple[str, str]]) -> None: ...
+
+
 class AnswerCache:
     """The model's greedy answers keyed by (model, max_new_tokens, prompt), appended as they are made.
 
@@ -298,7 +311,7 @@ class AnswerCache:
             os.fsync(f.fileno())
 
 
-def model_answers(adapter: ModelAdapter, prompts: list[str], cache: AnswerCache, max_new_tokens: int,
+def model_answers(adapter: ModelAdapter, prompts: list[str], cache: AnswerLookup, max_new_tokens: int,
                   batch_size: int = 8) -> list[str]:
     """The model's greedy answer to each rendered prompt: generated in batches (each prompt once), cached."""
     keys = [cache.key(p) for p in prompts]

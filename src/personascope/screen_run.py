@@ -20,6 +20,7 @@ from .screen import (
     MAX_LISTED_ERRORS,
     METHODS,
     AnswerCache,
+    AnswerLookup,
     BadRow,
     Direction,
     Row,
@@ -145,7 +146,7 @@ def _judge_chunk(judge, traits: dict, dirs: dict[str, Direction], rows: list[Row
 
 
 def process_chunk(adapter: ModelAdapter, chunk: list[Row | BadRow], dirs: dict[str, Direction], cfg: ScreenConfig,
-                   cache: AnswerCache | None, judge=None, traits: dict | None = None,
+                   cache: AnswerLookup | None, judge=None, traits: dict | None = None,
                    judge_cache: Path | None = None, bar=None) -> list[dict]:
     """ΔP records (one per row, errors included) of one chunk of rows."""
     recs: dict[int, dict] = {}
@@ -162,12 +163,16 @@ def process_chunk(adapter: ModelAdapter, chunk: list[Row | BadRow], dirs: dict[s
         data_items = [adapter.encode_pair(p, r.response) for r, p in good]
         model_items, answers = None, None
         if cfg.method == "generate":
+            if cache is None:
+                raise ValueError("method 'generate' needs an answer cache")
             answers = model_answers(adapter, [p for _, p in good], cache, cfg.max_new_tokens, cfg.batch_size)
             model_items = [(ids, adapter.encode_pair(p, a)[1])
                            for (ids, _), (_, p), a in zip(data_items, good, answers, strict=True)]
         bd = delta_p(adapter, data_items, model_items, dirs, cfg.batch_size, cfg.padding_side)
         scores = None
         if judge is not None:
+            if traits is None or judge_cache is None:
+                raise ValueError("judging a chunk needs the traits and a judge cache")
             if bar is not None:
                 bar.stop()
             try:
@@ -301,7 +306,7 @@ def _read_pass(deltas: Path, names: list[str], judged: bool, total: int, seconds
 
 def _thresholds(names: list[str], threshold: float | dict | None, percentile: float | None,
                 ref: PassResult | None, data: PassResult) -> dict[str, tuple[float | None, str]]:
-    out = {}
+    out: dict[str, tuple[float | None, str]] = {}
     for k in names:
         if threshold is not None:
             t = threshold.get(k) if isinstance(threshold, dict) else threshold

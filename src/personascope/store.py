@@ -62,6 +62,10 @@ class JsonlStore:
     def get(self, key: tuple) -> dict | None:
         return self.records.get(key)
 
+    def record_for(self, rec: dict) -> dict:
+        """The stored record with the key of `rec` (a job that has run); KeyError if there is none."""
+        return self.records[self.key(rec)]
+
     def append(self, recs: Iterable[dict]) -> None:
         recs = list(recs)
         if not recs:

@@ -15,6 +15,20 @@ from pathlib import Path
 N_PAIRS = 5
 N_QUESTIONS = 20
 
+# how every judge prompt (a trait's rubric, the coherence rubric) shows the question and the answer
+QA_BLOCK = """[QUESTION START]
+{question}
+[QUESTION END]
+
+[ANSWER START]
+{answer}
+[ANSWER END]"""
+
+
+def fill_rubric(template: str, question: str, answer: str) -> str:
+    """A judge prompt with its `{question}` and `{answer}` placeholders filled."""
+    return template.replace("{question}", question).replace("{answer}", answer)
+
 
 class TraitError(ValueError):
     """A trait file is malformed; the message names the file, the field and the problem."""
@@ -130,10 +144,10 @@ def _locate(spec: str) -> tuple[str, Path, Path | None]:
 def load_trait(spec: str) -> Trait:
     """Load and validate a trait by built-in name or path; TraitError says what is wrong."""
     name, ex_path, ev_path = _locate(spec)
-    ex = _read_json(ex_path)
+    raw = _read_json(ex_path)
     if ev_path is None:
         # a single file: 40 questions are split 20/20, 20 questions give extraction only
-        validate_trait_dict(ex, str(ex_path), n_questions=None)
+        ex = validate_trait_dict(raw, str(ex_path), n_questions=None)
         qs = ex["questions"]
         if len(qs) == 2 * N_QUESTIONS:
             ex_qs, ev_qs = qs[:N_QUESTIONS], qs[N_QUESTIONS:]
@@ -143,7 +157,7 @@ def load_trait(spec: str) -> Trait:
             raise _fail(str(ex_path), "questions", f"expected {N_QUESTIONS} (or {2 * N_QUESTIONS} to split), "
                         f"got {len(qs)}")
     else:
-        validate_trait_dict(ex, str(ex_path))
+        ex = validate_trait_dict(raw, str(ex_path))
         ev = validate_trait_dict(_read_json(ev_path), str(ev_path))
         ex_qs, ev_qs = ex["questions"], ev["questions"]
     overlap = set(ex_qs) & set(ev_qs)

@@ -65,7 +65,8 @@ class PersonaVector:
     def coef_from_alpha(self, alpha: float, layer: int, span: str = "response_avg") -> float:
         """Raw coefficient for a relative one: alpha = coef · ||v[l]|| / resid_norm[l]."""
         if self.resid_norm is None:
-            raise ValueError("this vector file has no resid_norm, so --alpha cannot be converted; use --coef")
+            raise ValueError(f"{self.path or 'the vector'} has no resid_norm, so an alpha cannot be converted to a "
+                             "coefficient; give a raw coefficient instead")
         return float(alpha * self.resid_norm[layer] / self.vector(layer, span).norm().clamp(min=1e-12))
 
     def alpha_from_coef(self, coef: float, layer: int, span: str = "response_avg") -> float | None:

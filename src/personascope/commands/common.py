@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 console = Console()
+T = TypeVar("T")
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Built-in short name, local path or HF name.")]
 DeviceOpt = Annotated[str | None, typer.Option(help="cuda, mps or cpu (default: best available).")]
@@ -22,8 +25,8 @@ JudgeUrlOpt = Annotated[str | None, typer.Option("--judge-url", help="OpenAI-com
 
 
 def fail(msg: str) -> NoReturn:
-    """Print a one-line error and exit with status 2."""
-    console.print(f"[red]error:[/] {msg}")
+    """Print a one-line error (never wrapped, no markup read from `msg`) and exit with status 2."""
+    console.print(f"[red]error:[/] {escape(msg)}", soft_wrap=True, highlight=False)
     raise typer.Exit(2)
 
 
@@ -48,12 +51,55 @@ def load_judge(judge_model: str, judge_mode: str | None, device: str | None, jud
         fail(str(e))
 
 
-def floats(values: list[str] | None) -> list[float]:
-    """Numbers from repeated and/or comma-separated option values."""
+def _numbers(values: list[str] | str | None, option: str, convert: Callable[[str], T], what: str) -> list[T]:
     out = []
-    for v in values or []:
-        out += [float(x) for x in str(v).split(",") if x.strip()]
+    for v in [values] if isinstance(values, str) else values or []:
+        for x in str(v).split(","):
+            if not x.strip():
+                continue
+            try:
+                out.append(convert(x))
+            except ValueError:
+                fail(f"{option} takes {what} (comma-separated or repeated), got {x.strip()!r}")
     return out
+
+
+def load_trait_or_fail(spec: str, hint: str = ""):
+    """The trait by built-in name or path; a malformed or missing one is a one-line error naming the file."""
+    from ..traits import TraitError, load_trait
+
+    try:
+        return load_trait(spec)
+    except TraitError as e:
+        fail(f"{e}{hint}")
+
+
+def floats(values: list[str] | str | None, option: str = "option") -> list[float]:
+    """Numbers from repeated and/or comma-separated option values; a bad one is a one-line error naming `option`."""
+    return _numbers(values, option, float, "numbers")
+
+
+def ints(values: list[str] | str | None, option: str) -> list[int]:
+    """Integers from repeated and/or comma-separated option values; a bad one is a one-line error naming `option`."""
+    return _numbers(values, option, int, "integers")
+
+
+def check_layers(adapter, layers: list[int], option: str) -> list[int]:
+    """The layers, each checked against the model; one out of range is a one-line error naming `option`."""
+    for la in layers:
+        try:
+            adapter.check_layer(la)
+        except ValueError as e:
+            fail(f"{option}: {e}")
+    return layers
+
+
+def alpha_to_coef(pv, alpha: float, layer: int, alpha_option: str = "--alpha", coef_option: str = "--coef") -> float:
+    """The raw coefficient of a relative α at a layer; a vector without resid_norm is a one-line error."""
+    try:
+        return pv.coef_from_alpha(alpha, layer)
+    except ValueError as e:
+        fail(f"{alpha_option} {alpha:g}: {e} ({coef_option})")
 
 
 def load_vector_for(adapter, path: Path | None):

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from ..models import DEFAULT_MODEL
 from .common import DeviceOpt, console, fail, load_adapter
+
+if TYPE_CHECKING:
+    from ..lmeval import LmEvalExport
 
 FORMATS = ("gguf", "lmeval")
 
@@ -39,7 +42,7 @@ def vector_export(
     device: DeviceOpt = None,
 ) -> None:
     """Export a persona vector as a llama.cpp/repeng control vector (GGUF) or an lm-eval steering file."""
-    from ..controlvector import ControlVectorError, choose_coefs, export_gguf, model_type_of, parse_layers
+    from ..controlvector import ControlVectorError, GgufExport, choose_coefs, export_gguf, model_type_of, parse_layers
     from ..vectors import VectorMismatchError, load_vector
 
     if format not in FORMATS:
@@ -55,10 +58,12 @@ def vector_export(
         choice = choose_coefs(pv, rows, coef, alpha, span)
         if format == "gguf":
             hint = model_type_of(adapter.architecture) if adapter else None
-            res = export_gguf(pv, out, choice, span, model_hint=hint)
+            res: GgufExport | LmEvalExport = export_gguf(pv, out, choice, span, model_hint=hint)
         else:
             from ..lmeval import export_lmeval
 
+            if adapter is None:  # checked above; narrows the type
+                fail("--format lmeval needs --model")
             res = export_lmeval(pv, adapter, out, choice, span)
     except (FileNotFoundError, ValueError, VectorMismatchError, ControlVectorError) as e:
         fail(str(e))
@@ -66,7 +71,7 @@ def vector_export(
         console.print(f"[yellow]note:[/] {w}")
     coefs = ", ".join(f"layer {r}: {c:.4g}" for r, c in res.coefs.items())
     console.print(f"wrote {res.path} ({pv.trait}; coefficient in the file per layer: {coefs})")
-    if format == "gguf":
+    if isinstance(res, GgufExport):
         a, b = res.layer_range
         console.print(f"llama.cpp blocks {a}..{b} (personascope layers {a + 1}..{b + 1}); run e.g.\n"
                       f"  llama-cli -m {_builtin_gguf(model or '')} {res.llama_cpp_args()}")
@@ -74,7 +79,7 @@ def vector_export(
         from ..models import resolve_model_path
 
         hooks = ", ".join(f"layer {r} -> {h}" for r, h in res.hookpoints.items())
-        local = resolve_model_path(model)
+        local = resolve_model_path(model or "")
         local = str(Path(local).resolve()) if Path(local).exists() else local
         console.print(f"hookpoints: {hooks}\nrun e.g.\n  {res.command(local)}")
 

@@ -9,6 +9,7 @@ import sys
 import time
 import traceback
 import uuid
+from dataclasses import dataclass, field
 from importlib import resources
 
 from fastapi import Request
@@ -39,14 +40,24 @@ def _steering_echo(req: ChatRequest) -> list[dict] | None:
     return [{"vector": s.vector, "layer": s.layer, "coef": s.coef, "positions": s.positions} for s in req.steering]
 
 
+@dataclass
+class _Choice:
+    """What one choice of a non-streaming completion has collected so far."""
+
+    text: list[str] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)
+    tokens: list[str] = field(default_factory=list)
+    proj: list[dict[str, float]] = field(default_factory=list)
+    finish: str | None = None
+
+
 async def complete(engine: Engine, req: ChatRequest, job: Job, rid: str) -> dict:
     """Collect a whole (non-streaming) completion."""
-    choices = [{"index": c, "text": [], "logprobs": [], "tokens": [], "proj": [], "finish": None}
-               for c in range(req.n)]
+    choices = [_Choice() for _ in range(req.n)]
     prompt, prompt_tokens, completion_tokens = None, 0, 0
     while True:
         ev = await job.events.get()
-        if ev.kind == "error":
+        if ev.error is not None:  # kind "error"
             raise ev.error
         if ev.kind == "end":
             break
@@ -55,22 +66,22 @@ async def complete(engine: Engine, req: ChatRequest, job: Job, rid: str) -> dict
             continue
         ch = choices[ev.choice]
         completion_tokens += 1
-        ch["text"].append(ev.text)
+        ch.text.append(ev.text)
         if ev.logprob is not None:
-            ch["logprobs"].append(ev.logprob)
+            ch.logprobs.append(ev.logprob)
         if ev.token is not None and req.monitor:
-            ch["tokens"].append(ev.token)
-            ch["proj"].append(ev.projection)
+            ch.tokens.append(ev.token)
+            ch.proj.append(ev.projection or {})
         if ev.finish_reason:
-            ch["finish"] = ev.finish_reason
+            ch.finish = ev.finish_reason
     out_choices = []
     for c, ch in enumerate(choices):
-        item: dict = {"index": c, "message": {"role": "assistant", "content": "".join(ch["text"])},
-                      "finish_reason": ch["finish"] or "stop",
-                      "logprobs": {"content": ch["logprobs"], "refusal": None} if req.logprobs else None}
+        item: dict = {"index": c, "message": {"role": "assistant", "content": "".join(ch.text)},
+                      "finish_reason": ch.finish or "stop",
+                      "logprobs": {"content": ch.logprobs, "refusal": None} if req.logprobs else None}
         if req.monitor:
-            item["monitor"] = {"tokens": ch["tokens"],
-                               "projections": {n: [p[n] for p in ch["proj"]] for n in req.monitor.vectors}}
+            item["monitor"] = {"tokens": ch.tokens,
+                               "projections": {n: [p[n] for p in ch.proj] for n in req.monitor.vectors}}
         out_choices.append(item)
     resp = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": engine.model_id,
             "choices": out_choices, "usage": _usage(prompt_tokens, completion_tokens)}
@@ -93,7 +104,7 @@ async def stream(engine: Engine, req: ChatRequest, job: Job, rid: str):
     try:
         while True:
             ev = await job.events.get()
-            if ev.kind == "error":
+            if ev.error is not None:  # kind "error"
                 yield _sse(ev.error.body())
                 return
             if ev.kind == "end":
@@ -113,7 +124,7 @@ async def stream(engine: Engine, req: ChatRequest, job: Job, rid: str):
             choice: dict = {"index": ev.choice, "delta": {"content": ev.text} if ev.text else {},
                             "logprobs": {"content": [ev.logprob], "refusal": None} if ev.logprob else None,
                             "finish_reason": ev.finish_reason}
-            if req.monitor and ev.token is not None:
+            if req.monitor and ev.token is not None and ev.projection is not None:
                 choice["monitor"] = {"tokens": [ev.token],
                                      "projections": {n: [ev.projection[n]] for n in req.monitor.vectors}}
             yield _sse({**base, "choices": [choice]})

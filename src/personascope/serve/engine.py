@@ -18,7 +18,7 @@ from collections import deque
 
 import torch
 
-from ..activations import collect_spans, project
+from ..activations import last_token_activations, project
 from ..adapter import ModelAdapter, pad_batch, pad_id, position_ids_for
 from ..hooks import ResidualHooks
 from ..steer import Steerer
@@ -66,9 +66,8 @@ class Engine(RequestParser):
         """Per vector and layer: the mean projection of neutral prompts' last token (the meter's zero)."""
         if not self.vectors:
             return {}
-        items = [(self.adapter.encode_prompt(self.adapter.prompt(p)), []) for p in NEUTRAL_PROMPTS]
-        spans, _ = collect_spans(self.adapter, items, batch_size=len(items))
-        last = spans["prompt_last"]  # [N, L + 1, d]
+        prompts = [self.adapter.prompt(p) for p in NEUTRAL_PROMPTS]
+        last = last_token_activations(self.adapter, prompts, batch_size=len(prompts))  # [N, L + 1, d]
         return {name: [float(project(last[:, layer], pv.vector(layer)).mean()) for layer in range(pv.n_layers + 1)]
                 for name, pv in self.vectors.items()}
 
@@ -304,12 +303,13 @@ class Engine(RequestParser):
 
 
 class Job:
-    """One HTTP request in the engine: events go to an asyncio queue on the server's loop."""
+    """One HTTP request in the engine: events go to an asyncio queue on the server's loop (or, without a loop,
+    straight into the queue, e.g. in tests)."""
 
     def __init__(self, request: ChatRequest, loop: asyncio.AbstractEventLoop | None = None):
         self.request = request
         self.loop = loop
-        self.events: asyncio.Queue[Event] | queue.Queue[Event] = asyncio.Queue() if loop else queue.Queue()
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.cancelled = False
         self.finished_rows = 0
 

@@ -107,7 +107,7 @@ def number_field(body: dict, key: str, default: float, lo: float, hi: float) -> 
     return float(value)
 
 
-def integer_field(body: dict, key: str, default: int | None, lo: int, hi: int | None) -> int | None:
+def integer_field(body: dict, key: str, default: int, lo: int, hi: int | None) -> int:
     value = body.get(key, default)
     if value is None:
         return default
