@@ -3,6 +3,11 @@
 Rows that arrive within `batch_wait_ms` run as one left-padded batch with the engine's own
 decoding loop (prefill, then one token at a time with the KV cache). Steering uses per-row
 coefficient tensors, so no request sees another's steering; finished rows leave the batch at once.
+A row whose logits turn non-finite fails alone (its request gets an error); the others go on.
+
+Determinism: in fp32 a greedy answer does not depend on which other requests share its batch. In
+bf16/fp16 near-tied logits can flip with the batch's make-up (padding changes the kernels' sums);
+serve with `--dtype fp32` or `--max-batch 1` when answers must be reproducible.
 """
 
 from __future__ import annotations
@@ -23,7 +28,10 @@ from ..adapter import ModelAdapter, pad_batch, pad_id, position_ids_for
 from ..hooks import ResidualHooks
 from ..steer import Steerer
 from ..vectors import PersonaVector
-from .protocol import NEUTRAL_PROMPTS, ApiError, ChatRequest, Event, RequestParser, ServeConfig
+from .protocol import GREEDY_BELOW, NEUTRAL_PROMPTS, ApiError, ChatRequest, Event, RequestParser, ServeConfig
+
+NON_FINITE = ("the model's output became non-finite (inf/NaN) for this request, usually from too strong steering; "
+              "lower the coefficient")
 
 
 class Engine(RequestParser):
@@ -104,7 +112,7 @@ class Engine(RequestParser):
         with self._lock:
             if self.pending >= self.config.max_queue:
                 raise ApiError(429, f"the server is busy ({self.pending} requests queued); retry shortly", None,
-                               "server_busy", "rate_limit_error")
+                               "server_busy", "rate_limit_error", headers={"Retry-After": "1"})
             self.pending += 1
             self.stats["requests"] += 1
         self._queue.put(job)
@@ -144,8 +152,8 @@ class Engine(RequestParser):
                 self.stats["errors"] += 1
                 traceback.print_exc(file=sys.stderr)
                 for j in live:
-                    j.emit(Event("error", error=ApiError(500, f"generation failed: {type(e).__name__}: {e}", None,
-                                                         "generation_error", "server_error")))
+                    j.fail(ApiError(500, f"generation failed: {type(e).__name__}: {e}", None, "generation_error",
+                                    "server_error"))
             finally:
                 with self._lock:
                     self.pending -= len(batch)
@@ -210,12 +218,14 @@ class Engine(RequestParser):
             out[i] = vals
         return out
 
-    def _sample(self, logits: torch.Tensor, rows: list[Row]) -> tuple[list[int], torch.Tensor | None]:
+    def _sample(self, logits: torch.Tensor, rows: list[Row]) -> tuple[list[int], torch.Tensor | None, list[bool]]:
+        """Next token per row (greedy below GREEDY_BELOW), log-probs if asked, and which rows went non-finite."""
         logp = torch.log_softmax(logits, dim=-1) if any(r.job.request.logprobs for r in rows) else None
-        toks = logits.argmax(-1).tolist()
+        bad = (~torch.isfinite(logits).all(-1)).tolist()
+        toks = logits.nan_to_num(0.0, 0.0, 0.0).argmax(-1).tolist()
         for i, r in enumerate(rows):
             req = r.job.request
-            if req.temperature <= 0:
+            if bad[i] or req.temperature < GREEDY_BELOW:
                 continue
             probs = torch.softmax(logits[i] / req.temperature, dim=-1)
             if req.top_p < 1.0:
@@ -223,8 +233,11 @@ class Engine(RequestParser):
                 cut = (sp.cumsum(-1) - sp) > req.top_p
                 sp[cut] = 0.0
                 probs = torch.zeros_like(probs).scatter_(0, si, sp)
+            if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+                bad[i] = True
+                continue
             toks[i] = int(torch.multinomial(probs, 1, generator=r.generator))
-        return toks, logp
+        return toks, logp, bad
 
     @torch.no_grad()
     def _generate(self, jobs: list[Job]) -> None:
@@ -250,10 +263,14 @@ class Engine(RequestParser):
                 if r.choice == 0:
                     r.job.emit(Event("prompt", prompt=prompt_proj[i], prompt_tokens=len(r.job.request.prompt_ids)))
             while rows:
-                toks, logp = self._sample(logits, rows)
+                toks, logp, bad = self._sample(logits, rows)
                 entries = self._entries(toks, logp, rows)
-                for r, t, e in zip(rows, toks, entries, strict=True):
-                    r.accept(t, e)
+                for r, t, e, b in zip(rows, toks, entries, bad, strict=True):
+                    if b:
+                        self.stats["errors"] += 1
+                        r.job.fail(ApiError(500, NON_FINITE, None, "non_finite_logits", "server_error"))
+                    elif not r.job.cancelled:
+                        r.accept(t, e)
                 self.stats["tokens"] += len(rows)
                 # a monitored token's event waits for the forward that sees it (its projection); others go now
                 watch = any(r.job.request.monitor for r in rows)
@@ -312,6 +329,12 @@ class Job:
         self.events: asyncio.Queue[Event] | queue.Queue[Event] = asyncio.Queue() if loop else queue.Queue()
         self.cancelled = False
         self.finished_rows = 0
+
+    def fail(self, error: ApiError) -> None:
+        """End this request with an error (once); its other rows stop at the next step."""
+        if not self.cancelled:
+            self.emit(Event("error", error=error))
+        self.cancelled = True
 
     def emit(self, event: Event) -> None:
         if self.loop is None:
