@@ -85,7 +85,7 @@ def extract(
     trait: Annotated[str, typer.Argument(help="Built-in trait name or trait JSON path.")],
     model: ModelOpt = DEFAULT_MODEL,
     profile: ProfileOpt = "quick",
-    out: Annotated[Path | None, typer.Option(help="Run directory (default runs/TRAIT-MODEL).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run directory (default runs/TRAIT-MODEL-PROFILE).")] = None,
     samples: Annotated[int | None, typer.Option(help="Samples per prompt.")] = None,
     questions: Annotated[int | None, typer.Option(help="Use the first N extraction questions.")] = None,
     max_new_tokens: Annotated[int | None, typer.Option()] = None,
