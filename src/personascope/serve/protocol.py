@@ -307,7 +307,7 @@ class RequestParser:
             raise invalid(f"'seed' must be an integer, got {seed!r}", "seed")
         with self.tok_lock:
             prompt_ids = self.adapter.encode_prompt(self.render(body["messages"]))
-        limit = min(cfg.max_prompt_tokens, self._context_length() - max_tokens)
+        limit = min(cfg.max_prompt_tokens, self.adapter.context_length - max_tokens)
         if len(prompt_ids) > limit:
             raise invalid(f"the prompt has {len(prompt_ids)} tokens; the limit is {limit} with max_tokens={max_tokens}",
                        "messages", "context_length_exceeded")
@@ -319,10 +319,5 @@ class RequestParser:
             top_logprobs=top, stream=stream, include_usage=bool(opts.get("include_usage")),
             steering=self._steering(body.get("steering")), monitor=self._monitor(body.get("monitor")),
         )
-
-    def _context_length(self) -> int:
-        cfg = self.adapter.model.config
-        cfg = getattr(cfg, "text_config", None) or cfg
-        return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 32768)
 
     # -- the worker
