@@ -13,7 +13,7 @@ from importlib import resources
 
 from fastapi import Request
 
-from .engine import Engine, Job
+from .engine import Engine, Job, finite
 from .protocol import LOOPBACK_HOSTS, MAX_JSON_DEPTH, ApiError, ChatRequest, ServeConfig, invalid
 
 # ---------------------------------------------------------------- responses
@@ -29,7 +29,7 @@ def _monitor_head(engine: Engine, req: ChatRequest, prompt: dict[str, float] | N
         return None
     layer = req.monitor.layer
     scale = {n: {"baseline": engine.baselines[n][layer],
-                 "norm": float(engine.vectors[n].vector(layer).norm())} for n in req.monitor.vectors}
+                 "norm": finite(engine.vectors[n].vector(layer).norm())} for n in req.monitor.vectors}
     return {"layer": layer, "vectors": req.monitor.vectors, "prompt": prompt, "scale": scale}
 
 

@@ -13,6 +13,7 @@ serve with `--dtype fp32` or `--max-batch 1` when answers must be reproducible.
 from __future__ import annotations
 
 import asyncio
+import math
 import queue
 import secrets
 import sys
@@ -32,6 +33,12 @@ from .protocol import GREEDY_BELOW, NEUTRAL_PROMPTS, ApiError, ChatRequest, Even
 
 NON_FINITE = ("the model's output became non-finite (inf/NaN) for this request, usually from too strong steering; "
               "lower the coefficient")
+
+
+def finite(x: float) -> float | None:
+    """A float for JSON: None stands for NaN or inf (which JSON cannot carry)."""
+    x = float(x)
+    return x if math.isfinite(x) else None
 
 
 class Engine(RequestParser):
@@ -77,7 +84,7 @@ class Engine(RequestParser):
         items = [(self.adapter.encode_prompt(self.adapter.prompt(p)), []) for p in NEUTRAL_PROMPTS]
         spans, _ = collect_spans(self.adapter, items, batch_size=len(items))
         last = spans["prompt_last"]  # [N, L + 1, d]
-        return {name: [float(project(last[:, layer], pv.vector(layer)).mean()) for layer in range(pv.n_layers + 1)]
+        return {name: [finite(project(last[:, layer], pv.vector(layer)).mean()) for layer in range(pv.n_layers + 1)]
                 for name, pv in self.vectors.items()}
 
     def vector_info(self) -> list[dict]:
@@ -89,9 +96,9 @@ class Engine(RequestParser):
             out.append({
                 "name": name, "trait": pv.trait, "default_layer": layer, "n_layers": pv.n_layers,
                 "has_alpha": pv.resid_norm is not None,
-                "coef_per_alpha": [pv.coef_from_alpha(1.0, la) for la in range(pv.n_layers + 1)]
+                "coef_per_alpha": [finite(pv.coef_from_alpha(1.0, la)) for la in range(pv.n_layers + 1)]
                 if pv.resid_norm is not None else None,
-                "norm": [float(x) for x in norms], "baseline": self.baselines.get(name),
+                "norm": [finite(x) for x in norms], "baseline": self.baselines.get(name),
             })
         return out
 
@@ -202,8 +209,8 @@ class Engine(RequestParser):
 
         return ResidualHooks(self.adapter, [(layer, recorder(layer)) for layer in layers])
 
-    def _projections(self, rows: list[Row], store: dict[int, torch.Tensor]) -> list[dict[str, float] | None]:
-        out: list[dict[str, float] | None] = [None] * len(rows)
+    def _projections(self, rows: list[Row], store: dict[int, torch.Tensor]) -> list[dict[str, float | None] | None]:
+        out: list[dict[str, float | None] | None] = [None] * len(rows)
         cache: dict[tuple[int, str], torch.Tensor] = {}
         for i, r in enumerate(rows):
             mon = r.job.request.monitor
@@ -214,7 +221,7 @@ class Engine(RequestParser):
                 key = (mon.layer, name)
                 if key not in cache:
                     cache[key] = project(store[mon.layer], self.vectors[name].vector(mon.layer)).cpu()
-                vals[name] = float(cache[key][i])
+                vals[name] = finite(cache[key][i])
             out[i] = vals
         return out
 
