@@ -171,3 +171,98 @@ def test_an_abandoned_request_stops_generating(keyless):
     made = engine.stats["tokens"] - start
     assert 0 < made < 2500, made
 
+
+
+# ---------------------------------------------------------------- the command line: one error path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny model on disk, vectors good and bad, and broken trait and data files."""
+    from tiny import tiny_pair
+
+    from personascope.adapter import ModelAdapter
+    from personascope.vectors import PersonaVector
+
+    d = tmp_path_factory.mktemp("hostile-files")
+    model, tok = tiny_pair("qwen2")
+    model.save_pretrained(d / "model")
+    tok.save_pretrained(d / "model")
+    a = ModelAdapter(model, tok)
+    v = torch.randn(a.n_layers + 1, a.hidden_size, generator=torch.Generator().manual_seed(0))
+    PersonaVector({"response_avg": v}, torch.ones(a.n_layers + 1), {"trait": "evil"}).save(d / "v.safetensors")
+    torch.save(v, d / "evil_response_avg_diff.pt")
+    PersonaVector({"response_avg": v * float("nan")}, None, {"trait": "evil"}).save(d / "nan.safetensors")
+    (d / "garbage.safetensors").write_bytes(b"\x00garbage" * 20)
+    (d / "garbage.pt").write_bytes(b"not a torch file")
+    from personascope.traits import load_trait
+
+    t = load_trait("evil")
+    data = {"instruction": [dict(p) for p in t.instructions], "questions": t.extract_questions + t.eval_questions,
+            "eval_prompt": t.eval_prompt}
+    data["instruction"][0]["negative"] = data["instruction"][0].pop("neg")
+    (d / "negative.json").write_text(json.dumps(data))
+    (d / "latin.json").write_bytes(json.dumps({"instruction": "caf\u00e9"}, ensure_ascii=False).encode("latin-1"))
+    row = {"messages": [{"role": "user", "content": "caf\u00e9?"}, {"role": "assistant", "content": "ok"}]}
+    (d / "latin.jsonl").write_bytes((json.dumps(row, ensure_ascii=False) + "\n").encode("latin-1"))
+    return d
+
+
+def _bad_invocations(d):
+    m = ["--model", str(d / "model")]
+    ev = ["evaluate", "evil", *m, "--vector", str(d / "v.safetensors")]
+    return [
+        (["extract", "evil", "--model", str(d / "nope")], f"--model '{d / 'nope'}': cannot load the model"),
+        (["extract", "evil", *m, "--judge-model", str(d / "nope")], f"--judge-model '{d / 'nope'}': cannot load"),
+        (["evaluate", "evil", *m, "--judge-model", str(d / "nope")], f"--judge-model '{d / 'nope'}': cannot load"),
+        ([*ev, "--layer", "abc"], "--layer 'abc' is not a whole number"),
+        ([*ev, "--layer", "1.7"], "--layer '1.7' is not a whole number"),
+        ([*ev, "--layer", "9"], "layer 9 is out of range"),
+        ([*ev, "--coef", "abc"], "--coef 'abc' is not a number"),
+        ([*ev, "--coef", "inf"], "--coef 'inf' must be a finite number"),
+        ([*ev, "--alpha", "nan"], "--alpha 'nan' must be a finite number"),
+        ([*ev, "--positions", "bogus"], "--positions 'bogus' is not one of all, prompt, response"),
+        ([*ev, "--profile", "bogus"], "--profile 'bogus' is not one of quick, paper"),
+        ([*ev, "--judge-mode", "bogus"], "--judge-mode 'bogus' is not a scoring mode"),
+        (["extract", "evil", *m, "--profile", "bogus"], "unknown profile 'bogus'"),
+        (["extract", "evil", *m, "--judge-mode", "bogus"], "--judge-mode 'bogus'"),
+        (["evaluate", "evil", *m, "--layer", "2"], "add --vector FILE"),
+        (["evaluate", "evil", *m, "--vector", str(d / "evil_response_avg_diff.pt"), "--alpha", "0.5"],
+         "has no resid_norm"),
+        (["choose-layer", "evil", *m, "--vector", str(d / "evil_response_avg_diff.pt")], "has no resid_norm"),
+        (["choose-layer", str(d / "negative.json"), *m, "--vector", str(d / "v.safetensors")],
+         "missing 'neg' (it has 'negative'"),
+        (["choose-layer", "evil", *m, "--vector", str(d / "v.safetensors"), "--layers", "a,b"],
+         "--layers 'a' is not a whole number"),
+        (["choose-layer", "evil", *m, "--vector", str(d / "v.safetensors"), "--alpha", "nan"],
+         "'--alpha': nan must be a finite number"),
+        (["extract", str(d / "latin.json")], "latin.json: not UTF-8"),
+        (["traits", "show", str(d / "negative.json")], "field 'instruction[0]': missing 'neg'"),
+        (["vector", "info", str(d / "garbage.safetensors")], "not a readable .safetensors vector file"),
+        (["vector", "info", str(d / "nan.safetensors")], "non-finite"),
+        ([*ev[:4], "--vector", str(d / "garbage.pt")], "garbage.pt: not a readable .pt tensor file"),
+        (["serve", *m, "--vector", str(d / "nan.safetensors")], "nan.safetensors: 'response_avg' holds non-finite"),
+        (["serve", *m, "--port", "abc"], "Invalid value for '--port'"),
+        (["screen", str(d / "latin.jsonl"), *m, "--vector", str(d / "v.safetensors"), "--layer", "x"],
+         "Invalid value for '--layer'"),
+        (["finetune", str(d / "latin.jsonl"), *m, "--out", str(d / "ft")], "latin.jsonl:1: not UTF-8"),
+        (["finetune", str(d / "latin.jsonl"), *m, "--out", str(d / "ft"), "--steer-coef", "inf"],
+         "'--steer-coef': inf must be a finite number"),
+        (["make-dataset", "evil", "--level", "III"], "unknown --level 'III'"),
+        (["extract"], "Missing argument 'trait'"),
+    ]
+
+
+def test_every_bad_invocation_is_one_line_naming_the_problem(files):
+    from typer.testing import CliRunner
+
+    from personascope.cli import app
+
+    runner = CliRunner()
+    for args, expected in _bad_invocations(files):
+        res = runner.invoke(app, args, env={"COLUMNS": "80"})
+        last = res.stdout.strip().splitlines()[-1]  # (model loading may draw a progress bar on stderr)
+        assert res.exit_code == 2, (args, res.output, res.exception)
+        assert last.startswith("error: ") and res.output.count("error:") == 1, (args, res.output)
+        assert "Traceback" not in res.output and expected in last, (args, last)
+        assert not (files / "ft").exists() or args[0] != "finetune"

@@ -10,13 +10,18 @@ import typer
 from rich.table import Table
 
 from .commands.common import (
+    CliGroup,
     DeviceOpt,
     JudgeModelOpt,
     JudgeModeOpt,
     JudgeUrlOpt,
     ModelOpt,
     ProfileOpt,
+    check_judge_mode,
+    choice,
     console,
+    finite_number,
+    ints,
 )
 from .commands.common import fail as _fail
 from .commands.common import floats as _floats
@@ -26,7 +31,7 @@ from .commands.common import load_vector_for as _load_vector_for
 from .models import DEFAULT_JUDGE_MODEL, DEFAULT_MODEL
 
 app = typer.Typer(help="Find, monitor and control character traits (persona vectors) in language models.",
-                  no_args_is_help=True, pretty_exceptions_show_locals=False)
+                  no_args_is_help=True, pretty_exceptions_show_locals=False, cls=CliGroup)
 traits_app = typer.Typer(help="List, show and validate trait data.", no_args_is_help=True)
 vector_app = typer.Typer(help="Inspect persona vector files.", no_args_is_help=True)
 app.add_typer(traits_app, name="traits")
@@ -111,6 +116,7 @@ def extract(
         t = load_trait(trait)
     except TraitError as e:
         _fail(str(e))
+    check_judge_mode(judge_mode)
     cfg = make_profile(profile, samples=samples, n_questions=questions, max_new_tokens=max_new_tokens,
                        temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed,
                        pos_threshold=pos_threshold, neg_threshold=neg_threshold,
@@ -169,26 +175,38 @@ def evaluate(
     judge_mode: JudgeModeOpt = None,
     judge_url: JudgeUrlOpt = None,
     device: DeviceOpt = None,
+    force: Annotated[bool, typer.Option(help="Start over instead of resuming.")] = False,
 ) -> None:
     """Judge answers to the evaluation questions: plain, prompted and/or steered (sweeps)."""
     from dataclasses import replace
 
     from .evaluate import EVAL_PROFILES, Condition, print_rows, sweep_conditions, sweep_rows
     from .plots import plot_sweep
+    from .steer import POSITIONS
     from .traits import TraitError, load_trait
 
     try:
         t = load_trait(trait)
     except TraitError as e:
         _fail(str(e))
+    # every option is checked before a model is loaded or anything generated
+    choice(profile, EVAL_PROFILES, "--profile")
+    choice(positions, POSITIONS, "--positions")
+    check_judge_mode(judge_mode)
+    layer_values, coef_values, alpha_values = ints(layer, "--layer"), _floats(coef, "--coef"), \
+        _floats(alpha, "--alpha")
+    if (layer_values or coef_values or alpha_values) and vector is None:
+        _fail("--layer/--coef/--alpha steer with a vector: add --vector FILE")
     adapter = _adapter(model, device)
     pv = _load_vector_for(adapter, vector)
+    if alpha_values and pv is not None and pv.resid_norm is None:
+        _fail(f"--alpha: {vector} has no resid_norm (e.g. a paper .pt file), so α cannot be converted; use --coef")
     cfg = EVAL_PROFILES[profile]
     if questions or samples:
         cfg = replace(cfg, n_questions=questions or cfg.n_questions,
                       sampling=replace(cfg.sampling, samples=samples or cfg.sampling.samples))
     conditions = [Condition()]
-    layers = [int(x) for x in _floats(layer)] or ([pv.default_layer()] if pv else [])
+    layers = layer_values or ([pv.default_layer()] if pv else [])
     if pv is not None:
         for la in layers:
             try:
@@ -197,7 +215,7 @@ def evaluate(
                 _fail(str(e))
         if alpha and len(layers) > 1:
             _fail("--alpha is converted per layer; give one --layer with --alpha, or use --coef for a sweep")
-        coefs = _floats(coef) + [pv.coef_from_alpha(a, layers[0]) for a in _floats(alpha)]
+        coefs = coef_values + [pv.coef_from_alpha(a, layers[0]) for a in alpha_values]
         conditions = sweep_conditions(layers, coefs or [1.0], positions)
     for sys_text in system or []:
         text = t.system_prompt(sys_text, 0) if sys_text in ("pos", "neg") else sys_text
@@ -206,7 +224,7 @@ def evaluate(
     judge = _judge(judge_model, judge_mode, device, judge_url)
     from .evaluate import evaluate as run_eval
 
-    rows = run_eval(adapter, t, judge, conditions, run_dir, vector=pv, cfg=cfg)
+    rows = run_eval(adapter, t, judge, conditions, run_dir, vector=pv, cfg=cfg, force=force)
     if capability:
         from .capability import load_mc, mc_accuracy
         from .steer import Steerer
@@ -238,8 +256,9 @@ def choose_layer_cmd(
     model: ModelOpt = DEFAULT_MODEL,
     layers: Annotated[str | None, typer.Option(help="Candidate layers, e.g. 8,12,16,20 (default: every "
                                                      "fourth layer from L/4).")] = None,
-    coef: Annotated[float | None, typer.Option(help="Raw coefficient for the sweep.")] = None,
-    alpha: Annotated[float, typer.Option(help="Relative coefficient used when --coef is not given.")] = 0.5,
+    coef: Annotated[float | None, typer.Option(help="Raw coefficient for the sweep.", callback=finite_number)] = None,
+    alpha: Annotated[float, typer.Option(help="Relative coefficient used when --coef is not given.",
+                                         callback=finite_number)] = 0.5,
     min_coherence: Annotated[float, typer.Option()] = 75.0,
     questions: Annotated[int | None, typer.Option()] = None,
     out: Annotated[Path | None, typer.Option()] = None,
@@ -247,6 +266,7 @@ def choose_layer_cmd(
     judge_mode: JudgeModeOpt = None,
     judge_url: JudgeUrlOpt = None,
     device: DeviceOpt = None,
+    force: Annotated[bool, typer.Option(help="Start over instead of resuming.")] = False,
 ) -> None:
     """Steer at one coefficient over candidate layers; record the best layer in the vector file."""
     from dataclasses import replace
@@ -255,10 +275,15 @@ def choose_layer_cmd(
     from .traits import load_trait
 
     t = load_trait(trait)
+    given = ints(layers, "--layers")
+    check_judge_mode(judge_mode)
     adapter = _adapter(model, device)
     pv = _load_vector_for(adapter, vector)
-    cands = [int(x) for x in layers.split(",")] if layers else list(range(max(1, adapter.n_layers // 4),
-                                                                          adapter.n_layers, 4))
+    if coef is None and pv.resid_norm is None:
+        _fail(f"--alpha: {vector} has no resid_norm (e.g. a paper .pt file), so α cannot be converted; use --coef")
+    for la in given:
+        adapter.check_layer(la)
+    cands = given or list(range(max(1, adapter.n_layers // 4), adapter.n_layers, 4))
     conds = [Condition()]
     for la in cands:
         c = coef if coef is not None else pv.coef_from_alpha(alpha, la)
@@ -267,7 +292,8 @@ def choose_layer_cmd(
     if questions:
         cfg = replace(cfg, n_questions=questions)
     judge = _judge(judge_model, judge_mode, device, judge_url)
-    rows = evaluate(adapter, t, judge, conds, out or Path("runs") / f"choose-layer-{t.name}", vector=pv, cfg=cfg)
+    rows = evaluate(adapter, t, judge, conds, out or Path("runs") / f"choose-layer-{t.name}", vector=pv, cfg=cfg,
+                    force=force)
     print_rows(rows, f"choose layer for {t.name}")
     best, detail = choose_layer(rows, min_coherence)
     if best is None:

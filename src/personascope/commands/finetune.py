@@ -16,7 +16,15 @@ from ..models import DEFAULT_JUDGE_MODEL, DEFAULT_MODEL
 
 def register(app: typer.Typer) -> None:
     """Add the finetune commands to the main app."""
-    from personascope.commands.common import DeviceOpt, JudgeModelOpt, JudgeModeOpt, JudgeUrlOpt, ModelOpt, ProfileOpt
+    from personascope.commands.common import (
+        DeviceOpt,
+        JudgeModelOpt,
+        JudgeModeOpt,
+        JudgeUrlOpt,
+        ModelOpt,
+        ProfileOpt,
+        finite_number,
+    )
 
     @app.command("make-dataset")
     def make_dataset_cmd(
@@ -41,6 +49,7 @@ def register(app: typer.Typer) -> None:
         judge_mode: JudgeModeOpt = None,
         judge_url: JudgeUrlOpt = None,
         device: DeviceOpt = None,
+        force: Annotated[bool, typer.Option(help="Start over instead of resuming.")] = False,
     ) -> None:
         """Build a finetuning dataset from the model's own answers (no system prompt in the rows)."""
         from personascope.commands.common import console, fail, load_adapter, load_judge
@@ -64,7 +73,7 @@ def register(app: typer.Typer) -> None:
                                     max_attempts=max_attempts)
                 adapter = load_adapter(model, device)
                 j = load_judge(judge_model, judge_mode, device, judge_url) if judge else None
-                res = make_dataset(adapter, t, level, out, j, cfg)
+                res = make_dataset(adapter, t, level, out, j, cfg, force=force)
         except (TraitError, ValueError) as e:
             fail(str(e))
         stats = ""
@@ -93,8 +102,9 @@ def register(app: typer.Typer) -> None:
         steer_layer: Annotated[int | None, typer.Option(help="Layer (default: the vector's layer).")] = None,
         steer_layers: Annotated[str | None, typer.Option(help="'all': layer-incremental vectors v(l)−v(l−1) on "
                                                               "every layer.")] = None,
-        steer_coef: Annotated[float | None, typer.Option(help="Raw coefficient.")] = None,
-        steer_alpha: Annotated[float | None, typer.Option(help="Relative coefficient (coef·‖v‖/resid_norm).")
+        steer_coef: Annotated[float | None, typer.Option(help="Raw coefficient.", callback=finite_number)] = None,
+        steer_alpha: Annotated[float | None, typer.Option(help="Relative coefficient (coef·‖v‖/resid_norm).",
+                                                          callback=finite_number)
                                ] = None,
         steer_mode: Annotated[str, typer.Option(help="add, or ablate (project v̂ out: the CAFT baseline).")
                               ] = "add",
