@@ -112,6 +112,13 @@ class ModelAdapter:
         return str(getattr(self.model.config, "name_or_path", "") or type(self.model).__name__)
 
     @property
+    def context_length(self) -> int:
+        """The most positions the model takes (max_position_embeddings / n_positions; 32768 when unknown)."""
+        cfg = self.model.config
+        cfg = getattr(cfg, "text_config", None) or cfg
+        return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 32768)
+
+    @property
     def architecture(self) -> str:
         archs = getattr(self.model.config, "architectures", None) or [type(self.model).__name__]
         return archs[0]

@@ -5,9 +5,10 @@ from __future__ import annotations
 import typer
 
 from .commands import demo, evaluate, extract, finetune, interop, judge, monitor, screen, serve, shift, traits, vector
+from .commands.common import CliGroup
 
 app = typer.Typer(help="Find, monitor and control character traits (persona vectors) in language models.",
-                  no_args_is_help=True, pretty_exceptions_show_locals=False)
+                  no_args_is_help=True, pretty_exceptions_show_locals=False, cls=CliGroup)
 traits_app = traits.register(app)  # traits list / show (and `traits new`, attached by commands/serve.py)
 vector_app = vector.register(app)  # vector info (export / import attached by commands/interop.py)
 

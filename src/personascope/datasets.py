@@ -28,7 +28,7 @@ from .chat import DatasetError
 from .generate import SamplingConfig, run_generation
 from .judge import Judge
 from .scoring import ScoreCache, judge_answers
-from .store import JsonlStore, write_json
+from .store import JsonlStore, bind_run, fingerprint, write_json
 from .traits import Trait
 
 console = Console(stderr=True)
@@ -155,8 +155,11 @@ def make_dataset(
     judge: Judge | None = None,
     cfg: DatasetConfig | None = None,
     cluster=None,
+    force: bool = False,
 ) -> DatasetResult:
     """Generate, judge, filter and write a chat JSONL dataset of the given level (resumable).
+
+    The work folder next to `out` is bound to the model, sampling, judge and trait; `force` starts over.
 
     Without a judge nothing is filtered (every first sample is kept): useful for tests and for
     models whose answers need no check. With a `cluster` (cluster.RayCluster) generation and
@@ -179,6 +182,15 @@ def make_dataset(
     for j in slots:
         j["system"] = trait.system_prompt(j["side"], j["instruction"])
     work = work_dir_for(out)
+    samp = cfg.sampling
+    bind_run(work, {
+        "model": adapter.name, "config_hash": adapter.config_hash, "trait": trait.name,
+        "instructions": fingerprint(trait.instructions), "samples": samp.samples, "seed": samp.seed,
+        "temperature": samp.temperature, "top_p": samp.top_p, "max_new_tokens": samp.max_new_tokens,
+        "judge": None if judge is None else judge.name,
+        "judge_mode": None if judge is None else judge.describe_mode("trait", trait),
+        "rubric": fingerprint(trait.eval_prompt),
+    }, "dataset work folder", force, ("answers.jsonl", "scores.jsonl"))
     # keyed by question, side and instruction (not level): levels share the answers they have in common
     store = JsonlStore(work / "answers.jsonl", ("question", "side", "instruction", "sample"))
     scores = ScoreCache(work / "scores.jsonl")

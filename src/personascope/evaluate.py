@@ -19,7 +19,7 @@ from .generate import SamplingConfig, run_generation
 from .judge import Judge
 from .scoring import ScoreCache, judge_answers
 from .steer import Steerer
-from .store import JsonlStore, write_json
+from .store import JsonlStore, bind_run, fingerprint, write_json
 from .traits import Trait
 from .vectors import PersonaVector
 
@@ -77,10 +77,13 @@ def evaluate(
     vector: PersonaVector | None = None,
     cfg: EvalConfig | None = None,
     cluster=None,
+    force: bool = False,
 ) -> list[dict]:
     """Generate and judge answers for every condition; returns one summary row per condition.
 
-    With a `cluster` (cluster.RayCluster) generation (steered on the actors) and judging run on its actors.
+    Resumable: `run_dir` is bound to the model, sampling, judge and vector (other settings are
+    refused unless `force`, which starts over); conditions may be added to a folder freely. With a
+    `cluster` (cluster.RayCluster) generation (steered on the actors) and judging run on its actors.
     """
     cfg = cfg or EVAL_PROFILES["quick"]
     run_dir = Path(run_dir)
@@ -89,6 +92,15 @@ def evaluate(
     if vector is not None:
         vector.check(adapter)
     questions = trait.eval_questions[: cfg.n_questions] if cfg.n_questions else trait.eval_questions
+    samp = cfg.sampling
+    bind_run(run_dir, {
+        "model": adapter.name, "config_hash": adapter.config_hash, "trait": trait.name,
+        "questions": fingerprint(questions), "samples": samp.samples, "seed": samp.seed,
+        "temperature": samp.temperature, "top_p": samp.top_p, "max_new_tokens": samp.max_new_tokens,
+        "judge": judge.name, "judge_mode": judge.describe_mode("trait", trait),
+        "rubric": fingerprint(trait.eval_prompt),
+        "vector": None if vector is None else fingerprint(vector.vectors["response_avg"].float().numpy().tobytes()),
+    }, "steering evaluation", force, ("answers.jsonl", "scores.jsonl"))
     store = JsonlStore(run_dir / "answers.jsonl", ("condition", "question", "sample"))
     scores = ScoreCache(run_dir / "scores.jsonl")
     rows = []

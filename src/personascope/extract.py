@@ -21,7 +21,7 @@ from .adapter import ModelAdapter
 from .generate import SamplingConfig, progress_bar, run_generation
 from .judge import Judge
 from .scoring import ScoreCache, judge_answers
-from .store import JsonlStore, write_json
+from .store import JsonlStore, bind_run, fingerprint, write_json
 from .traits import Trait, load_trait
 from .vectors import PersonaVector, base_metadata
 
@@ -40,13 +40,14 @@ class ExtractConfig:
     coherence_threshold: float = 50.0
     extract_batch_size: int = 8
     judge_batch_size: int = 8
+    profile: str = "custom"  # the named profile it came from (part of the default run folder)
 
 
 PROFILES: dict[str, ExtractConfig] = {
     "paper": ExtractConfig(SamplingConfig(samples=10, temperature=1.0, top_p=1.0, max_new_tokens=1000,
-                                          batch_size=16)),
+                                          batch_size=16), profile="paper"),
     "quick": ExtractConfig(SamplingConfig(samples=1, temperature=0.8, top_p=1.0, max_new_tokens=64,
-                                          batch_size=10), n_questions=10),
+                                          batch_size=10), n_questions=10, profile="quick"),
 }
 
 
@@ -57,13 +58,27 @@ def profile(name: str, **overrides) -> ExtractConfig:
     cfg = PROFILES[name]
     samp = {k: v for k, v in overrides.items() if k in SamplingConfig.__dataclass_fields__ and v is not None}
     rest = {k: v for k, v in overrides.items() if k in ExtractConfig.__dataclass_fields__ and v is not None}
-    return replace(cfg, sampling=replace(cfg.sampling, **samp), **rest)
+    return replace(cfg, sampling=replace(cfg.sampling, **samp), profile=name, **rest)
 
 
 ANSWER_KEY = ("side", "instruction", "question", "sample")
 
 
 # ------------------------------------------------------------------------- stage 1: generate
+
+
+def run_settings(adapter: ModelAdapter, trait: Trait, cfg: ExtractConfig, judge: Judge) -> dict:
+    """What determines a run folder's answers and scores (thresholds only filter, so they may change)."""
+    samp = cfg.sampling
+    jobs = answer_jobs(trait, cfg)
+    return {"model": adapter.name, "config_hash": adapter.config_hash, "trait": trait.name,
+            "prompts": fingerprint([(j["system"], j["question_text"]) for j in jobs]),
+            "questions": cfg.n_questions, "instructions": cfg.n_instructions, "samples": samp.samples,
+            "seed": samp.seed, "temperature": samp.temperature, "top_p": samp.top_p,
+            "max_new_tokens": samp.max_new_tokens, "profile": cfg.profile, "judge": judge.name,
+            "judge_modes": {"trait": judge.describe_mode("trait", trait),
+                            "coherence": judge.describe_mode("coherence")},
+            "rubric": fingerprint(trait.eval_prompt)}
 
 
 def answer_jobs(trait: Trait, cfg: ExtractConfig) -> list[dict]:
@@ -206,14 +221,15 @@ def extract_vector(
     adapter = model if isinstance(model, ModelAdapter) else ModelAdapter(model, tokenizer)
     trait = load_trait(trait) if isinstance(trait, str) else trait
     cfg = config or PROFILES["quick"]
-    run_dir = Path(run_dir or Path("runs") / f"{trait.name}-{adapter.name.replace('/', '_')}")
-    if force and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(run_dir or Path("runs") / f"{trait.name}-{adapter.name.replace('/', '_')}-{cfg.profile}")
     if judge is None:
         from .judge import load_local_judge
 
         judge = load_local_judge()
+    if force and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    bind_run(run_dir, run_settings(adapter, trait, cfg, judge), "persona-vector extraction")
 
     answers = generate_answers(adapter, trait, run_dir, cfg, cluster)
     scored = score_answers(judge, trait, answers, run_dir, cfg, cluster)

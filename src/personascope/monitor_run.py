@@ -21,7 +21,7 @@ from .judge import Judge
 from .monitor import mean_or_none, pearson_r, trace_generation
 from .monitor_report import truncate, write_report
 from .scoring import ScoreCache, judge_answers
-from .store import JsonlStore, read_jsonl
+from .store import JsonlStore, bind_run, fingerprint, read_jsonl
 from .traits import Trait
 from .vectors import PersonaVector
 
@@ -233,12 +233,14 @@ def run_monitor(
     ladder: Sequence[str] | None = None,
     shot_pool: Sequence[tuple[str, str]] | None = None,
     screenshot: bool = True,
+    force: bool = False,
 ) -> MonitorResult:
     """Both monitoring experiments: generate (resumable), judge (cached), correlate, plot and write the report.
 
     `ladder`: system prompts from suppressing to eliciting (default: the built-in one of the trait);
     `shot_pool`: (question, answer) examples showing the trait (default: the pos answers saved
-    next to the vector file, see `load_shot_pool`).
+    next to the vector file, see `load_shot_pool`). `out_dir` is bound to the model, sampling and
+    judge (other settings are refused unless `force`, which starts over).
     """
     t0 = time.time()
     cfg = cfg or MONITOR_PROFILES["quick"]
@@ -268,6 +270,12 @@ def run_monitor(
         raise ValueError("nothing to run: no ladder and no in-context examples")
     vid = _vector_id(vector, layer)
     jobs = [{**j, "prompt_id": f"{j['prompt_id']}-{vid}"} for j in jobs]
+    bind_run(out, {
+        "model": adapter.name, "config_hash": adapter.config_hash, "trait": trait.name, "samples": cfg.samples,
+        "seed": cfg.seed, "temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
+        "judge": judge.name, "judge_mode": judge.describe_mode("trait", trait),
+        "rubric": fingerprint(trait.eval_prompt),
+    }, "monitoring run", force, ("answers.jsonl", "scores.jsonl"))
     store = JsonlStore(out / "answers.jsonl", ANSWER_KEY)
     generate_traced(adapter, jobs, store, vector, layer, cfg)
     answers = [store.record_for(j) for j in jobs]

@@ -38,7 +38,7 @@ import torch
 
 from .activations import iter_span_batches
 from .adapter import ModelAdapter
-from .chat import ChatError, check_messages, split_answer
+from .chat import MAX_ROW_BYTES, ChatError, check_messages, split_answer
 from .generate import generate_batch
 from .vectors import PersonaVector
 
@@ -117,6 +117,8 @@ def csv_fields(path: Path) -> list[str]:
 def read_rows(path: str | Path) -> Iterator[Row | BadRow]:
     """Stream the rows of a chat JSONL or a prompt/response CSV; malformed rows come out as BadRow.
 
+    Rows over MAX_ROW_BYTES are BadRows too (screening also skips rows longer than the model's context).
+
     Line numbers are 1-based physical lines (for CSV, the line a record starts on; the header is
     line 1). Blank JSONL lines are not rows.
     """
@@ -127,7 +129,10 @@ def read_rows(path: str | Path) -> Iterator[Row | BadRow]:
             reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
             start = 2
             for rec in reader:
-                if None in rec:
+                size = sum(len(v) for v in rec.values() if isinstance(v, str))
+                if size > MAX_ROW_BYTES:
+                    yield BadRow(start, f"the row has {size} characters; the limit is {MAX_ROW_BYTES}")
+                elif None in rec:
                     yield BadRow(start, f"{len(rec[None])} more fields than the header")
                 else:
                     yield parse_record({k: v for k, v in rec.items() if v is not None}, start)
@@ -135,6 +140,9 @@ def read_rows(path: str | Path) -> Iterator[Row | BadRow]:
         return
     with path.open("rb") as f:
         for lineno, bline in enumerate(f, 1):
+            if len(bline) > MAX_ROW_BYTES:
+                yield BadRow(lineno, f"the row is {len(bline)} bytes; the limit is {MAX_ROW_BYTES}")
+                continue
             try:
                 text = bline.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:

@@ -159,8 +159,20 @@ def process_chunk(adapter: ModelAdapter, chunk: list[Row | BadRow], dirs: dict[s
             good.append((r, adapter.render(r.messages)))
         except Exception as e:  # a template that rejects this conversation
             recs[r.line] = {"line": r.line, "error": f"chat template failed: {e}"}
+    data_items: list[tuple[list[int], list[int]]] = []
+    fits: list[tuple[Row, str]] = []
+    ctx, extra = adapter.context_length, cfg.max_new_tokens if cfg.method == "generate" else 0
+    for r, p in good:
+        item = adapter.encode_pair(p, r.response)
+        need = len(item[0]) + max(len(item[1]), extra)  # the model's own answer needs room too
+        if need > ctx:
+            recs[r.line] = {"line": r.line, "error": f"too long for the model: {len(item[0])} prompt + "
+                            f"{max(len(item[1]), extra)} answer tokens; its context is {ctx}"}
+            continue
+        data_items.append(item)
+        fits.append((r, p))
+    good = fits
     if good:
-        data_items = [adapter.encode_pair(p, r.response) for r, p in good]
         model_items, answers = None, None
         if cfg.method == "generate":
             if cache is None:

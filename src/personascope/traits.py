@@ -73,8 +73,14 @@ def validate_trait_dict(data: object, path: str, n_questions: int | None = N_QUE
         raise _fail(path, "instruction", f"expected a list of {N_PAIRS} pos/neg pairs, got "
                     f"{len(inst) if isinstance(inst, list) else type(inst).__name__}")
     for i, pair in enumerate(inst):
-        if not isinstance(pair, dict) or set(pair) < {"pos", "neg"}:
+        if not isinstance(pair, dict):
             raise _fail(path, f"instruction[{i}]", "expected an object with 'pos' and 'neg'")
+        missing = [k for k in ("pos", "neg") if k not in pair]
+        if missing:
+            extra = sorted(set(pair) - {"pos", "neg"})
+            raise _fail(path, f"instruction[{i}]", f"missing {' and '.join(repr(k) for k in missing)}"
+                        + (f" (it has {', '.join(repr(k) for k in extra)}; the keys must be 'pos' and 'neg')"
+                           if extra else ""))
         for side in ("pos", "neg"):
             if not isinstance(pair[side], str) or not pair[side].strip():
                 raise _fail(path, f"instruction[{i}].{side}", "expected a non-empty string")
@@ -99,11 +105,15 @@ def validate_trait_dict(data: object, path: str, n_questions: int | None = N_QUE
 
 def _read_json(path: Path) -> object:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise TraitError(f"{path}: file not found") from None
+    except UnicodeDecodeError as e:
+        raise TraitError(f"{path}: not UTF-8 ({e.reason} at byte {e.start}); save the file as UTF-8") from None
     except json.JSONDecodeError as e:
         raise TraitError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise TraitError(f"{path}: cannot be read ({e.strerror or e})") from None
 
 
 def builtin_traits() -> list[str]:

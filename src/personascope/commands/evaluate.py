@@ -18,9 +18,12 @@ from .common import (
     ModelOpt,
     ProfileOpt,
     alpha_to_coef,
+    check_judge_mode,
     check_layers,
+    choice,
     console,
     fail,
+    finite_number,
     floats,
     ints,
     load_adapter,
@@ -53,6 +56,7 @@ def evaluate(
     judge_mode: JudgeModeOpt = None,
     judge_url: JudgeUrlOpt = None,
     device: DeviceOpt = None,
+    force: Annotated[bool, typer.Option(help="Start over instead of resuming.")] = False,
     ray: RayOpt = None,
     workers: WorkersOpt = None,
     gpus_per_worker: GpusPerWorkerOpt = None,
@@ -62,8 +66,16 @@ def evaluate(
 
     from ..evaluate import EVAL_PROFILES, Condition, print_rows, sweep_conditions, sweep_rows
     from ..plots import plot_sweep
+    from ..steer import POSITIONS
 
     t = load_trait_or_fail(trait)
+    # every option is checked before a model is loaded or anything generated
+    choice(profile, EVAL_PROFILES, "--profile")
+    choice(positions, POSITIONS, "--positions")
+    check_judge_mode(judge_mode)
+    layer_values, coef_values, alpha_values = ints(layer, "--layer"), floats(coef, "--coef"), floats(alpha, "--alpha")
+    if (layer_values or coef_values or alpha_values) and vector is None:
+        fail("--layer/--coef/--alpha steer with a vector: add --vector FILE")
     if capability and (ray is not None or workers is not None):
         fail("--capability runs on the driver's model; measure it in a run without --ray/--workers")
     with cluster_session(model, device, ray, workers, gpus_per_worker, None if judge_url else judge_model,
@@ -75,12 +87,12 @@ def evaluate(
             cfg = replace(cfg, n_questions=questions or cfg.n_questions,
                           sampling=replace(cfg.sampling, samples=samples or cfg.sampling.samples))
         conditions = [Condition()]
-        layers = ints(layer, "--layer") or ([pv.default_layer()] if pv else [])
+        layers = layer_values or ([pv.default_layer()] if pv else [])
         if pv is not None:
             check_layers(adapter, layers, "--layer")
-            if alpha and len(layers) > 1:
+            if alpha_values and len(layers) > 1:
                 fail("--alpha is converted per layer; give one --layer with --alpha, or use --coef for a sweep")
-            coefs = floats(coef, "--coef") + [alpha_to_coef(pv, a, layers[0]) for a in floats(alpha, "--alpha")]
+            coefs = coef_values + [alpha_to_coef(pv, a, layers[0]) for a in alpha_values]
             conditions = sweep_conditions(layers, coefs or [1.0], positions)
         for sys_text in system or []:
             text = t.system_prompt(sys_text, 0) if sys_text in ("pos", "neg") else sys_text
@@ -89,7 +101,7 @@ def evaluate(
         judge = driver_judge(cluster, judge_model, judge_mode, device, judge_url)
         from ..evaluate import evaluate as run_eval
 
-        rows = run_eval(adapter, t, judge, conditions, run_dir, vector=pv, cfg=cfg, cluster=cluster)
+        rows = run_eval(adapter, t, judge, conditions, run_dir, vector=pv, cfg=cfg, cluster=cluster, force=force)
         if capability:
             from ..capability import load_mc
             from ..evaluate import capability_per_row
@@ -111,8 +123,9 @@ def choose_layer_cmd(
     model: ModelOpt = DEFAULT_MODEL,
     layers: Annotated[str | None, typer.Option(help="Candidate layers, e.g. 8,12,16,20 (default: every "
                                                      "fourth layer from L/4).")] = None,
-    coef: Annotated[float | None, typer.Option(help="Raw coefficient for the sweep.")] = None,
-    alpha: Annotated[float, typer.Option(help="Relative coefficient used when --coef is not given.")] = 0.5,
+    coef: Annotated[float | None, typer.Option(help="Raw coefficient for the sweep.", callback=finite_number)] = None,
+    alpha: Annotated[float, typer.Option(help="Relative coefficient used when --coef is not given.",
+                                         callback=finite_number)] = 0.5,
     min_coherence: Annotated[float, typer.Option()] = 75.0,
     questions: Annotated[int | None, typer.Option()] = None,
     out: Annotated[Path | None, typer.Option()] = None,
@@ -120,6 +133,7 @@ def choose_layer_cmd(
     judge_mode: JudgeModeOpt = None,
     judge_url: JudgeUrlOpt = None,
     device: DeviceOpt = None,
+    force: Annotated[bool, typer.Option(help="Start over instead of resuming.")] = False,
 ) -> None:
     """Steer at one coefficient over candidate layers; record the best layer in the vector file."""
     from dataclasses import replace
@@ -130,6 +144,7 @@ def choose_layer_cmd(
     given = ints(layers, "--layers")
     if layers is not None and not given:
         fail(f"--layers needs at least one layer, got {layers!r}")
+    check_judge_mode(judge_mode)
     adapter = load_adapter(model, device)
     pv = load_vector_for(adapter, vector)
     cands = check_layers(adapter, given, "--layers") or list(range(max(1, adapter.n_layers // 4),
@@ -142,7 +157,8 @@ def choose_layer_cmd(
     if questions:
         cfg = replace(cfg, n_questions=questions)
     judge = load_judge(judge_model, judge_mode, device, judge_url)
-    rows = evaluate(adapter, t, judge, conds, out or Path("runs") / f"choose-layer-{t.name}", vector=pv, cfg=cfg)
+    rows = evaluate(adapter, t, judge, conds, out or Path("runs") / f"choose-layer-{t.name}", vector=pv, cfg=cfg,
+                    force=force)
     print_rows(rows, f"choose layer for {t.name}")
     best, detail = choose_layer(rows, min_coherence)
     if best is None:

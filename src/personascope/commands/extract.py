@@ -16,6 +16,7 @@ from .common import (
     JudgeUrlOpt,
     ModelOpt,
     ProfileOpt,
+    check_judge_mode,
     fail,
     load_trait_or_fail,
 )
@@ -25,7 +26,7 @@ def extract(
     trait: Annotated[str, typer.Argument(help="Built-in trait name or trait JSON path.")],
     model: ModelOpt = DEFAULT_MODEL,
     profile: ProfileOpt = "quick",
-    out: Annotated[Path | None, typer.Option(help="Run directory (default runs/TRAIT-MODEL).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run directory (default runs/TRAIT-MODEL-PROFILE).")] = None,
     samples: Annotated[int | None, typer.Option(help="Samples per prompt.")] = None,
     questions: Annotated[int | None, typer.Option(help="Use the first N extraction questions.")] = None,
     max_new_tokens: Annotated[int | None, typer.Option()] = None,
@@ -50,6 +51,7 @@ def extract(
     from ..extract import profile as make_profile
 
     t = load_trait_or_fail(trait)
+    check_judge_mode(judge_mode)
     cfg = make_profile(profile, samples=samples, n_questions=questions, max_new_tokens=max_new_tokens,
                        temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed,
                        pos_threshold=pos_threshold, neg_threshold=neg_threshold,

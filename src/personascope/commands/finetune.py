@@ -16,7 +16,15 @@ from ..models import DEFAULT_JUDGE_MODEL, DEFAULT_MODEL
 
 def register(app: typer.Typer) -> None:
     """Add the finetune commands to the main app."""
-    from personascope.commands.common import DeviceOpt, JudgeModelOpt, JudgeModeOpt, JudgeUrlOpt, ModelOpt, ProfileOpt
+    from personascope.commands.common import (
+        DeviceOpt,
+        JudgeModelOpt,
+        JudgeModeOpt,
+        JudgeUrlOpt,
+        ModelOpt,
+        ProfileOpt,
+        finite_number,
+    )
 
     from .cluster_options import GpusPerWorkerOpt, RayOpt, WorkersOpt, cluster_session, driver_judge, driver_model
 
@@ -46,6 +54,7 @@ def register(app: typer.Typer) -> None:
         ray: RayOpt = None,
         workers: WorkersOpt = None,
         gpus_per_worker: GpusPerWorkerOpt = None,
+        force: Annotated[bool, typer.Option(help="Start over instead of resuming.")] = False,
     ) -> None:
         """Build a finetuning dataset from the model's own answers (no system prompt in the rows)."""
         from personascope.commands.common import console, fail
@@ -71,7 +80,7 @@ def register(app: typer.Typer) -> None:
                                      judge_model if judge and not judge_url else None, judge_mode) as cluster:
                     adapter = driver_model(cluster, model, device)
                     j = driver_judge(cluster, judge_model, judge_mode, device, judge_url) if judge else None
-                    res = make_dataset(adapter, t, level, out, j, cfg, cluster)
+                    res = make_dataset(adapter, t, level, out, j, cfg, cluster, force=force)
         except (TraitError, ValueError) as e:
             fail(str(e))
         stats = ""
@@ -100,8 +109,9 @@ def register(app: typer.Typer) -> None:
         steer_layer: Annotated[int | None, typer.Option(help="Layer (default: the vector's layer).")] = None,
         steer_layers: Annotated[str | None, typer.Option(help="'all': layer-incremental vectors v(l)−v(l−1) on "
                                                               "every layer.")] = None,
-        steer_coef: Annotated[float | None, typer.Option(help="Raw coefficient.")] = None,
-        steer_alpha: Annotated[float | None, typer.Option(help="Relative coefficient (coef·‖v‖/resid_norm).")
+        steer_coef: Annotated[float | None, typer.Option(help="Raw coefficient.", callback=finite_number)] = None,
+        steer_alpha: Annotated[float | None, typer.Option(help="Relative coefficient (coef·‖v‖/resid_norm).",
+                                                          callback=finite_number)
                                ] = None,
         steer_mode: Annotated[str, typer.Option(help="add, or ablate (project v̂ out: the CAFT baseline).")
                               ] = "add",

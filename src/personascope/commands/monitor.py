@@ -57,6 +57,7 @@ def register(app: typer.Typer) -> None:
         judge_mode: JudgeModeOpt = None,
         judge_url: JudgeUrlOpt = None,
         device: DeviceOpt = None,
+        force: Annotated[bool, typer.Option(help="Start over instead of resuming.")] = False,
     ) -> None:
         """Does the last prompt token's projection predict the trait? System-prompt ladder and many-shot, with r."""
         from dataclasses import replace
@@ -110,7 +111,7 @@ def register(app: typer.Typer) -> None:
         run_dir = out or Path("runs") / f"monitor-{t.name}-{adapter.name.replace('/', '_')}"
         try:
             result = run_monitor(adapter, t, judge, pv, run_dir, cfg, layer=layer, ladder=lad, shot_pool=pool,
-                                 screenshot=screenshot)
+                                 screenshot=screenshot, force=force)
         except ValueError as e:
             fail(str(e))
         print_result(result)

@@ -14,8 +14,8 @@ from importlib import resources
 
 from fastapi import Request
 
-from .engine import Engine, Job
-from .protocol import ApiError, ChatRequest, invalid
+from .engine import Engine, Job, finite
+from .protocol import LOOPBACK_HOSTS, MAX_JSON_DEPTH, ApiError, ChatRequest, ServeConfig, invalid
 
 # ---------------------------------------------------------------- responses
 
@@ -25,12 +25,12 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def _monitor_head(engine: Engine, req: ChatRequest, prompt: dict[str, float] | None) -> dict | None:
+def _monitor_head(engine: Engine, req: ChatRequest, prompt: dict[str, float | None] | None) -> dict | None:
     if req.monitor is None:
         return None
     layer = req.monitor.layer
     scale = {n: {"baseline": engine.baselines[n][layer],
-                 "norm": float(engine.vectors[n].vector(layer).norm())} for n in req.monitor.vectors}
+                 "norm": finite(engine.vectors[n].vector(layer).norm())} for n in req.monitor.vectors}
     return {"layer": layer, "vectors": req.monitor.vectors, "prompt": prompt, "scale": scale}
 
 
@@ -47,7 +47,7 @@ class _Choice:
     text: list[str] = field(default_factory=list)
     logprobs: list[dict] = field(default_factory=list)
     tokens: list[str] = field(default_factory=list)
-    proj: list[dict[str, float]] = field(default_factory=list)
+    proj: list[dict[str, float | None]] = field(default_factory=list)
     finish: str | None = None
 
 
@@ -90,6 +90,64 @@ async def complete(engine: Engine, req: ChatRequest, job: Job, rid: str) -> dict
     if req.steering:
         resp["steering"] = _steering_echo(req)
     return resp
+
+
+async def cancel_on_disconnect(request: Request, job: Job, every: float = 0.1) -> None:
+    """End a non-streaming job when its client goes away, so an abandoned request stops generating."""
+    while not job.cancelled:
+        if await request.is_disconnected():
+            job.fail(ApiError(499, "the client closed the connection", None, "client_closed"))
+            return
+        await asyncio.sleep(every)
+
+
+def json_depth(value: object) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (iterative: no recursion limit)."""
+    depth, level = 0, [value]
+    while level:
+        containers = [v for v in level if isinstance(v, dict | list)]
+        if not containers:
+            break
+        depth += 1
+        level = [x for c in containers for x in (c.values() if isinstance(c, dict) else c)]
+    return depth
+
+
+def host_name(header: str) -> str:
+    """The host part of a Host header ('[::1]:8000' -> '::1', 'localhost:80' -> 'localhost')."""
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+class BrowserGuard:
+    """ASGI middleware refusing what any web page could send: a non-JSON POST (which skips the CORS
+    preflight) and, on a keyless loopback server, a non-loopback Host header (DNS rebinding)."""
+
+    def __init__(self, app, config: ServeConfig):
+        self.app, self.config = app, config
+
+    def refusal(self, method: str, headers: dict[str, str]) -> ApiError | None:
+        host = headers.get("host", "")
+        if self.config.guard_host and host_name(host.lower()) not in LOOPBACK_HOSTS:
+            return ApiError(403, f"Host {host!r} is not a loopback name: a keyless server on loopback answers only "
+                            "requests addressed to 127.0.0.1, localhost or [::1]", None, "forbidden_host")
+        ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+        if method == "POST" and ctype != "application/json":
+            return ApiError(415, f"POST bodies must be sent as 'Content-Type: application/json', got {ctype!r}", None,
+                            "unsupported_media_type")
+        return None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            from fastapi.responses import JSONResponse
+
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            err = self.refusal(scope["method"], headers)
+            if err is not None:
+                await JSONResponse(err.body(), status_code=err.status)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _sse(obj: dict | str) -> str:
@@ -163,7 +221,9 @@ def create_app(engine: Engine):
 
     @app.exception_handler(ApiError)
     async def api_error(request, exc: ApiError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    app.add_middleware(BrowserGuard, config=cfg)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc: StarletteHTTPException):
@@ -180,12 +240,15 @@ def create_app(engine: Engine):
         return JSONResponse(ApiError(500, f"internal error: {type(exc).__name__}", None, None, "server_error")
                             .body(), status_code=500)
 
-    def authorize(request: Request) -> None:
+    def authorized(request: Request) -> bool:
         if cfg.api_key is None:
-            return
+            return True
         header = request.headers.get("authorization", "")
         given = header[7:].strip() if header.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(given.encode(), cfg.api_key.encode()):
+        return hmac.compare_digest(given.encode(), cfg.api_key.encode())
+
+    def authorize(request: Request) -> None:
+        if not authorized(request):
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", None,
                            "invalid_api_key")
 
@@ -202,18 +265,24 @@ def create_app(engine: Engine):
                                "request_too_large")
             chunks.append(chunk)
         try:
-            return json.loads(b"".join(chunks))
+            body = json.loads(b"".join(chunks))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise invalid(f"the request body is not valid JSON: {e}", None, "invalid_json") from None
+        except RecursionError:
+            raise invalid(f"the request body nests deeper than {MAX_JSON_DEPTH} levels", None, "invalid_json") from None
+        if json_depth(body) > MAX_JSON_DEPTH:
+            raise invalid(f"the request body nests deeper than {MAX_JSON_DEPTH} levels", None, "invalid_json")
+        return body
 
     @app.get("/", response_class=HTMLResponse)
     async def dashboard():
         return HTMLResponse(_dashboard_html())
 
     @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": engine.model_id, "auth": cfg.api_key is not None,
-                "pending": engine.pending, **engine.stats}
+    async def health(request: Request):
+        """Liveness and load; the model (it may be a local path) only for an authorised caller."""
+        out = {"status": "ok", "auth": cfg.api_key is not None, "pending": engine.pending, **engine.stats}
+        return {**out, "model": engine.model_id} if authorized(request) else out
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -243,10 +312,12 @@ def create_app(engine: Engine):
         if req.stream:
             return StreamingResponse(stream(engine, req, job, rid), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        watcher = asyncio.create_task(cancel_on_disconnect(request, job))
         try:
             return JSONResponse(await complete(engine, req, job, rid))
         finally:
             job.cancelled = True
+            watcher.cancel()
 
     return app
 
