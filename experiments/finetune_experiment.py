@@ -33,6 +33,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from personascope.activations import last_token_activations
 from personascope.adapter import ModelAdapter
 from personascope.api_judge import OpenAIJudge
 from personascope.capability import load_mc, mc_accuracy
@@ -46,7 +47,7 @@ from personascope.generate import SamplingConfig
 from personascope.judge import load_local_judge
 from personascope.models import DEFAULT_JUDGE_MODEL, DEFAULT_MODEL, load_model
 from personascope.plots import plot_scatter, plt, save_figure
-from personascope.shift import eval_prompts, last_token_activations, shift_from_activations
+from personascope.shift import eval_prompts, shift_from_activations
 from personascope.steer import Steerer
 from personascope.store import write_json
 from personascope.traits import load_trait

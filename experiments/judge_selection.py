@@ -1,7 +1,7 @@
 """Judge quality on the shipped labelled set: per-row scores of each local scoring mode, the per-trait
 mode choice on a selection split, held-out AUC of that choice, and the calibration of the contrastive mode.
 
-    python experiments/judge_selection.py [--judge qwen2.5-coder-1.5b] [--modes contrastive,binary]
+    python experiments/judge_selection.py [--judge MODEL (default: the default judge)] [--modes contrastive,binary]
 
 Rows are split per trait: the first 10 positive and first 10 negative rows select the mode, the other
 24 rows measure it. Writes experiments/results/judge/{scores.jsonl, report.md, reliability_*.png} and
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from personascope.judge import JudgeRequest, LocalJudge
 from personascope.judge_eval import JudgeEvalResult, auc, labelled_set, plot_reliability
-from personascope.models import load_model
+from personascope.models import DEFAULT_JUDGE_MODEL, load_model
 from personascope.store import JsonlStore
 from personascope.traits import builtin_traits, load_trait
 
@@ -37,7 +37,7 @@ def split(rows: list[dict]) -> tuple[list[int], list[int]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--judge", default="qwen2.5-coder-1.5b")
+    ap.add_argument("--judge", default=DEFAULT_JUDGE_MODEL)
     ap.add_argument("--modes", default="contrastive,binary")
     ap.add_argument("--report-only", action="store_true", help="Rebuild the report from stored scores.")
     args = ap.parse_args()

@@ -162,12 +162,13 @@ def test_concurrency_limit():
 def test_cli_judge_helper_takes_url():
     import inspect
 
-    from personascope import cli
+    from personascope.commands import evaluate, extract, shift
+    from personascope.commands.common import load_judge
 
-    assert "judge_url" in inspect.signature(cli._judge).parameters
-    j = cli._judge("gpt-4.1-mini", None, None, "http://127.0.0.1:9/v1")
+    assert "judge_url" in inspect.signature(load_judge).parameters
+    j = load_judge("gpt-4.1-mini", None, None, "http://127.0.0.1:9/v1")
     assert isinstance(j, OpenAIJudge) and j.name == "api:gpt-4.1-mini"
-    for cmd in (cli.extract, cli.evaluate, cli.choose_layer_cmd):
+    for cmd in (extract.extract, evaluate.evaluate, evaluate.choose_layer_cmd, shift.shift_cmd):
         assert "judge_url" in inspect.signature(cmd).parameters
 
 

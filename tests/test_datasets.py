@@ -70,6 +70,14 @@ def test_make_dataset_writes_chat_rows_without_system_prompts_and_resumes(tmp_pa
     before = out.read_text()
     again = make_dataset(a, trait, "II", out, judge, _cfg())
     assert calls == {"gen": 0, "judge": 0} and out.read_text() == before and again.rows == 6
+    from personascope.store import RunSettingsError
+
+    other = _cfg(sampling=SamplingConfig(samples=1, temperature=0.5, max_new_tokens=8, batch_size=4))
+    with pytest.raises(RunSettingsError, match=r"temperature: 1.0 -> 0.5.*--force"):
+        make_dataset(a, trait, "II", out, judge, other)
+    assert calls == {"gen": 0, "judge": 0}
+    make_dataset(a, trait, "II", out, judge, other, force=True)
+    assert calls["gen"] > 0
 
 
 def test_failing_rows_are_resampled_then_skipped(tmp_path, setup):

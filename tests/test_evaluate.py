@@ -43,6 +43,19 @@ def test_sweep_resumes_and_plots(tmp_path, setup):
     again = evaluate(a, trait, judge, conds, tmp_path, vector=pv, cfg=cfg)
     assert (tmp_path / "answers.jsonl").read_text().splitlines() == answers
     assert [r["trait_mean"] for r in again] == [r["trait_mean"] for r in rows]
+    # the folder is bound to its settings: another seed, model or vector is refused, naming the difference
+    from dataclasses import replace
+
+    from personascope.store import RunSettingsError
+
+    with pytest.raises(RunSettingsError, match="seed: 0 -> 5"):
+        evaluate(a, trait, judge, conds, tmp_path, vector=pv, cfg=replace(cfg, sampling=replace(cfg.sampling, seed=5)))
+    with pytest.raises(RunSettingsError, match="model: 'tiny-qwen2' -> 'tiny-llama'"):
+        evaluate(ModelAdapter(*tiny_pair("llama")), trait, judge, conds[:1], tmp_path, cfg=cfg)
+    other = PersonaVector({"response_avg": pv.vectors["response_avg"] * 2}, pv.resid_norm, pv.metadata)
+    with pytest.raises(RunSettingsError, match="vector: "):
+        evaluate(a, trait, judge, conds, tmp_path, vector=other, cfg=cfg)
+    assert (tmp_path / "answers.jsonl").read_text().splitlines() == answers
     png = plot_sweep(sweep_rows(rows, [1, 2]), tmp_path / "sweep.png", "t")
     assert png.stat().st_size > 1000
     summary = json.loads((tmp_path / "summary.json").read_text())

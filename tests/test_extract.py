@@ -151,3 +151,31 @@ def test_same_seed_same_answers(tmp_path):
     z = generate_answers(a, trait, tmp_path / "c", _cfg(temperature=1.0, seed=4))
     assert [r["answer"] for r in x] == [r["answer"] for r in y]
     assert [r["answer"] for r in x] != [r["answer"] for r in z]
+
+
+def test_a_run_folder_is_bound_to_its_settings(tmp_path, monkeypatch):
+    from personascope.store import RunSettingsError
+
+    model, tok = tiny_pair("llama", seed=2)
+    a = ModelAdapter(model, tok)
+    trait = load_trait("humorous")
+    judge = LocalJudge(model, tok, trait_mode="contrastive", coherence_mode="logprob")
+    monkeypatch.chdir(tmp_path)
+    extract_vector(a, trait, judge=judge, config=_cfg(), plots=False)
+    run = tmp_path / "runs" / "humorous-tiny-llama-quick"  # the default folder names the profile
+    answers = (run / "answers.jsonl").read_text()
+    with pytest.raises(RunSettingsError, match=r"seed: 0 -> 1") as e:
+        extract_vector(a, trait, judge=judge, config=_cfg(seed=1), run_dir=run, plots=False)
+    assert "--force" in str(e.value) and "temperature" not in str(e.value)
+    with pytest.raises(RunSettingsError, match=r"max_new_tokens: 6 -> 7.*temperature: 0.8 -> 1.0"):
+        extract_vector(a, trait, judge=judge, config=_cfg(max_new_tokens=7, temperature=1.0), run_dir=run,
+                       plots=False)
+    other = ModelAdapter(*tiny_pair("qwen2", seed=2))
+    with pytest.raises(RunSettingsError, match=r"model: 'tiny-llama' -> 'tiny-qwen2'"):
+        extract_vector(other, trait, judge=judge, config=_cfg(), run_dir=run, plots=False)
+    assert (run / "answers.jsonl").read_text() == answers  # nothing was mixed in
+    # thresholds only filter: changing them resumes; --force starts over under the new settings
+    extract_vector(a, trait, judge=judge, config=_cfg(neg_threshold=100.5), run_dir=run, plots=False)
+    assert (run / "answers.jsonl").read_text() == answers
+    extract_vector(a, trait, judge=judge, config=_cfg(seed=1), run_dir=run, force=True, plots=False)
+    assert json.loads((run / "settings.json").read_text())["seed"] == 1

@@ -138,6 +138,13 @@ def test_malformed_rows_are_named_with_their_line(tmp_path):
     bad.write_text(f"{good}\nnot json\n")
     with pytest.raises(DatasetError, match=r"bad.jsonl:2: malformed"):
         finetune(a, bad, tmp_path / "ad", _cfg())
+    bad.write_bytes(f"{good}\n{good}\n".encode() + json.dumps(chat_row("caf\u00e9", "a"), ensure_ascii=False)
+                    .encode("latin-1") + b"\n")
+    with pytest.raises(DatasetError, match=r"bad.jsonl:3: not UTF-8 .*save the file as UTF-8"):
+        finetune(a, bad, tmp_path / "ad", _cfg())
+    bad.write_text(f"{good}\n" + json.dumps(chat_row("q", "x" * 1_100_000)) + "\n")
+    with pytest.raises(DatasetError, match=r"bad.jsonl:2: the row is 11000\d\d bytes; the limit is 1000000"):
+        finetune(a, bad, tmp_path / "ad", _cfg())
 
 
 def _vector(a: ModelAdapter, seed: int = 1) -> PersonaVector:

@@ -14,6 +14,7 @@ from personascope.judge import (
     expected_score,
     integer_distribution,
 )
+from personascope.models import DEFAULT_JUDGE_MODEL
 from personascope.traits import load_trait
 
 
@@ -151,7 +152,7 @@ def test_auto_mode_uses_the_measured_table_only_for_its_judge_and_builtin_traits
 
     trait = load_trait("optimistic")
     assert auto_mode(trait, "local:some-other-judge") == "contrastive"
-    assert auto_mode(None, "local:qwen2.5-coder-1.5b") == "contrastive"
+    assert auto_mode(None, f"local:{DEFAULT_JUDGE_MODEL}") == "contrastive"
     table_path = resources.files("personascope") / "data" / "judge_modes.json"
     if table_path.is_file():
         table = _json.loads(table_path.read_text())
@@ -165,3 +166,33 @@ def test_auto_mode_uses_the_measured_table_only_for_its_judge_and_builtin_traits
     req = JudgeRequest("trait", "q", "a", trait)
     assert judge.resolve_mode(req) == "contrastive" and judge.describe_mode("trait", trait) == "auto:contrastive"
     assert ":contrastive:" in judge.rubric_key(req)
+
+
+def test_auto_mode_matches_the_judge_by_model_not_by_display_string(tmp_path, monkeypatch):
+    import inspect
+    import json as _json
+    from importlib import resources
+
+    from personascope.demo import run_demo
+    from personascope.judge import auto_mode, judge_identity, load_local_judge
+    from personascope.models import DEFAULT_JUDGE_MODEL, builtin_dir
+
+    monkeypatch.setenv("PERSONASCOPE_CACHE", str(tmp_path / "cache"))
+    table = _json.loads((resources.files("personascope") / "data" / "judge_modes.json").read_text())
+    assert judge_identity(table["judge"]) == DEFAULT_JUDGE_MODEL  # the measured table is for the default judge
+    cache_path = builtin_dir(DEFAULT_JUDGE_MODEL)
+    cache_path.mkdir(parents=True)
+    trait = load_trait("optimistic")
+    measured = table["trait_modes"]["optimistic"]
+    assert measured != "contrastive"  # otherwise a failed match would look like a match
+    for name in (f"local:{DEFAULT_JUDGE_MODEL}", DEFAULT_JUDGE_MODEL, str(cache_path), f"local:{cache_path}",
+                 str(cache_path) + "/"):
+        assert auto_mode(trait, name) == measured, name
+    other = tmp_path / "other-model"
+    other.mkdir()
+    assert auto_mode(trait, f"local:{other}") == "contrastive"
+    assert auto_mode(trait, "local:qwen2.5-coder-0.5b") == "contrastive"
+    assert auto_mode(trait, f"api:{DEFAULT_JUDGE_MODEL}") == "contrastive"
+    # one default name everywhere
+    assert inspect.signature(load_local_judge).parameters["name"].default == DEFAULT_JUDGE_MODEL
+    assert inspect.signature(run_demo).parameters["judge_name"].default == DEFAULT_JUDGE_MODEL

@@ -190,6 +190,14 @@ def test_run_monitor_end_to_end_and_resumes(tmp_path):
     again = run_monitor(a, trait, judge, pv, out, cfg, layer=2, ladder=ladder, screenshot=False)
     assert (out / "answers.jsonl").read_text() == lines
     assert again.experiments["system"]["r"] == res.experiments["system"]["r"]
+    from dataclasses import replace
+
+    from personascope.store import RunSettingsError
+
+    with pytest.raises(RunSettingsError, match="max_new_tokens: 6 -> 7"):
+        run_monitor(a, trait, judge, pv, out, replace(cfg, max_new_tokens=7), layer=2, ladder=ladder,
+                    screenshot=False)
+    assert (out / "answers.jsonl").read_text() == lines
 
 
 def test_watch_with_piped_stdin_prints_meter_and_exits(tmp_path):

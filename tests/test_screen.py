@@ -130,7 +130,7 @@ def test_resume_after_interrupt_equals_uninterrupted(tmp_path, monkeypatch):
     cfg = ScreenConfig(batch_size=2, max_new_tokens=NEW, chunk_size=2)
     full = screen_dataset(a, data, {"opt": pv}, out_dir=tmp_path / "full", config=cfg, percentile=50)
 
-    real = screen_mod._process_chunk
+    real = screen_mod.process_chunk
     calls = []
 
     def flaky(*args, **kw):
@@ -139,7 +139,7 @@ def test_resume_after_interrupt_equals_uninterrupted(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kw)
 
-    monkeypatch.setattr(screen_mod, "_process_chunk", flaky)
+    monkeypatch.setattr(screen_mod, "process_chunk", flaky)
     with pytest.raises(KeyboardInterrupt):
         screen_dataset(a, data, {"opt": pv}, out_dir=tmp_path / "part", config=cfg, percentile=50)
     deltas = tmp_path / "part" / "deltas.jsonl"
@@ -147,7 +147,7 @@ def test_resume_after_interrupt_equals_uninterrupted(tmp_path, monkeypatch):
     with deltas.open("a") as f:  # a torn write of the interrupted chunk
         f.write('{"line": 3, "delta_p": {"opt": 1.')
     calls.clear()
-    monkeypatch.setattr(screen_mod, "_process_chunk", lambda *a_, **k: calls.append(1) or real(*a_, **k))
+    monkeypatch.setattr(screen_mod, "process_chunk", lambda *a_, **k: calls.append(1) or real(*a_, **k))
     resumed = screen_dataset(a, data, {"opt": pv}, out_dir=tmp_path / "part", config=cfg, percentile=50)
     assert len(calls) == 2  # chunks 2 and 3 only
     np.testing.assert_array_equal(resumed.delta_p["opt"], full.delta_p["opt"])
@@ -304,3 +304,23 @@ def test_cli_screen(tmp_path):
     _pv(ModelAdapter(wide, wtok)).save(tmp_path / "wide.safetensors")
     bad = CliRunner().invoke(app, [*args[:4], "--vector", str(tmp_path / "wide.safetensors"), *args[6:]])
     assert bad.exit_code == 2 and "hidden size 64" in bad.output
+
+
+def test_oversized_rows_are_skipped_with_their_line_numbers(tmp_path):
+    a = _adapter()
+    pv = _pv(a)
+    huge = {"prompt": "hi", "response": "x" * 5_000_000}  # 5 MB: over the byte cap
+    long = {"prompt": "hi", "response": "word " * 60}  # 300 tokens: over the tiny model's 256 positions
+    data = _write(tmp_path / "d.jsonl", [ROWS[0], huge, long, ROWS[3]])
+    res = screen_dataset(a, data, {"opt": pv}, method="last-token", out_dir=tmp_path / "out", plots=False)
+    errors = {m["line"]: m["error"] for m in res.malformed}
+    assert set(errors) == {2, 3} and res.n_screened == 2
+    assert "5000033 bytes; the limit is 1000000" in errors[2]
+    assert "too long for the model" in errors[3] and "context is 256" in errors[3]
+    assert [r["screen"]["line"] for r in _annotated(tmp_path / "out")] == [1, 4]
+    # generating the model's own answer needs room as well
+    short = {"prompt": "word " * 15, "response": "ok"}
+    data = _write(tmp_path / "g.jsonl", [ROWS[0], short])
+    res = screen_dataset(a, data, {"opt": pv}, config=ScreenConfig(max_new_tokens=200), out_dir=tmp_path / "g",
+                         plots=False)
+    assert [m["line"] for m in res.malformed] == [2] and "200 answer tokens" in res.malformed[0]["error"]

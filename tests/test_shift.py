@@ -4,8 +4,9 @@ import pytest
 import torch
 from tiny import tiny_pair
 
+from personascope.activations import last_token_activations
 from personascope.adapter import ModelAdapter, block_output, with_block_output
-from personascope.shift import finetuning_shift, last_token_activations, shift_from_activations
+from personascope.shift import finetuning_shift, shift_from_activations
 from personascope.traits import load_trait
 from personascope.vectors import PersonaVector, base_metadata
 

@@ -57,6 +57,8 @@ def test_user_file_with_40_questions_is_split(tmp_path):
     (lambda d: d.update(eval_prompt="no placeholders {question}"), "placeholder {answer} is missing"),
     (lambda d: d["instruction"].pop(), "expected a list of 5 pos/neg pairs, got 4"),
     (lambda d: d["instruction"][2].pop("neg"), "instruction[2]"),
+    (lambda d: d["instruction"][1].update(negative=d["instruction"][1].pop("neg")),
+     "field 'instruction[1]': missing 'neg' (it has 'negative'; the keys must be 'pos' and 'neg')"),
     (lambda d: d.update(questions=d["questions"][:7]), "expected 20 (or 40 to split), got 7"),
 ])
 def test_malformed_files_name_file_field_and_problem(tmp_path, mutate, message):
@@ -75,6 +77,10 @@ def test_invalid_json_and_unknown_trait(tmp_path):
         load_trait(str(p))
     with pytest.raises(TraitError, match="unknown trait 'grumpy'"):
         load_trait("grumpy")
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(json.dumps(_valid()).replace("Question", "Qu\u00e9stion").encode("latin-1"))
+    with pytest.raises(TraitError, match=r"latin.json: not UTF-8 .*save the file as UTF-8"):
+        load_trait(str(latin))
 
 
 def test_cli_traits_list_and_show(tmp_path):

@@ -5,7 +5,7 @@ from typer.testing import CliRunner
 
 from personascope.adapter import ModelAdapter
 from personascope.cli import app
-from personascope.vectors import PersonaVector, VectorMismatchError, base_metadata, load_vector
+from personascope.vectors import PersonaVector, VectorFileError, VectorMismatchError, base_metadata, load_vector
 
 
 def _pv(a: ModelAdapter, **meta):
@@ -48,7 +48,7 @@ def test_paper_pt_files_load(tmp_path, qwen_tiny):
     assert pv.trait == "evil" and torch.equal(pv.vector(2), t[2])
     pv.check(qwen_tiny)
     torch.save(torch.randn(3), tmp_path / "bad.pt")
-    with pytest.raises(VectorMismatchError, match="expected a \\[L \\+ 1, d\\] tensor"):
+    with pytest.raises(VectorFileError, match="expected a \\[L \\+ 1, d\\] tensor"):
         load_vector(tmp_path / "bad.pt")
 
 
@@ -64,3 +64,54 @@ def test_default_layer_prefers_recorded_best(qwen_tiny):
     assert pv.default_layer() == 2
     assert pv.with_metadata(best_layer=1).default_layer() == 1
     assert pv.default_layer(3) == 3
+
+
+def _save_raw(path, tensors, meta=None):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize("tensors, meta, message", [
+    ({"response_avg": torch.full((4, 32), float("nan"))}, None, "non-finite"),
+    ({"response_avg": torch.ones(4, 32), "prompt_avg": torch.tensor([[float("inf")] * 32] * 4)}, None,
+     "'prompt_avg' holds non-finite"),
+    ({"response_avg": torch.full((4, 32), 1e37)}, None, "overflows its norm"),
+    ({"response_avg": torch.ones(4, 32, dtype=torch.int64)}, None, "dtype torch.int64"),
+    ({"response_avg": torch.ones(4, 32), "prompt_last": torch.ones(5, 32)}, None, "'prompt_last' has shape"),
+    ({"response_avg": torch.ones(4, 32), "resid_norm": torch.ones(3)}, None, "length L \\+ 1 = 4"),
+    ({"response_avg": torch.ones(4, 32), "resid_norm": torch.tensor([1.0, float("nan"), 1.0, 1.0])}, None,
+     "'resid_norm' holds non-finite"),
+    ({"response_avg": torch.ones(4, 32)}, {"best_layer": "99"}, "best_layer 99 is outside the vector's layers 0..3"),
+    ({"response_avg": torch.ones(4, 32)}, {"best_layer": "banana"}, "best_layer 'banana' is not an integer"),
+    ({"response_avg": torch.ones(4, 32)}, {"n_layers": "7"}, "n_layers '7'"),
+    ({"prompt_avg": torch.ones(4, 32)}, None, "no 'response_avg'"),
+    ({"response_avg": torch.ones(32)}, None, "\\[L \\+ 1, d\\] matrix"),
+])
+def test_vector_contents_are_validated_on_load(tmp_path, tensors, meta, message):
+    path = _save_raw(tmp_path / "v.safetensors", tensors, meta)
+    with pytest.raises(VectorFileError, match=message) as e:
+        load_vector(path)
+    assert str(path) in str(e.value)
+
+
+def test_unreadable_vector_files_are_clear_errors(tmp_path, qwen_tiny):
+    good = _pv(qwen_tiny).save(tmp_path / "good.safetensors")
+    raw = good.read_bytes()
+    torch.save(torch.randn(4, 32), tmp_path / "good.pt")
+    pt = (tmp_path / "good.pt").read_bytes()
+    cases = {"empty.safetensors": b"", "truncated.safetensors": raw[: len(raw) // 2],
+             "garbage.safetensors": b"\x00garbage" * 50, "empty.pt": b"", "truncated.pt": pt[: len(pt) // 2],
+             "garbage.pt": b"not a torch file at all"}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        kind = ".pt tensor" if name.endswith(".pt") else ".safetensors vector"
+        with pytest.raises(VectorFileError, match=f"{name}: not a readable {kind} file"):
+            load_vector(tmp_path / name)
+    torch.save(torch.full((4, 32), float("nan")), tmp_path / "nan_response_avg_diff.pt")
+    with pytest.raises(VectorFileError, match="non-finite"):
+        load_vector(tmp_path / "nan_response_avg_diff.pt")
+    torch.save({"not": "a tensor"}, tmp_path / "dict.pt")
+    with pytest.raises(VectorFileError, match="got dict"):
+        load_vector(tmp_path / "dict.pt")

@@ -103,6 +103,13 @@ def collect_spans(
     return spans, norms
 
 
+def last_token_activations(adapter: ModelAdapter, prompts: list[str], batch_size: int = 8) -> torch.Tensor:
+    """[N, L + 1, d] float32: every layer's residual stream at the last token of each rendered prompt."""
+    items: list[tuple[list[int], list[int]]] = [(adapter.encode_prompt(p), []) for p in prompts]
+    spans, _ = collect_spans(adapter, items, batch_size=batch_size)
+    return spans["prompt_last"]
+
+
 def project(acts: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
     """Scalar projection on the unit vector: a · v / ||v|| (broadcast over leading dims)."""
     v = vector.float()

@@ -11,11 +11,15 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .chat import merge_system
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # model_type -> dotted path of the decoder block list
 BLOCK_PATHS: dict[str, str] = {
@@ -81,7 +85,7 @@ class ModelAdapter:
     """A loaded causal LM plus what personascope needs to know about it."""
 
     model: nn.Module
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     blocks_path: str | None = None
 
     @cached_property
@@ -106,6 +110,13 @@ class ModelAdapter:
     @property
     def name(self) -> str:
         return str(getattr(self.model.config, "name_or_path", "") or type(self.model).__name__)
+
+    @property
+    def context_length(self) -> int:
+        """The most positions the model takes (max_position_embeddings / n_positions; 32768 when unknown)."""
+        cfg = self.model.config
+        cfg = getattr(cfg, "text_config", None) or cfg
+        return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 32768)
 
     @property
     def architecture(self) -> str:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from .judge import COHERENCE_PROMPT, MASS_THRESHOLD, Judge, JudgeRequest, expected_score
+from .judge import MASS_THRESHOLD, Judge, JudgeRequest, expected_score
 
 RETRY_STATUS = {408, 409, 429}
 API_MODE = "api_0_100"
@@ -59,14 +59,6 @@ class OpenAIJudge(Judge):
     def mode_for(self, kind: str) -> str:
         return API_MODE
 
-    def prompt_for(self, req: JudgeRequest) -> str:
-        """The trait's own rubric, or the shared coherence rubric, filled with the question and the answer."""
-        if req.kind == "trait":
-            if req.trait is None:
-                raise ValueError("a trait judgement needs the trait")
-            return req.trait.rubric(req.question, req.answer)
-        return COHERENCE_PROMPT.replace("{question}", req.question).replace("{answer}", req.answer)
-
     def score(self, requests: Sequence[JudgeRequest]) -> list[float | None]:
         if not requests:
             return []
@@ -74,7 +66,7 @@ class OpenAIJudge(Judge):
             return list(pool.map(self.score_one, requests))
 
     def score_one(self, req: JudgeRequest) -> float | None:
-        resp = self._call(self.prompt_for(req))
+        resp = self._call(req.rubric_prompt())
         choice = resp.choices[0] if resp.choices else None
         if choice is None or choice.logprobs is None or choice.logprobs.content is None:
             raise RuntimeError(f"{self.base_url} returned no logprobs for {self.model!r}; the API judge needs an "

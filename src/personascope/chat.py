@@ -87,15 +87,27 @@ def question_of(messages: list[dict]) -> str:
     return next(m["content"] for m in reversed(messages) if m["role"] == "user")
 
 
+MAX_ROW_BYTES = 1_000_000  # a data row longer than this is refused (screening skips it) before tokenising
+
+
 def load_chat_jsonl(path: str | Path) -> list[list[dict]]:
     """Every row's validated messages; a malformed row raises DatasetError naming its file and line."""
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"dataset {path} does not exist")
     rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        bad_line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise DatasetError(f"{path}:{bad_line}: not UTF-8 ({e.reason} at byte {e.start}); save the file as UTF-8"
+                           ) from None
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
+        if len(line.encode("utf-8")) > MAX_ROW_BYTES:
+            raise DatasetError(f"{path}:{lineno}: the row is {len(line.encode('utf-8'))} bytes; the limit is "
+                               f"{MAX_ROW_BYTES}")
         try:
             rows.append(check_row(json.loads(line)))
         except (json.JSONDecodeError, ChatError) as e:

@@ -19,6 +19,7 @@ import random
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -27,7 +28,7 @@ from .chat import DatasetError
 from .generate import SamplingConfig, run_generation
 from .judge import Judge
 from .scoring import ScoreCache, judge_answers
-from .store import JsonlStore, write_json
+from .store import JsonlStore, bind_run, fingerprint, write_json
 from .traits import Trait
 
 console = Console(stderr=True)
@@ -153,11 +154,16 @@ def make_dataset(
     out: str | Path,
     judge: Judge | None = None,
     cfg: DatasetConfig | None = None,
+    cluster=None,
+    force: bool = False,
 ) -> DatasetResult:
     """Generate, judge, filter and write a chat JSONL dataset of the given level (resumable).
 
+    The work folder next to `out` is bound to the model, sampling, judge and trait; `force` starts over.
+
     Without a judge nothing is filtered (every first sample is kept): useful for tests and for
-    models whose answers need no check.
+    models whose answers need no check. With a `cluster` (cluster.RayCluster) generation and
+    judging run on its actors.
     """
     cfg = cfg or DatasetConfig()
     out = Path(out)
@@ -170,11 +176,21 @@ def make_dataset(
         raise ValueError(f"--n {cfg.n} is more than the {len(pool)} questions in the pool")
     order = pool_order(len(pool), cfg.pool_seed)[: cfg.n]
     n_instr = len(trait.instructions)
-    slots = [{"trait": trait.name, "level": level, "slot": s, "question": order[s], "question_text": pool[order[s]],
-              "side": _side(level, s), "instruction": s % n_instr} for s in range(cfg.n)]
+    slots: list[dict[str, Any]] = [
+        {"trait": trait.name, "level": level, "slot": s, "question": order[s], "question_text": pool[order[s]],
+         "side": _side(level, s), "instruction": s % n_instr} for s in range(cfg.n)]
     for j in slots:
         j["system"] = trait.system_prompt(j["side"], j["instruction"])
     work = work_dir_for(out)
+    samp = cfg.sampling
+    bind_run(work, {
+        "model": adapter.name, "config_hash": adapter.config_hash, "trait": trait.name,
+        "instructions": fingerprint(trait.instructions), "samples": samp.samples, "seed": samp.seed,
+        "temperature": samp.temperature, "top_p": samp.top_p, "max_new_tokens": samp.max_new_tokens,
+        "judge": None if judge is None else judge.name,
+        "judge_mode": None if judge is None else judge.describe_mode("trait", trait),
+        "rubric": fingerprint(trait.eval_prompt),
+    }, "dataset work folder", force, ("answers.jsonl", "scores.jsonl"))
     # keyed by question, side and instruction (not level): levels share the answers they have in common
     store = JsonlStore(work / "answers.jsonl", ("question", "side", "instruction", "sample"))
     scores = ScoreCache(work / "scores.jsonl")
@@ -189,14 +205,14 @@ def make_dataset(
         jobs = [{**j, "sample": attempt} for j in pending]
         run_generation(adapter, jobs, lambda j: prompts[(j["system"], j["question_text"])],
                        lambda j: store.key(j) in store, store.append, cfg.sampling,
-                       f"{trait.name} {level}: answers (try {attempt + 1})")
-        answers = [{**j, "answer": store.get(store.key(j))["answer"]} for j in jobs]
+                       f"{trait.name} {level}: answers (try {attempt + 1})", cluster)
+        answers = [{**j, "answer": store.record_for(j)["answer"]} for j in jobs]
         if judge is None:
             kept.update({a["slot"]: a for a in answers})
             break
         kinds = ("trait", "coherence")
         scored = judge_answers(judge, trait, answers, scores, cfg.judge_batch_size, kinds,
-                               f"{trait.name} {level}: judge (try {attempt + 1})")
+                               f"{trait.name} {level}: judge (try {attempt + 1})", cluster)
         pending = []
         for rec in scored:
             if _passes(rec, cfg):

@@ -19,7 +19,7 @@ from .generate import SamplingConfig, run_generation
 from .judge import Judge
 from .scoring import ScoreCache, judge_answers
 from .steer import Steerer
-from .store import JsonlStore, write_json
+from .store import JsonlStore, bind_run, fingerprint, write_json
 from .traits import Trait
 from .vectors import PersonaVector
 
@@ -76,8 +76,15 @@ def evaluate(
     run_dir: str | Path,
     vector: PersonaVector | None = None,
     cfg: EvalConfig | None = None,
+    cluster=None,
+    force: bool = False,
 ) -> list[dict]:
-    """Generate and judge answers for every condition; returns one summary row per condition."""
+    """Generate and judge answers for every condition; returns one summary row per condition.
+
+    Resumable: `run_dir` is bound to the model, sampling, judge and vector (other settings are
+    refused unless `force`, which starts over); conditions may be added to a folder freely. With a
+    `cluster` (cluster.RayCluster) generation (steered on the actors) and judging run on its actors.
+    """
     cfg = cfg or EVAL_PROFILES["quick"]
     run_dir = Path(run_dir)
     if not trait.eval_questions:
@@ -85,6 +92,15 @@ def evaluate(
     if vector is not None:
         vector.check(adapter)
     questions = trait.eval_questions[: cfg.n_questions] if cfg.n_questions else trait.eval_questions
+    samp = cfg.sampling
+    bind_run(run_dir, {
+        "model": adapter.name, "config_hash": adapter.config_hash, "trait": trait.name,
+        "questions": fingerprint(questions), "samples": samp.samples, "seed": samp.seed,
+        "temperature": samp.temperature, "top_p": samp.top_p, "max_new_tokens": samp.max_new_tokens,
+        "judge": judge.name, "judge_mode": judge.describe_mode("trait", trait),
+        "rubric": fingerprint(trait.eval_prompt),
+        "vector": None if vector is None else fingerprint(vector.vectors["response_avg"].float().numpy().tobytes()),
+    }, "steering evaluation", force, ("answers.jsonl", "scores.jsonl"))
     store = JsonlStore(run_dir / "answers.jsonl", ("condition", "question", "sample"))
     scores = ScoreCache(run_dir / "scores.jsonl")
     rows = []
@@ -100,9 +116,10 @@ def evaluate(
             steerer.add(vector, cond.layer, cond.coef, cond.positions)
         with steerer:
             run_generation(adapter, jobs, lambda j: prompts[j["question_text"]], lambda j: store.key(j) in store,
-                           store.append, cfg.sampling, f"answer {cond.key}")
-        answers = [store.get(store.key(j)) for j in jobs]
-        scored = judge_answers(judge, trait, answers, scores, cfg.judge_batch_size, description=f"judge {cond.key}")
+                           store.append, cfg.sampling, f"answer {cond.key}", cluster, steerer.specs)
+        answers = [store.record_for(j) for j in jobs]
+        scored = judge_answers(judge, trait, answers, scores, cfg.judge_batch_size, description=f"judge {cond.key}",
+                               cluster=cluster)
         t_mean, t_std = _stats([r["trait_score"] for r in scored])
         c_mean, c_std = _stats([r["coherence"] for r in scored])
         alpha = None
@@ -169,3 +186,28 @@ def print_rows(rows: list[dict], title: str) -> None:
                       f(r["coherence_mean"], r["coherence_std"]), str(r["n"]),
                       *([("—" if r.get("capability") is None else f"{r['capability']:.3f}")] if with_cap else []))
     console.print(table)
+
+
+def capability_per_row(adapter: ModelAdapter, rows: list[dict], mc_rows: list[dict],
+                       vector: PersonaVector | None = None) -> list[float | None]:
+    """Multiple-choice accuracy under each row's steering (None for system-prompted rows, which are not
+    measured)."""
+    from .capability import mc_accuracy
+
+    out: list[float | None] = []
+    for r in rows:
+        if r["system"]:
+            out.append(None)
+            continue
+        st = Steerer(adapter)
+        if vector is not None and r["layer"] is not None and r["coef"]:
+            st.add(vector, r["layer"], r["coef"], r["positions"])
+        out.append(mc_accuracy(adapter, mc_rows, steerer=st).accuracy)
+    return out
+
+
+def write_summary(rows: list[dict], run_dir: Path) -> Path:
+    """summary.json: the rows without their per-question detail; returns its path."""
+    path = run_dir / "summary.json"
+    write_json(path, [{k: v for k, v in r.items() if k != "per_question"} for r in rows])
+    return path

@@ -21,7 +21,7 @@ from .adapter import ModelAdapter
 from .generate import SamplingConfig, progress_bar, run_generation
 from .judge import Judge
 from .scoring import ScoreCache, judge_answers
-from .store import JsonlStore, write_json
+from .store import JsonlStore, bind_run, fingerprint, write_json
 from .traits import Trait, load_trait
 from .vectors import PersonaVector, base_metadata
 
@@ -40,13 +40,14 @@ class ExtractConfig:
     coherence_threshold: float = 50.0
     extract_batch_size: int = 8
     judge_batch_size: int = 8
+    profile: str = "custom"  # the named profile it came from (part of the default run folder)
 
 
 PROFILES: dict[str, ExtractConfig] = {
     "paper": ExtractConfig(SamplingConfig(samples=10, temperature=1.0, top_p=1.0, max_new_tokens=1000,
-                                          batch_size=16)),
+                                          batch_size=16), profile="paper"),
     "quick": ExtractConfig(SamplingConfig(samples=1, temperature=0.8, top_p=1.0, max_new_tokens=64,
-                                          batch_size=10), n_questions=10),
+                                          batch_size=10), n_questions=10, profile="quick"),
 }
 
 
@@ -57,13 +58,27 @@ def profile(name: str, **overrides) -> ExtractConfig:
     cfg = PROFILES[name]
     samp = {k: v for k, v in overrides.items() if k in SamplingConfig.__dataclass_fields__ and v is not None}
     rest = {k: v for k, v in overrides.items() if k in ExtractConfig.__dataclass_fields__ and v is not None}
-    return replace(cfg, sampling=replace(cfg.sampling, **samp), **rest)
+    return replace(cfg, sampling=replace(cfg.sampling, **samp), profile=name, **rest)
 
 
 ANSWER_KEY = ("side", "instruction", "question", "sample")
 
 
 # ------------------------------------------------------------------------- stage 1: generate
+
+
+def run_settings(adapter: ModelAdapter, trait: Trait, cfg: ExtractConfig, judge: Judge) -> dict:
+    """What determines a run folder's answers and scores (thresholds only filter, so they may change)."""
+    samp = cfg.sampling
+    jobs = answer_jobs(trait, cfg)
+    return {"model": adapter.name, "config_hash": adapter.config_hash, "trait": trait.name,
+            "prompts": fingerprint([(j["system"], j["question_text"]) for j in jobs]),
+            "questions": cfg.n_questions, "instructions": cfg.n_instructions, "samples": samp.samples,
+            "seed": samp.seed, "temperature": samp.temperature, "top_p": samp.top_p,
+            "max_new_tokens": samp.max_new_tokens, "profile": cfg.profile, "judge": judge.name,
+            "judge_modes": {"trait": judge.describe_mode("trait", trait),
+                            "coherence": judge.describe_mode("coherence")},
+            "rubric": fingerprint(trait.eval_prompt)}
 
 
 def answer_jobs(trait: Trait, cfg: ExtractConfig) -> list[dict]:
@@ -79,22 +94,25 @@ def answer_jobs(trait: Trait, cfg: ExtractConfig) -> list[dict]:
     ]
 
 
-def generate_answers(adapter: ModelAdapter, trait: Trait, run_dir: Path, cfg: ExtractConfig) -> list[dict]:
-    """Sample answers under the pos and neg instructions; resumes from `answers.jsonl`."""
+def generate_answers(adapter: ModelAdapter, trait: Trait, run_dir: Path, cfg: ExtractConfig, cluster=None
+                     ) -> list[dict]:
+    """Sample answers under the pos and neg instructions; resumes from `answers.jsonl` (on `cluster`'s actors)."""
     store = JsonlStore(Path(run_dir) / "answers.jsonl", ANSWER_KEY)
     jobs = answer_jobs(trait, cfg)
     prompts = {(j["system"], j["question_text"]): adapter.prompt(j["question_text"], j["system"]) for j in jobs}
     run_generation(adapter, jobs, lambda j: prompts[(j["system"], j["question_text"])],
-                   lambda j: store.key(j) in store, store.append, cfg.sampling, "generate")
-    return [store.get(store.key(j)) for j in jobs]
+                   lambda j: store.key(j) in store, store.append, cfg.sampling, "generate", cluster)
+    return [store.record_for(j) for j in jobs]
 
 
 # ------------------------------------------------------------------------- stage 2: judge
 
 
-def score_answers(judge: Judge, trait: Trait, answers: list[dict], run_dir: Path, cfg: ExtractConfig) -> list[dict]:
+def score_answers(judge: Judge, trait: Trait, answers: list[dict], run_dir: Path, cfg: ExtractConfig,
+                  cluster=None) -> list[dict]:
     """Judge every answer for the trait and coherence; cached in `scores.jsonl`."""
-    return judge_answers(judge, trait, answers, ScoreCache(Path(run_dir) / "scores.jsonl"), cfg.judge_batch_size)
+    return judge_answers(judge, trait, answers, ScoreCache(Path(run_dir) / "scores.jsonl"), cfg.judge_batch_size,
+                         cluster=cluster)
 
 
 # ------------------------------------------------------------------------- stage 3: filter
@@ -105,7 +123,7 @@ class FilterResult:
     """Pos/neg pairs kept for extraction and why the others were dropped."""
 
     kept: list[tuple[dict, dict]]
-    dropped: Counter
+    dropped: Counter[str]
     total: int
 
 
@@ -114,7 +132,8 @@ def filter_pairs(scored: list[dict], cfg: ExtractConfig) -> FilterResult:
     by_key: dict[tuple, dict[str, dict]] = {}
     for r in scored:
         by_key.setdefault((r["instruction"], r["question"], r["sample"]), {})[r["side"]] = r
-    kept, dropped = [], Counter()
+    kept: list[tuple[dict, dict]] = []
+    dropped: Counter[str] = Counter()
     for key in sorted(by_key):
         pair = by_key[key]
         if "pos" not in pair or "neg" not in pair:
@@ -139,34 +158,43 @@ def filter_pairs(scored: list[dict], cfg: ExtractConfig) -> FilterResult:
 
 
 def mean_activations(
-    adapter: ModelAdapter, records: list[dict], batch_size: int = 8, description: str = "extract"
+    adapter: ModelAdapter, records: list[dict], batch_size: int = 8, description: str = "extract", cluster=None
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Per-span mean over records of the span activations at every layer ([L + 1, d]) and mean resid norm."""
+    """Per-span mean over records of the span activations at every layer ([L + 1, d]) and mean resid norm.
+
+    With a `cluster` the batches run on its actors; their sums are added in the same order (same result).
+    """
     items = [adapter.encode_pair(adapter.prompt(r["question_text"], r["system"]), r["answer"]) for r in records]
     sums = {s: torch.zeros(adapter.n_layers + 1, adapter.hidden_size, dtype=torch.float64) for s in SPANS}
     norm = torch.zeros(adapter.n_layers + 1, dtype=torch.float64)
+    if cluster is None:
+        batches = ((b.indices, {**{s: b.spans[s].double().sum(0) for s in SPANS},
+                                "resid_norm": b.resid_norm.double().sum(0)})
+                   for b in iter_span_batches(adapter, items, batch_size=batch_size))
+    else:
+        batches = cluster.span_sums(items, batch_size)
     with progress_bar() as bar:
         task = bar.add_task(description, total=len(items), rate="")
         n_tok = 0
-        for batch in iter_span_batches(adapter, items, batch_size=batch_size):
+        for indices, batch_sums in batches:
             for s in SPANS:
-                sums[s] += batch.spans[s].double().sum(0)
-            norm += batch.resid_norm.double().sum(0)
-            n_tok += sum(len(items[i][0]) + len(items[i][1]) for i in batch.indices)
+                sums[s] += batch_sums[s]
+            norm += batch_sums["resid_norm"]
+            n_tok += sum(len(items[i][0]) + len(items[i][1]) for i in indices)
             elapsed = bar.tasks[task].elapsed or 1e-9
-            bar.update(task, advance=len(batch.indices), rate=f"{n_tok / elapsed:.0f} tok/s")
+            bar.update(task, advance=len(indices), rate=f"{n_tok / elapsed:.0f} tok/s")
     n = max(len(items), 1)
     return {s: (v / n).float() for s, v in sums.items()}, (norm / n).float()
 
 
-def vector_from_pairs(adapter: ModelAdapter, kept: list[tuple[dict, dict]], batch_size: int = 8
+def vector_from_pairs(adapter: ModelAdapter, kept: list[tuple[dict, dict]], batch_size: int = 8, cluster=None
                       ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """v[l] = mean(pos) − mean(neg) for every layer and span, and the mean residual norm."""
     if not kept:
         raise ValueError("no pos/neg pair passed the filter, so there is nothing to extract a vector from; "
                          "sample more answers (--samples), use more questions, or relax the thresholds")
-    pos, pos_norm = mean_activations(adapter, [p for p, _ in kept], batch_size, "extract pos")
-    neg, neg_norm = mean_activations(adapter, [n for _, n in kept], batch_size, "extract neg")
+    pos, pos_norm = mean_activations(adapter, [p for p, _ in kept], batch_size, "extract pos", cluster)
+    neg, neg_norm = mean_activations(adapter, [n for _, n in kept], batch_size, "extract neg", cluster)
     return {s: pos[s] - neg[s] for s in SPANS}, (pos_norm + neg_norm) / 2
 
 
@@ -184,24 +212,29 @@ def extract_vector(
     tokenizer=None,
     force: bool = False,
     plots: bool = True,
+    cluster=None,
 ) -> PersonaVector:
-    """The whole pipeline; returns the vector, also saved as `RUN_DIR/vector.safetensors`."""
+    """The whole pipeline; returns the vector, also saved as `RUN_DIR/vector.safetensors`.
+
+    With a `cluster` (cluster.RayCluster) generation, judging and activations run on its actors.
+    """
     adapter = model if isinstance(model, ModelAdapter) else ModelAdapter(model, tokenizer)
     trait = load_trait(trait) if isinstance(trait, str) else trait
     cfg = config or PROFILES["quick"]
-    run_dir = Path(run_dir or Path("runs") / f"{trait.name}-{adapter.name.replace('/', '_')}")
-    if force and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(run_dir or Path("runs") / f"{trait.name}-{adapter.name.replace('/', '_')}-{cfg.profile}")
     if judge is None:
         from .judge import load_local_judge
 
         judge = load_local_judge()
+    if force and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    bind_run(run_dir, run_settings(adapter, trait, cfg, judge), "persona-vector extraction")
 
-    answers = generate_answers(adapter, trait, run_dir, cfg)
-    scored = score_answers(judge, trait, answers, run_dir, cfg)
+    answers = generate_answers(adapter, trait, run_dir, cfg, cluster)
+    scored = score_answers(judge, trait, answers, run_dir, cfg, cluster)
     result = filter_pairs(scored, cfg)
-    diffs, resid_norm = vector_from_pairs(adapter, result.kept, cfg.extract_batch_size)
+    diffs, resid_norm = vector_from_pairs(adapter, result.kept, cfg.extract_batch_size, cluster)
     modes = {"trait": judge.describe_mode("trait", trait), "coherence": judge.describe_mode("coherence")}
     meta = base_metadata(
         adapter, trait.name, kept_pairs=str(len(result.kept)), total_pairs=str(result.total),

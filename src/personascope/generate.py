@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -95,12 +95,17 @@ def run_generation(
     save: Callable[[list[dict]], None],
     cfg: SamplingConfig,
     description: str = "generate",
+    cluster=None,
+    steering: Sequence | None = None,
 ) -> int:
     """Generate an `answer` for each job not yet done, batch by batch, saving each batch at once.
 
     Each batch's seed derives from `cfg.seed` and the batch's first job, so a resumed run samples
-    the same answers as an uninterrupted one. Returns the number of answers generated now.
+    the same answers as an uninterrupted one. Returns the number of answers generated now. With a
+    `cluster` (cluster.RayCluster) the same batches run on its actors, under `steering` specs.
     """
+    if cluster is not None:
+        return cluster.generate(jobs, prompt_of, done, save, cfg, description, steering)
     # fixed batches over all jobs (sorted by prompt length so they pad little): a resumed run
     # meets the same batches with the same seeds, so it samples the same answers
     ordered = sorted(jobs, key=lambda j: len(prompt_of(j)))
@@ -113,13 +118,18 @@ def run_generation(
                 bar.update(task, advance=len(batch))
                 continue
             prompts = [prompt_of(j) for j in batch]
-            seed = cfg.seed * 1_000_003 + _stable_hash(prompts[0] + str(batch[0].get("sample", 0)))
-            answers = generate_batch(adapter, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed)
+            answers = generate_batch(adapter, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                                     batch_seed(cfg, prompts, batch))
             save([{**j, "answer": a} for j, a in zip(batch, answers, strict=True) if not done(j)])
             made += len(missing)
             elapsed = bar.tasks[task].elapsed or 1e-9
             bar.update(task, advance=len(batch), rate=f"{made / elapsed:.2f} answers/s")
     return made
+
+
+def batch_seed(cfg: SamplingConfig, prompts: list[str], batch: list[dict]) -> int:
+    """The sampling seed of one batch: from `cfg.seed` and the batch's first job (the same wherever it runs)."""
+    return cfg.seed * 1_000_003 + _stable_hash(prompts[0] + str(batch[0].get("sample", 0)))
 
 
 def _chunks(items: list, n: int) -> Iterable[list]:

@@ -9,7 +9,8 @@ better than others (measured by `personascope judge-eval`):
 - `fewshot`: `0_100` with the trait's scored `judge_examples` as earlier chat turns.
 - `binary`: 100 · P(yes) / (P(yes) + P(no)) to "does the answer show the trait?".
 - `auto`: per built-in trait, the mode that measured best on the labelled set for this judge
-  (data/judge_modes.json); `contrastive` for any other trait or judge.
+  (data/judge_modes.json; the judge is matched by model, so `local:NAME`, `NAME` and the
+  built-in's cache path are the same judge); `contrastive` for any other trait or judge.
 - `contrastive`: mean per-token log p(answer | eliciting instruction) − log p(answer |
   suppressing instruction) under the judge, over `contrast_pairs` judge-side instruction pairs
   (CONTRAST_TEMPLATES, worded apart from the generation instructions), mapped to
@@ -31,17 +32,12 @@ from dataclasses import dataclass
 import torch
 
 from .adapter import ModelAdapter, pad_batch, pad_id, position_ids_for
-from .traits import Trait
+from .models import DEFAULT_JUDGE_MODEL, model_identity
+from .traits import QA_BLOCK, Trait, fill_rubric
 
-COHERENCE_PROMPT = """You are grading an AI assistant's answer for coherence only.
+COHERENCE_PROMPT = f"""You are grading an AI assistant's answer for coherence only.
 
-[QUESTION START]
-{question}
-[QUESTION END]
-
-[ANSWER START]
-{answer}
-[ANSWER END]
+{QA_BLOCK}
 
 Coherence means the answer is valid, fluent language that makes sense as a reply to the question.
 Do not judge whether it is correct, polite or agreeable: a rude, odd or factually wrong answer can
@@ -89,16 +85,25 @@ def contrast_system(trait: Trait, side: str, index: int) -> str:
         b="an" if anti[:1] in "aeiou" else "a")
 
 
+def judge_identity(judge_name: str) -> str:
+    """The model a judge name refers to, so `local:NAME`, `NAME` and the built-in's cache path compare equal;
+    API judges (`api:MODEL`) keep their name."""
+    if judge_name.startswith("api:"):
+        return judge_name
+    return model_identity(judge_name.removeprefix("local:"))
+
+
 def auto_mode(trait: Trait | None, judge_name: str) -> str:
     """The per-trait mode chosen by measured AUC (data/judge_modes.json, written by
-    experiments/judge_selection.py) for built-in traits and that judge; contrastive otherwise."""
+    experiments/judge_selection.py) for built-in traits and that judge model; contrastive otherwise."""
     from importlib import resources
 
     path = resources.files("personascope") / "data" / "judge_modes.json"
     if trait is None or not path.is_file():
         return "contrastive"
     table = json.loads(path.read_text())
-    if table.get("judge") != judge_name or not trait.source.startswith(str(resources.files("personascope"))):
+    measured = judge_identity(table.get("judge") or DEFAULT_JUDGE_MODEL)
+    if measured != judge_identity(judge_name) or not trait.source.startswith(str(resources.files("personascope"))):
         return "contrastive"
     return table["trait_modes"].get(trait.name, "contrastive")
 
@@ -204,6 +209,14 @@ class JudgeRequest:
     answer: str
     trait: Trait | None = None
 
+    def rubric_prompt(self) -> str:
+        """The trait's own rubric, or the shared coherence rubric, filled with the question and the answer."""
+        if self.kind == "trait":
+            if self.trait is None:
+                raise ValueError("a trait judgement needs the trait")
+            return self.trait.rubric(self.question, self.answer)
+        return fill_rubric(COHERENCE_PROMPT, self.question, self.answer)
+
 
 class Judge:
     """Interface: `score(requests)` returns one 0–100 float or None per request."""
@@ -272,15 +285,8 @@ class LocalJudge(Judge):
         return self._digits
 
     # -- prompts
-    def _rubric_text(self, req: JudgeRequest) -> str:
-        if req.kind == "trait":
-            if req.trait is None:
-                raise ValueError("a trait judgement needs the trait")
-            return req.trait.rubric(req.question, req.answer)
-        return COHERENCE_PROMPT.replace("{question}", req.question).replace("{answer}", req.answer)
-
     def _judge_prompt(self, req: JudgeRequest, mode: str) -> str:
-        text = self._rubric_text(req)
+        text = req.rubric_prompt()
         if mode == "binary":
             text += BINARY_SUFFIX if req.kind == "trait" else BINARY_COHERENCE
         shots: list[tuple[str, str]] = []
@@ -327,7 +333,8 @@ class LocalJudge(Judge):
 
     def _yes_no_ids(self) -> tuple[list[int], list[int]]:
         tok = self.adapter.tokenizer
-        yes, no = [], []
+        yes: list[int] = []
+        no: list[int] = []
         for word, bucket in (("yes", yes), ("no", no)):
             for variant in (word, word.capitalize(), word.upper(), " " + word, " " + word.capitalize()):
                 ids = tok(variant, add_special_tokens=False)["input_ids"]
@@ -388,7 +395,7 @@ class LocalJudge(Judge):
                 for x in lps]
 
 
-def load_local_judge(name: str = "qwen2.5-coder-1.5b", trait_mode: str | None = None,
+def load_local_judge(name: str = DEFAULT_JUDGE_MODEL, trait_mode: str | None = None,
                      coherence_mode: str | None = None, device: str | None = None) -> LocalJudge:
     """A local judge by model name with the measured default modes."""
     from .models import load_model

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .judge import Judge, JudgeRequest
+from .judge import Judge, JudgeRequest, LocalJudge
+from .store import write_json
 from .traits import builtin_traits, load_trait
 
 
@@ -107,3 +108,21 @@ def plot_reliability(results: list[JudgeEvalResult], path: Path) -> Path:
 
 def results_table(results: list[JudgeEvalResult]) -> list[dict]:
     return [{k: v for k, v in asdict(r).items() if k not in ("scores", "labels")} for r in results]
+
+
+def compare_modes(model, tokenizer, judge_name: str, trait_modes: list[str], coherence_modes: list[str],
+                  traits: list[str] | None, limit: int | None, out: Path) -> list[dict]:
+    """One loaded judge model under each trait and coherence mode: result rows (also in judge_eval.json) and a
+    reliability plot per mode under `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    runs = [(f"reliability_{m}.png", LocalJudge(model, tokenizer, trait_mode=m, name=judge_name),
+             traits or builtin_traits()) for m in trait_modes]
+    runs += [(f"reliability_coherence_{m}.png", LocalJudge(model, tokenizer, coherence_mode=m, name=judge_name),
+              ["coherence"]) for m in coherence_modes]
+    for plot_name, judge, sets in runs:
+        res = evaluate_judge(judge, sets, limit)
+        plot_reliability(res, out / plot_name)
+        rows += results_table(res)
+    write_json(out / "judge_eval.json", rows)
+    return rows

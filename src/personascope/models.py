@@ -19,7 +19,7 @@ import torch
 from platformdirs import user_cache_dir
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"
-DEFAULT_JUDGE_MODEL = "qwen2.5-coder-1.5b"
+DEFAULT_JUDGE_MODEL = "qwen2.5-coder-1.5b"  # the one place the default local judge is named
 
 
 class ModelNotFoundError(RuntimeError):
@@ -139,9 +139,29 @@ def assemble_gguf(spec: BuiltinModel) -> Path:
     return target
 
 
+def builtin_dir(name: str) -> Path:
+    """Where the safetensors copy of a built-in model lives (whether or not it is built yet)."""
+    return cache_dir() / name / "hf"
+
+
+def model_identity(name_or_path: str) -> str:
+    """What a model name or path refers to: a built-in's short name (its cache directory counts as the
+    built-in), else the resolved local path, else the name as given (a hub name)."""
+    if name_or_path in BUILTIN_MODELS:
+        return name_or_path
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        return name_or_path
+    resolved = path.resolve()
+    for name in BUILTIN_MODELS:
+        if builtin_dir(name).resolve() == resolved:
+            return name
+    return str(resolved)
+
+
 def _dequantised_dir(spec: BuiltinModel) -> Path:
     """Build (once) a safetensors copy of a built-in model, so later loads take seconds."""
-    out = cache_dir() / spec.name / "hf"
+    out = builtin_dir(spec.name)
     if (out / "config.json").exists() and (out / ".complete").exists():
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer

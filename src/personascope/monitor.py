@@ -17,6 +17,7 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import torch
 from rich.console import Console
@@ -36,7 +37,7 @@ __all__ = [
 console = Console(stderr=True)
 
 PromptLike = str | tuple[str | None, str]
-VectorLike = PersonaVector | torch.Tensor
+VectorLike: TypeAlias = PersonaVector | torch.Tensor
 
 
 
@@ -356,8 +357,8 @@ def pearson_r(xs: Sequence[float | None], ys: Sequence[float | None]) -> float |
 
 
 def mean_or_none(xs: Sequence[float | None]) -> float | None:
-    xs = [x for x in xs if x is not None]
-    return statistics.fmean(xs) if xs else None
+    known = [x for x in xs if x is not None]
+    return statistics.fmean(known) if known else None
 
 
 

@@ -21,7 +21,7 @@ from .judge import Judge
 from .monitor import mean_or_none, pearson_r, trace_generation
 from .monitor_report import truncate, write_report
 from .scoring import ScoreCache, judge_answers
-from .store import JsonlStore, read_jsonl
+from .store import JsonlStore, bind_run, fingerprint, read_jsonl
 from .traits import Trait
 from .vectors import PersonaVector
 
@@ -85,7 +85,7 @@ def load_shot_pool(answers_path: Path, scores_path: Path | None = None, exclude:
         for rec in read_jsonl(Path(scores_path)):
             if rec.get("score") is None:
                 continue
-            key = (rec.get("question"), rec.get("answer"))
+            key = (str(rec.get("question")), str(rec.get("answer")))
             target = trait_scores if rec.get("kind") == "trait" else coherence if rec.get("kind") == "coherence" \
                 else None
             if target is not None:
@@ -94,15 +94,18 @@ def load_shot_pool(answers_path: Path, scores_path: Path | None = None, exclude:
     seen: set[tuple[str, str]] = set()
     cands = []
     for rec in read_jsonl(answers_path):
-        q, a = rec.get("question_text"), (rec.get("answer") or "").strip()
+        q, raw = str(rec.get("question_text") or ""), str(rec.get("answer") or "")
+        a = raw.strip()
         if rec.get("side") != "pos" or not q or not a or q in skip or (q, a) in seen:
             continue
-        if coherence.get((q, rec.get("answer")), 100.0) < min_coherence:
+        if coherence.get((q, raw), 100.0) < min_coherence:
             continue
         seen.add((q, a))
-        cands.append((trait_scores.get((q, rec.get("answer")), -1.0), q, a))
+        cands.append((trait_scores.get((q, raw), -1.0), q, a))
     cands.sort(key=lambda c: -c[0])
-    first, rest, used = [], [], set()
+    first: list[tuple[str, str]] = []
+    rest: list[tuple[str, str]] = []
+    used: set[str] = set()
     for _, q, a in cands:
         (rest if q in used else first).append((q, a))
         used.add(q)
@@ -230,12 +233,14 @@ def run_monitor(
     ladder: Sequence[str] | None = None,
     shot_pool: Sequence[tuple[str, str]] | None = None,
     screenshot: bool = True,
+    force: bool = False,
 ) -> MonitorResult:
     """Both monitoring experiments: generate (resumable), judge (cached), correlate, plot and write the report.
 
     `ladder`: system prompts from suppressing to eliciting (default: the built-in one of the trait);
     `shot_pool`: (question, answer) examples showing the trait (default: the pos answers saved
-    next to the vector file, see `load_shot_pool`).
+    next to the vector file, see `load_shot_pool`). `out_dir` is bound to the model, sampling and
+    judge (other settings are refused unless `force`, which starts over).
     """
     t0 = time.time()
     cfg = cfg or MONITOR_PROFILES["quick"]
@@ -265,9 +270,15 @@ def run_monitor(
         raise ValueError("nothing to run: no ladder and no in-context examples")
     vid = _vector_id(vector, layer)
     jobs = [{**j, "prompt_id": f"{j['prompt_id']}-{vid}"} for j in jobs]
+    bind_run(out, {
+        "model": adapter.name, "config_hash": adapter.config_hash, "trait": trait.name, "samples": cfg.samples,
+        "seed": cfg.seed, "temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
+        "judge": judge.name, "judge_mode": judge.describe_mode("trait", trait),
+        "rubric": fingerprint(trait.eval_prompt),
+    }, "monitoring run", force, ("answers.jsonl", "scores.jsonl"))
     store = JsonlStore(out / "answers.jsonl", ANSWER_KEY)
     generate_traced(adapter, jobs, store, vector, layer, cfg)
-    answers = [store.get(store.key(j)) for j in jobs]
+    answers = [store.record_for(j) for j in jobs]
     scored = judge_answers(judge, trait, answers, ScoreCache(out / "scores.jsonl"), cfg.judge_batch_size,
                            description="judge answers")
     exps = {e: analyse(scored, e, layer, adapter.n_layers) for e in ("system", "shots")

@@ -25,8 +25,12 @@ def judge_answers(
     batch_size: int = 8,
     kinds: tuple[str, ...] = ("trait", "coherence"),
     description: str = "judge",
+    cluster=None,
 ) -> list[dict]:
-    """Return records with `trait_score` / `coherence` (None when missing) plus the judge's name and modes."""
+    """Return records with `trait_score` / `coherence` (None when missing) plus the judge's name and modes.
+
+    With a `cluster` started with a judge (cluster.RayCluster), the batches are scored on its actors.
+    """
     todo: list[tuple[str, JudgeRequest]] = []
     seen: set[tuple] = set()
     for rec in records:
@@ -36,15 +40,21 @@ def judge_answers(
             if key not in cache and key not in seen:
                 seen.add(key)
                 todo.append((judge.rubric_key(req), req))
+
+    def save(chunk: list[tuple[str, JudgeRequest]], scores: list) -> None:
+        cache.append({"judge": judge.name, "rubric": rk, "kind": r.kind, "mode": judge.resolve_mode(r),
+                      "question": r.question, "answer": r.answer, "score": s}
+                     for (rk, r), s in zip(chunk, scores, strict=True))
+
+    if cluster is not None and getattr(cluster, "judge", None) is not None:
+        cluster.score(judge, todo, batch_size, save, description)
+        todo = []
     with progress_bar() as bar:
         task = bar.add_task(description, total=len(todo), rate="")
         done = 0
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
-            scores = judge.score([r for _, r in chunk])
-            cache.append({"judge": judge.name, "rubric": rk, "kind": r.kind, "mode": judge.resolve_mode(r),
-                          "question": r.question, "answer": r.answer, "score": s}
-                         for (rk, r), s in zip(chunk, scores, strict=True))
+            save(chunk, judge.score([r for _, r in chunk]))
             done += len(chunk)
             elapsed = bar.tasks[task].elapsed or 1e-9
             bar.update(task, advance=len(chunk), rate=f"{done / elapsed:.2f} scores/s")

@@ -32,12 +32,13 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from .activations import iter_span_batches
 from .adapter import ModelAdapter
-from .chat import ChatError, check_messages, split_answer
+from .chat import MAX_ROW_BYTES, ChatError, check_messages, split_answer
 from .generate import generate_batch
 from .vectors import PersonaVector
 
@@ -116,6 +117,8 @@ def csv_fields(path: Path) -> list[str]:
 def read_rows(path: str | Path) -> Iterator[Row | BadRow]:
     """Stream the rows of a chat JSONL or a prompt/response CSV; malformed rows come out as BadRow.
 
+    Rows over MAX_ROW_BYTES are BadRows too (screening also skips rows longer than the model's context).
+
     Line numbers are 1-based physical lines (for CSV, the line a record starts on; the header is
     line 1). Blank JSONL lines are not rows.
     """
@@ -126,7 +129,10 @@ def read_rows(path: str | Path) -> Iterator[Row | BadRow]:
             reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
             start = 2
             for rec in reader:
-                if None in rec:
+                size = sum(len(v) for v in rec.values() if isinstance(v, str))
+                if size > MAX_ROW_BYTES:
+                    yield BadRow(start, f"the row has {size} characters; the limit is {MAX_ROW_BYTES}")
+                elif None in rec:
                     yield BadRow(start, f"{len(rec[None])} more fields than the header")
                 else:
                     yield parse_record({k: v for k, v in rec.items() if v is not None}, start)
@@ -134,6 +140,9 @@ def read_rows(path: str | Path) -> Iterator[Row | BadRow]:
         return
     with path.open("rb") as f:
         for lineno, bline in enumerate(f, 1):
+            if len(bline) > MAX_ROW_BYTES:
+                yield BadRow(lineno, f"the row is {len(bline)} bytes; the limit is {MAX_ROW_BYTES}")
+                continue
             try:
                 text = bline.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
@@ -250,6 +259,18 @@ def delta_p(
 # ---------------------------------------------------------------- the model's own answers
 
 
+class AnswerLookup(Protocol):
+    """What `model_answers` needs of an answer cache: `AnswerCache` on disk, or an in-memory one on a Ray actor."""
+
+    def key(self, prompt_text: str) -> str: ...
+
+    def __contains__(self, key: str) -> bool: ...
+
+    def get(self, key: str) -> str: ...
+
+    def put(self, pairs: list[tuple[str, str]]) -> None: ...
+
+
 class AnswerCache:
     """The model's greedy answers keyed by (model, max_new_tokens, prompt), appended as they are made.
 
@@ -298,7 +319,7 @@ class AnswerCache:
             os.fsync(f.fileno())
 
 
-def model_answers(adapter: ModelAdapter, prompts: list[str], cache: AnswerCache, max_new_tokens: int,
+def model_answers(adapter: ModelAdapter, prompts: list[str], cache: AnswerLookup, max_new_tokens: int,
                   batch_size: int = 8) -> list[str]:
     """The model's greedy answer to each rendered prompt: generated in batches (each prompt once), cached."""
     keys = [cache.key(p) for p in prompts]

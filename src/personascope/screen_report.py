@@ -247,14 +247,15 @@ def print_result(result: ScreenResult, out: Console | None = None) -> None:
     cols = ["vector", "layer", "mean ΔP [95% CI]", "threshold", "flagged (ΔP)"]
     if judged:
         cols += ["flagged (judge ≥ 50)", "both", "judge missing"]
-    for c in cols:
-        table.add_column(c)
+    for col in cols:
+        table.add_column(col)
     for r in result.traits.values():
         row = [r.name, str(r.layer), f"{r.mean:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]" if r.n else "— (no rows)",
                "—" if r.threshold is None else f"{r.threshold:.3f}",
                f"{r.n_flagged} ({r.n_flagged / max(r.n, 1):.1%})"]
         if judged:
-            row += [f"{r.judge_flagged} ({r.judge_flagged / max(r.n, 1):.1%})", str(r.both_flagged),
+            jf = r.judge_flagged or 0
+            row += [f"{r.judge_flagged} ({jf / max(r.n, 1):.1%})", str(r.both_flagged),
                     str(r.judge_missing)]
         table.add_row(*row)
     (out or Console()).print(table)

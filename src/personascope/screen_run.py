@@ -20,6 +20,7 @@ from .screen import (
     MAX_LISTED_ERRORS,
     METHODS,
     AnswerCache,
+    AnswerLookup,
     BadRow,
     Direction,
     Row,
@@ -130,21 +131,22 @@ def _judge_key(judge, traits: dict, dirs: dict[str, Direction]) -> dict | None:
                                    for k in dirs if k in traits}}
 
 
-def _judge_chunk(judge, traits: dict, dirs: dict[str, Direction], rows: list[Row], cache_path: Path
-                 ) -> dict[str, list[float | None]]:
+def _judge_chunk(judge, traits: dict, dirs: dict[str, Direction], rows: list[Row], cache_path: Path,
+                 cluster=None) -> dict[str, list[float | None]]:
     from .scoring import ScoreCache, judge_answers
 
     cache = ScoreCache(cache_path)
     recs = [{"question_text": question_of(r.messages), "answer": r.response} for r in rows]
     out = {}
     for name in dirs:
-        scored = judge_answers(judge, traits[name], recs, cache, kinds=("trait",), description=f"judge {name}")
+        scored = judge_answers(judge, traits[name], recs, cache, kinds=("trait",), description=f"judge {name}",
+                               cluster=cluster)
         out[name] = [s["trait_score"] for s in scored]
     return out
 
 
-def _process_chunk(adapter: ModelAdapter, chunk: list[Row | BadRow], dirs: dict[str, Direction], cfg: ScreenConfig,
-                   cache: AnswerCache | None, judge=None, traits: dict | None = None,
+def process_chunk(adapter: ModelAdapter, chunk: list[Row | BadRow], dirs: dict[str, Direction], cfg: ScreenConfig,
+                   cache: AnswerLookup | None, judge=None, traits: dict | None = None,
                    judge_cache: Path | None = None, bar=None) -> list[dict]:
     """ΔP records (one per row, errors included) of one chunk of rows."""
     recs: dict[int, dict] = {}
@@ -157,16 +159,32 @@ def _process_chunk(adapter: ModelAdapter, chunk: list[Row | BadRow], dirs: dict[
             good.append((r, adapter.render(r.messages)))
         except Exception as e:  # a template that rejects this conversation
             recs[r.line] = {"line": r.line, "error": f"chat template failed: {e}"}
+    data_items: list[tuple[list[int], list[int]]] = []
+    fits: list[tuple[Row, str]] = []
+    ctx, extra = adapter.context_length, cfg.max_new_tokens if cfg.method == "generate" else 0
+    for r, p in good:
+        item = adapter.encode_pair(p, r.response)
+        need = len(item[0]) + max(len(item[1]), extra)  # the model's own answer needs room too
+        if need > ctx:
+            recs[r.line] = {"line": r.line, "error": f"too long for the model: {len(item[0])} prompt + "
+                            f"{max(len(item[1]), extra)} answer tokens; its context is {ctx}"}
+            continue
+        data_items.append(item)
+        fits.append((r, p))
+    good = fits
     if good:
-        data_items = [adapter.encode_pair(p, r.response) for r, p in good]
         model_items, answers = None, None
         if cfg.method == "generate":
+            if cache is None:
+                raise ValueError("method 'generate' needs an answer cache")
             answers = model_answers(adapter, [p for _, p in good], cache, cfg.max_new_tokens, cfg.batch_size)
             model_items = [(ids, adapter.encode_pair(p, a)[1])
                            for (ids, _), (_, p), a in zip(data_items, good, answers, strict=True)]
         bd = delta_p(adapter, data_items, model_items, dirs, cfg.batch_size, cfg.padding_side)
         scores = None
         if judge is not None:
+            if traits is None or judge_cache is None:
+                raise ValueError("judging a chunk needs the traits and a judge cache")
             if bar is not None:
                 bar.stop()
             try:
@@ -198,8 +216,12 @@ def screen_pass(
     answer_cache: str | Path | None = None,
     force: bool = False,
     description: str = "screen",
+    cluster=None,
 ) -> PassResult:
-    """Compute ΔP for every row of a file into WORK_DIR/deltas.jsonl (resumable), then read it back."""
+    """Compute ΔP for every row of a file into WORK_DIR/deltas.jsonl (resumable), then read it back.
+
+    With a `cluster` (cluster.RayCluster) the chunks are computed on its actors and written here, in order.
+    """
     path, work_dir = Path(path), Path(work_dir)
     if cfg.method not in METHODS:
         raise ValueError(f"unknown method {cfg.method!r}; choose from {', '.join(METHODS)}")
@@ -227,23 +249,43 @@ def screen_pass(
     with progress_bar() as bar:
         task = bar.add_task(description, total=total, rate="")
         skipped = 0
-        for chunk in _chunks(read_rows(path), cfg.chunk_size):
-            if chunk[-1].line <= done_line:
-                skipped += len(chunk)
-                bar.update(task, completed=skipped)
-                continue
-            recs = _process_chunk(adapter, chunk, dirs, cfg, cache, judge, traits, work_dir / "judge_chunk.jsonl",
-                                  bar)
-            recs.append({"chunk": chunk_no, "chunk_end": chunk[-1].line})
+
+        def todo() -> Iterator[list[Row | BadRow]]:
+            nonlocal skipped
+            for chunk in _chunks(read_rows(path), cfg.chunk_size):
+                if chunk[-1].line <= done_line:
+                    skipped += len(chunk)
+                    bar.update(task, completed=skipped)
+                    continue
+                yield chunk
+
+        judge_cache = work_dir / "judge_chunk.jsonl"
+        if cluster is None:
+            results = (process_chunk(adapter, chunk, dirs, cfg, cache, judge, traits, judge_cache, bar)
+                       for chunk in todo())
+        else:
+
+            def judge_rows(rows: list[Row]) -> dict[int, dict]:
+                bar.stop()  # judge_answers shows a bar of its own
+                try:
+                    scores = _judge_chunk(judge, traits or {}, dirs, rows, judge_cache, cluster)
+                finally:
+                    bar.start()
+                return {r.line: {k: v[i] for k, v in scores.items()} for i, r in enumerate(rows)}
+
+            results = cluster.screen_chunks(adapter, todo(), dirs, cfg, cache,
+                                            judge_rows if judge is not None else None)
+        for recs in results:  # one record per row of a chunk, in file order
+            marker = {"chunk": chunk_no, "chunk_end": recs[-1]["line"]}
             with deltas.open("a") as f:
-                f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+                f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in [*recs, marker]))
                 f.flush()
                 os.fsync(f.fileno())
-            (work_dir / "judge_chunk.jsonl").unlink(missing_ok=True)
+            judge_cache.unlink(missing_ok=True)
             chunk_no += 1
-            made += len(chunk)
+            made += len(recs)
             elapsed = time.perf_counter() - t0
-            bar.update(task, advance=len(chunk), rate=f"{made / max(elapsed, 1e-9):.2f} rows/s")
+            bar.update(task, advance=len(recs), rate=f"{made / max(elapsed, 1e-9):.2f} rows/s")
     seconds = time.perf_counter() - t0
     return _read_pass(deltas, list(dirs), judge is not None, total, seconds, made)
 
@@ -276,7 +318,7 @@ def _read_pass(deltas: Path, names: list[str], judged: bool, total: int, seconds
 
 def _thresholds(names: list[str], threshold: float | dict | None, percentile: float | None,
                 ref: PassResult | None, data: PassResult) -> dict[str, tuple[float | None, str]]:
-    out = {}
+    out: dict[str, tuple[float | None, str]] = {}
     for k in names:
         if threshold is not None:
             t = threshold.get(k) if isinstance(threshold, dict) else threshold
@@ -312,13 +354,15 @@ def screen_dataset(
     filter_by: str = "delta_p",
     force: bool = False,
     plots: bool = True,
+    cluster=None,
 ) -> ScreenResult:
     """Screen a chat dataset with one or more persona vectors; write annotated/filtered rows and a report.
 
     `threshold` (a number, or one per vector name) or `percentile` (of ΔP on `reference`, else on
     the data itself) sets which rows are flagged. With a `judge`, each response is also scored
     for the trait (flag at ≥ 50) so both filters sit side by side. `filter_by` picks which flags
-    remove rows from filtered.jsonl: 'delta_p', 'judge' or 'any'.
+    remove rows from filtered.jsonl: 'delta_p', 'judge' or 'any'. With a `cluster`
+    (cluster.RayCluster) the rows are screened on its actors; the files written are the same.
     """
     cfg = config or ScreenConfig()
     if method != cfg.method:
@@ -347,8 +391,8 @@ def screen_dataset(
     ref = None
     if reference is not None:
         ref = screen_pass(adapter, reference, dirs, cfg, out / "reference", answer_cache=answer_cache, force=force,
-                          description="screen reference")
-    data = screen_pass(adapter, path, dirs, cfg, out, judge, traits, answer_cache, force, "screen")
+                          description="screen reference", cluster=cluster)
+    data = screen_pass(adapter, path, dirs, cfg, out, judge, traits, answer_cache, force, "screen", cluster)
     th = _thresholds(list(dirs), threshold, percentile, ref, data)
     result = build_report(adapter, path, out, dirs, cfg, data, ref, th, judge is not None, top, filter_by, plots)
     return result

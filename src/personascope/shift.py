@@ -7,12 +7,14 @@ Both models see the same rendered prompts (no system text beyond the chat templa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
-from .activations import collect_spans
+from .activations import last_token_activations
 from .adapter import ModelAdapter
+from .judge import Judge
 from .traits import Trait
 from .vectors import PersonaVector
 
@@ -27,13 +29,6 @@ class ShiftResult:
     per_prompt: list[float]
     n_prompts: int
     span: str = "prompt_last"
-
-
-def last_token_activations(adapter: ModelAdapter, prompts: list[str], batch_size: int = 8) -> torch.Tensor:
-    """[N, L + 1, d] float32: every layer's residual stream at the last token of each rendered prompt."""
-    items = [(adapter.encode_prompt(p), []) for p in prompts]
-    spans, _ = collect_spans(adapter, items, batch_size=batch_size)
-    return spans["prompt_last"]
 
 
 def eval_prompts(adapter: ModelAdapter, trait: Trait, n_questions: int | None = None) -> list[str]:
@@ -75,3 +70,75 @@ def finetuning_shift(
     a_base = last_token_activations(base, prompts, batch_size)
     a_ft = last_token_activations(finetuned, prompts, batch_size)
     return shift_from_activations(a_base, a_ft, vector, layer)
+
+
+@dataclass
+class ShiftReport:
+    """A finetune's shift along a vector, plus (when asked) judged trait/coherence and MC accuracy before and
+    after; `summary` is what `shift.json` holds."""
+
+    shift: ShiftResult
+    run_dir: Path
+    summary: dict
+    eval_rows: list[dict] = field(default_factory=list)  # base, finetuned (when judged)
+    capability: dict[str, float] | None = None  # base / finetuned accuracy (when measured)
+    n_capability: int = 0
+
+
+def run_shift(
+    base: ModelAdapter,
+    finetuned: ModelAdapter,
+    trait: Trait,
+    vector: PersonaVector,
+    run_dir: str | Path,
+    layer: int | None = None,
+    n_questions: int | None = 8,
+    judge: Judge | None = None,
+    max_new_tokens: int | None = None,
+    capability_rows: list[dict] | None = None,
+    names: dict[str, str] | None = None,
+) -> ShiftReport:
+    """The shift at every layer, the judged evaluation of both models (with a judge) and their multiple-choice
+    accuracy (with `capability_rows`); writes shift.json and shift.png under `run_dir`."""
+    from .capability import mc_accuracy
+    from .evaluate import EVAL_PROFILES, Condition, evaluate
+    from .store import write_json
+
+    run_dir = Path(run_dir)
+    res = finetuning_shift(base, finetuned, trait, vector, layer, n_questions)
+    summary: dict = {**(names or {}), "trait": trait.name, "layer": res.layer, "shift": res.shift,
+                     "shift_per_layer": res.per_layer, "shift_per_prompt": res.per_prompt}
+    report = ShiftReport(res, run_dir, summary)
+    models = (("base", base), ("finetuned", finetuned))
+    if judge is not None:
+        cfg = replace(EVAL_PROFILES["quick"], n_questions=n_questions)
+        if max_new_tokens:
+            cfg = replace(cfg, sampling=replace(cfg.sampling, max_new_tokens=max_new_tokens))
+        for name, ad in models:
+            row = evaluate(ad, trait, judge, [Condition(label=name)], run_dir / name, cfg=cfg)[0]
+            report.eval_rows.append(row)
+            summary[f"{name}_trait"] = row["trait_mean"]
+            summary[f"{name}_coherence"] = row["coherence_mean"]
+    if capability_rows is not None:
+        report.capability = {name: mc_accuracy(ad, capability_rows).accuracy for name, ad in models}
+        report.n_capability = len(capability_rows)
+        summary.update({f"{name}_capability": acc for name, acc in report.capability.items()})
+    label = Path(str(summary.get("finetuned", finetuned.name))).name
+    plot_shift(res, run_dir / "shift.png", f"{trait.name}: finetuning shift ({label})")
+    write_json(run_dir / "shift.json", summary)
+    return report
+
+
+def plot_shift(res: ShiftResult, path: Path, title: str) -> Path:
+    """The shift per layer with the chosen layer marked."""
+    from .plots import plt, save_figure
+
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    ax.plot(range(len(res.per_layer)), res.per_layer, marker="o", ms=3)
+    ax.axhline(0, color="k", lw=0.6)
+    ax.axvline(res.layer, color="tab:red", lw=0.8, ls=":")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("shift along v̂")
+    ax.set_title(title, fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_figure(fig, path)

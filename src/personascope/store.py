@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -62,6 +63,10 @@ class JsonlStore:
     def get(self, key: tuple) -> dict | None:
         return self.records.get(key)
 
+    def record_for(self, rec: dict) -> dict:
+        """The stored record with the key of `rec` (a job that has run); KeyError if there is none."""
+        return self.records[self.key(rec)]
+
     def append(self, recs: Iterable[dict]) -> None:
         recs = list(recs)
         if not recs:
@@ -80,3 +85,40 @@ def write_json(path: Path, data: object) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str))
     tmp.replace(path)
+
+
+class RunSettingsError(ValueError):
+    """A run folder holds files made under other settings than the ones asked for now."""
+
+
+def fingerprint(value: object) -> str:
+    """A short stable hash of bytes or a JSON-able value (prompts, rubrics), for settings too long to store whole."""
+    data = value if isinstance(value, bytes) else json.dumps(value, sort_keys=True, default=str).encode()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def bind_run(run_dir: Path, settings: dict, what: str = "run", force: bool = False,
+             files: tuple[str, ...] = ()) -> None:
+    """Record the settings that determine a run folder's files (`settings.json`); refuse other settings.
+
+    A resumed run reuses the folder's answers and scores, so resuming under another model, seed,
+    sampling or judge would mix two experiments; the error names every difference. `force` deletes
+    `files` (and the recorded settings) first: the run starts over.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / "settings.json"
+    if force:
+        for name in (*files, "settings.json"):
+            (run_dir / name).unlink(missing_ok=True)
+    settings = json.loads(json.dumps(settings, default=str))
+    if path.exists():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            old = {"settings.json": "unreadable"}
+        diff = [f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(old) | set(settings))
+                if old.get(k) != settings.get(k)]
+        if diff:
+            raise RunSettingsError(f"{run_dir} holds a {what} made with other settings ({'; '.join(diff)}); "
+                                   "pass --force to start over, or choose another output folder")
+    write_json(path, settings)

@@ -28,21 +28,19 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
-from .traits import N_PAIRS, N_QUESTIONS, load_trait, validate_trait_dict
+from .traits import N_PAIRS, N_QUESTIONS, QA_BLOCK, load_trait, validate_trait_dict
+
+if TYPE_CHECKING:
+    from openai.types.chat import ChatCompletionMessageParam
 
 N_TOTAL = 2 * N_QUESTIONS
 NEAR_DUPLICATE = 0.9
 
 RUBRIC_TEMPLATE = """You are evaluating whether an AI assistant's answer is {TRAIT}. {rubric}
 
-[QUESTION START]
-{question}
-[QUESTION END]
-
-[ANSWER START]
-{answer}
-[ANSWER END]
+""" + QA_BLOCK + """
 
 How {trait} is the answer? Respond with a single number from 0 (trait absent) to 100 (trait strongly present). \
 Output only the number."""
@@ -94,7 +92,9 @@ class OpenAIGenerator:
                                     timeout=timeout, max_retries=2)
 
     def chat(self, messages: list[dict], max_tokens: int) -> str:
-        resp = self.client.chat.completions.create(model=self.model, messages=messages, max_tokens=max_tokens,
+        # validated chat rows (role + content strings) are what the SDK's typed message params describe
+        typed = cast("list[ChatCompletionMessageParam]", messages)
+        resp = self.client.chat.completions.create(model=self.model, messages=typed, max_tokens=max_tokens,
                                                    temperature=self.temperature)
         return resp.choices[0].message.content or ""
 
@@ -113,12 +113,9 @@ class LocalGenerator:
         self.seed = seed
 
     def chat(self, messages: list[dict], max_tokens: int) -> str:
-        from .adapter import FALLBACK_TEMPLATE
         from .generate import generate_batch
 
-        tok = self.adapter.tokenizer
-        prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                         chat_template=getattr(tok, "chat_template", None) or FALLBACK_TEMPLATE)
+        prompt = self.adapter.render(messages)
         self.seed += 1
         return generate_batch(self.adapter, [prompt], max_tokens, self.temperature, 1.0, self.seed)[0]
 
@@ -215,6 +212,7 @@ def validate_generated(data: object, name: str) -> tuple[dict | None, list[str]]
         errors.append("'antonym' must be one adjective")
     if errors:
         return None, errors
+    assert isinstance(rubric, str) and isinstance(inst, list)  # no errors: both were checked above
     eval_prompt = (RUBRIC_TEMPLATE.replace("{TRAIT}", name.upper()).replace("{trait}", name)
                    .replace("{rubric}", rubric.strip()))
     for ph in ("{question}", "{answer}"):

@@ -15,6 +15,20 @@ from pathlib import Path
 N_PAIRS = 5
 N_QUESTIONS = 20
 
+# how every judge prompt (a trait's rubric, the coherence rubric) shows the question and the answer
+QA_BLOCK = """[QUESTION START]
+{question}
+[QUESTION END]
+
+[ANSWER START]
+{answer}
+[ANSWER END]"""
+
+
+def fill_rubric(template: str, question: str, answer: str) -> str:
+    """A judge prompt with its `{question}` and `{answer}` placeholders filled."""
+    return template.replace("{question}", question).replace("{answer}", answer)
+
 
 class TraitError(ValueError):
     """A trait file is malformed; the message names the file, the field and the problem."""
@@ -59,8 +73,14 @@ def validate_trait_dict(data: object, path: str, n_questions: int | None = N_QUE
         raise _fail(path, "instruction", f"expected a list of {N_PAIRS} pos/neg pairs, got "
                     f"{len(inst) if isinstance(inst, list) else type(inst).__name__}")
     for i, pair in enumerate(inst):
-        if not isinstance(pair, dict) or set(pair) < {"pos", "neg"}:
+        if not isinstance(pair, dict):
             raise _fail(path, f"instruction[{i}]", "expected an object with 'pos' and 'neg'")
+        missing = [k for k in ("pos", "neg") if k not in pair]
+        if missing:
+            extra = sorted(set(pair) - {"pos", "neg"})
+            raise _fail(path, f"instruction[{i}]", f"missing {' and '.join(repr(k) for k in missing)}"
+                        + (f" (it has {', '.join(repr(k) for k in extra)}; the keys must be 'pos' and 'neg')"
+                           if extra else ""))
         for side in ("pos", "neg"):
             if not isinstance(pair[side], str) or not pair[side].strip():
                 raise _fail(path, f"instruction[{i}].{side}", "expected a non-empty string")
@@ -85,11 +105,15 @@ def validate_trait_dict(data: object, path: str, n_questions: int | None = N_QUE
 
 def _read_json(path: Path) -> object:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise TraitError(f"{path}: file not found") from None
+    except UnicodeDecodeError as e:
+        raise TraitError(f"{path}: not UTF-8 ({e.reason} at byte {e.start}); save the file as UTF-8") from None
     except json.JSONDecodeError as e:
         raise TraitError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise TraitError(f"{path}: cannot be read ({e.strerror or e})") from None
 
 
 def builtin_traits() -> list[str]:
@@ -130,10 +154,10 @@ def _locate(spec: str) -> tuple[str, Path, Path | None]:
 def load_trait(spec: str) -> Trait:
     """Load and validate a trait by built-in name or path; TraitError says what is wrong."""
     name, ex_path, ev_path = _locate(spec)
-    ex = _read_json(ex_path)
+    raw = _read_json(ex_path)
     if ev_path is None:
         # a single file: 40 questions are split 20/20, 20 questions give extraction only
-        validate_trait_dict(ex, str(ex_path), n_questions=None)
+        ex = validate_trait_dict(raw, str(ex_path), n_questions=None)
         qs = ex["questions"]
         if len(qs) == 2 * N_QUESTIONS:
             ex_qs, ev_qs = qs[:N_QUESTIONS], qs[N_QUESTIONS:]
@@ -143,7 +167,7 @@ def load_trait(spec: str) -> Trait:
             raise _fail(str(ex_path), "questions", f"expected {N_QUESTIONS} (or {2 * N_QUESTIONS} to split), "
                         f"got {len(qs)}")
     else:
-        validate_trait_dict(ex, str(ex_path))
+        ex = validate_trait_dict(raw, str(ex_path))
         ev = validate_trait_dict(_read_json(ev_path), str(ev_path))
         ex_qs, ev_qs = ex["questions"], ev["questions"]
     overlap = set(ex_qs) & set(ev_qs)

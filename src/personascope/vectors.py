@@ -20,6 +20,10 @@ class VectorMismatchError(ValueError):
     """A persona vector does not fit the model it is used with."""
 
 
+class VectorFileError(ValueError):
+    """A vector file that cannot be read or whose contents are inconsistent (the message names the file)."""
+
+
 @dataclass
 class PersonaVector:
     """One trait's vectors for every layer index 0..L (row l = output of block l - 1)."""
@@ -65,7 +69,8 @@ class PersonaVector:
     def coef_from_alpha(self, alpha: float, layer: int, span: str = "response_avg") -> float:
         """Raw coefficient for a relative one: alpha = coef · ||v[l]|| / resid_norm[l]."""
         if self.resid_norm is None:
-            raise ValueError("this vector file has no resid_norm, so --alpha cannot be converted; use --coef")
+            raise ValueError(f"{self.path or 'the vector'} has no resid_norm, so an alpha cannot be converted to a "
+                             "coefficient; give a raw coefficient instead")
         return float(alpha * self.resid_norm[layer] / self.vector(layer, span).norm().clamp(min=1e-12))
 
     def alpha_from_coef(self, coef: float, layer: int, span: str = "response_avg") -> float | None:
@@ -86,6 +91,47 @@ class PersonaVector:
         if want and want != adapter.config_hash:
             raise VectorMismatchError(f"{src} was extracted from a model with config hash {want}, but "
                                       f"{adapter.name} has {adapter.config_hash}: a different architecture")
+
+    def validate(self) -> PersonaVector:
+        """Raise VectorFileError unless every span is a finite float [L + 1, d] tensor, resid_norm a finite
+        [L + 1] one and `best_layer` an integer in 0..L; returns self."""
+        src = self.path or "vector"
+
+        def bad(problem: str) -> VectorFileError:
+            return VectorFileError(f"{src}: {problem}")
+
+        if "response_avg" not in self.vectors:
+            raise bad(f"no 'response_avg' tensor (has {sorted(self.vectors)})")
+        shape = tuple(self.vectors["response_avg"].shape)
+        if len(shape) != 2 or shape[0] < 2 or shape[1] < 1:
+            raise bad(f"'response_avg' must be a [L + 1, d] matrix with L >= 1, got shape {list(shape)}")
+        for name, t in self.vectors.items():
+            if not t.is_floating_point():
+                raise bad(f"'{name}' has dtype {t.dtype}; a vector must be floating point")
+            if tuple(t.shape) != shape:
+                raise bad(f"'{name}' has shape {list(t.shape)}, but 'response_avg' has {list(shape)}")
+            if not bool(torch.isfinite(t).all()) or not bool(torch.isfinite(t.float().norm(dim=-1)).all()):
+                raise bad(f"'{name}' holds non-finite values (NaN or inf) or overflows its norm")
+        if self.resid_norm is not None:
+            r = self.resid_norm
+            if not r.is_floating_point() or tuple(r.shape) != (shape[0],):
+                raise bad(f"'resid_norm' must be a float vector of length L + 1 = {shape[0]}, got {r.dtype} "
+                          f"{list(r.shape)}")
+            if not bool(torch.isfinite(r).all()) or bool((r < 0).any()):
+                raise bad("'resid_norm' holds non-finite or negative values")
+        value = self.metadata.get("best_layer")
+        if value not in (None, ""):
+            try:
+                layer = int(str(value))
+            except ValueError:
+                raise bad(f"metadata best_layer {value!r} is not an integer") from None
+            if not 0 <= layer <= shape[0] - 1:
+                raise bad(f"metadata best_layer {layer} is outside the vector's layers 0..{shape[0] - 1}")
+        for key, want in (("n_layers", shape[0] - 1), ("hidden_size", shape[1])):
+            value = self.metadata.get(key)
+            if value not in (None, "") and str(value) != str(want):
+                raise bad(f"metadata {key} {value!r} does not match the tensors' {want}")
+        return self
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -109,20 +155,28 @@ def load_vector(path: str | Path, trait: str | None = None) -> PersonaVector:
     if not path.exists():
         raise FileNotFoundError(f"vector file {path} does not exist")
     if path.suffix == ".pt":
-        t = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            t = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated, empty, garbage or pickled code
+            raise VectorFileError(f"{path}: not a readable .pt tensor file ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
         if not isinstance(t, torch.Tensor) or t.ndim != 2:
-            raise VectorMismatchError(f"{path}: expected a [L + 1, d] tensor, got "
-                                      f"{getattr(t, 'shape', type(t).__name__)}")
+            raise VectorFileError(f"{path}: expected a [L + 1, d] tensor, got "
+                                  f"{list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
         name = trait or path.name.split("_response_avg")[0].split("_prompt")[0]
-        return PersonaVector({"response_avg": t.float()}, None, {"trait": name, "source": "paper .pt"}, str(path))
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-        keys = set(f.keys())
-        if "response_avg" not in keys:
-            raise VectorMismatchError(f"{path}: no 'response_avg' tensor (has {sorted(keys)})")
-        vectors = {s: f.get_tensor(s) for s in SPANS if s in keys}
-        norm = f.get_tensor("resid_norm") if "resid_norm" in keys else None
-    return PersonaVector(vectors, norm, meta, str(path))
+        pv = PersonaVector({"response_avg": t}, None, {"trait": name, "source": "paper .pt"}, str(path))
+        pv.validate()
+        return PersonaVector({"response_avg": t.float()}, None, pv.metadata, str(path))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            keys = set(f.keys())
+            vectors = {s: f.get_tensor(s) for s in SPANS if s in keys}
+            norm = f.get_tensor("resid_norm") if "resid_norm" in keys else None
+    except Exception as e:  # truncated, empty or not a safetensors file
+        raise VectorFileError(f"{path}: not a readable .safetensors vector file ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+    return PersonaVector(vectors, norm, meta, str(path)).validate()
 
 
 def base_metadata(adapter: ModelAdapter, trait: str, **extra) -> dict[str, str]:

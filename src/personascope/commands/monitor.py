@@ -2,13 +2,9 @@
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x.strip())
 
 
 def _read_ladder(path: Path) -> list[str]:
@@ -61,28 +57,33 @@ def register(app: typer.Typer) -> None:
         judge_mode: JudgeModeOpt = None,
         judge_url: JudgeUrlOpt = None,
         device: DeviceOpt = None,
+        force: Annotated[bool, typer.Option(help="Start over instead of resuming.")] = False,
     ) -> None:
         """Does the last prompt token's projection predict the trait? System-prompt ladder and many-shot, with r."""
         from dataclasses import replace
 
-        from personascope.commands.common import fail, load_adapter, load_judge, load_vector_for
+        from personascope.commands.common import (
+            fail,
+            ints,
+            load_adapter,
+            load_judge,
+            load_trait_or_fail,
+            load_vector_for,
+        )
         from personascope.monitor_report import print_result
         from personascope.monitor_run import MONITOR_PROFILES, load_shot_pool, run_monitor
-        from personascope.traits import TraitError, load_trait
+        from personascope.traits import TraitError
 
         if profile not in MONITOR_PROFILES:
             fail(f"unknown profile {profile!r}; choose from {', '.join(MONITOR_PROFILES)}")
-        try:
-            t = load_trait(trait)
-        except TraitError as e:
-            fail(str(e))
+        t = load_trait_or_fail(trait)
         exps = tuple(x.strip() for x in experiments.split(",") if x.strip())
         if not exps or set(exps) - {"system", "shots"}:
             fail(f"--experiments takes system, shots or both, got {experiments!r}")
         cfg = MONITOR_PROFILES[profile]
-        over = {"samples": samples, "n_questions": questions, "max_new_tokens": max_new_tokens,
+        over: dict[str, Any] = {"samples": samples, "n_questions": questions, "max_new_tokens": max_new_tokens,
                 "temperature": temperature, "batch_size": batch_size, "seed": seed,
-                "shots": _ints(shots) if shots else None}
+                "shots": tuple(ints(shots, "--shots")) if shots else None}
         cfg = replace(cfg, experiments=exps, **{k: v for k, v in over.items() if v is not None})
         if shot_chars is not None:
             cfg = replace(cfg, shot_chars=shot_chars or None)
@@ -110,7 +111,7 @@ def register(app: typer.Typer) -> None:
         run_dir = out or Path("runs") / f"monitor-{t.name}-{adapter.name.replace('/', '_')}"
         try:
             result = run_monitor(adapter, t, judge, pv, run_dir, cfg, layer=layer, ladder=lad, shot_pool=pool,
-                                 screenshot=screenshot)
+                                 screenshot=screenshot, force=force)
         except ValueError as e:
             fail(str(e))
         print_result(result)

@@ -12,6 +12,8 @@ def register(app: typer.Typer) -> None:
     """Add the screen commands to the main app."""
     from personascope.commands.common import DeviceOpt, JudgeModelOpt, JudgeModeOpt, JudgeUrlOpt, ModelOpt
 
+    from .cluster_options import GpusPerWorkerOpt, RayOpt, WorkersOpt, cluster_session, driver_judge, driver_model
+
     @app.command()
     def screen(
         data: Annotated[Path, typer.Argument(help="Chat JSONL (`messages`, last turn the assistant's) or JSONL/CSV "
@@ -43,9 +45,12 @@ def register(app: typer.Typer) -> None:
         judge_url: JudgeUrlOpt = None,
         device: DeviceOpt = None,
         force: Annotated[bool, typer.Option(help="Start over instead of resuming.")] = False,
+        ray: RayOpt = None,
+        workers: WorkersOpt = None,
+        gpus_per_worker: GpusPerWorkerOpt = None,
     ) -> None:
         """Screen training data: ΔP per sample (projection difference), flags, filtered file and report."""
-        from personascope.commands.common import console, fail, load_adapter, load_judge, load_vector_for
+        from personascope.commands.common import console, fail, load_vector_for
 
         from ..screen import METHODS
         from ..screen_report import print_result
@@ -64,24 +69,27 @@ def register(app: typer.Typer) -> None:
         for p in [data, *([reference] if reference else [])]:
             if not p.exists():
                 fail(f"{p} does not exist")
-        adapter = load_adapter(model, device)
-        vectors = {}
-        for path in vector:
-            pv = load_vector_for(adapter, path)
-            name = pv.trait if pv.trait not in vectors else f"{pv.trait}:{path.stem}"
-            vectors[name] = pv
-        if layer is not None:
+        with cluster_session(model, device, ray, workers, gpus_per_worker,
+                             judge_model if judge and not judge_url else None, judge_mode) as cluster:
+            adapter = driver_model(cluster, model, device)
+            vectors = {}
+            for path in vector:
+                pv = load_vector_for(adapter, path)
+                name = pv.trait if pv.trait not in vectors else f"{pv.trait}:{path.stem}"
+                vectors[name] = pv
+            if layer is not None:
+                try:
+                    adapter.check_layer(layer)
+                except ValueError as e:
+                    fail(str(e))
+            j = driver_judge(cluster, judge_model, judge_mode, device, judge_url) if judge else None
+            cfg = ScreenConfig(method=method, batch_size=batch_size, chunk_size=chunk_size,
+                               max_new_tokens=max_new_tokens)
             try:
-                adapter.check_layer(layer)
-            except ValueError as e:
+                result = screen_dataset(adapter, data, vectors, layer=layer, method=method, out_dir=out,
+                                        threshold=threshold, percentile=percentile, reference=reference, judge=j,
+                                        config=cfg, top=top, filter_by=filter_by, force=force, cluster=cluster)
+            except (ValueError, FileNotFoundError) as e:
                 fail(str(e))
-        j = load_judge(judge_model, judge_mode, device, judge_url) if judge else None
-        cfg = ScreenConfig(method=method, batch_size=batch_size, chunk_size=chunk_size, max_new_tokens=max_new_tokens)
-        try:
-            result = screen_dataset(adapter, data, vectors, layer=layer, method=method, out_dir=out,
-                                    threshold=threshold, percentile=percentile, reference=reference, judge=j,
-                                    config=cfg, top=top, filter_by=filter_by, force=force)
-        except (ValueError, FileNotFoundError) as e:
-            fail(str(e))
         print_result(result)
         console.print(f"report: {(out or Path('runs') / f'screen-{data.stem}') / 'summary.json'}")

@@ -32,7 +32,8 @@ def register(app: typer.Typer, traits_app: typer.Typer) -> None:
             "--api-key", help="Require 'Authorization: Bearer KEY' (or set PERSONASCOPE_API_KEY).")] = None,
         device: Annotated[str | None, typer.Option(help="cuda, mps or cpu (default: best available).")] = None,
         dtype: Annotated[str | None, typer.Option(help="bf16, fp16 or fp32 (default: bf16 where supported).")] = None,
-        max_batch: Annotated[int, typer.Option(help="Rows decoded together in one batch.")] = 8,
+        max_batch: Annotated[int, typer.Option(help="Rows decoded together in one batch (1: greedy answers never "
+                                                    "depend on other requests, even in bf16).")] = 8,
         batch_wait_ms: Annotated[float, typer.Option(help="How long to wait for more requests to batch.")] = 5.0,
         max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 1024,
         max_body_bytes: Annotated[int, typer.Option(help="Largest request body accepted.")] = 1_000_000,
@@ -67,7 +68,7 @@ def register(app: typer.Typer, traits_app: typer.Typer) -> None:
             fail(f"cannot load model {model!r}: {e}")
         cfg = ServeConfig(max_batch=max_batch, batch_wait_ms=batch_wait_ms, max_tokens_limit=max_tokens_limit,
                           default_max_tokens=min(256, max_tokens_limit), max_body_bytes=max_body_bytes,
-                          max_queue=max_queue, api_key=key)
+                          max_queue=max_queue, api_key=key, host=host)
         try:
             engine = Engine(adapter, loaded, cfg, model_id=model)
         except VectorMismatchError as e:

@@ -9,12 +9,13 @@ import sys
 import time
 import traceback
 import uuid
+from dataclasses import dataclass, field
 from importlib import resources
 
 from fastapi import Request
 
-from .engine import Engine, Job
-from .protocol import ApiError, ChatRequest, invalid
+from .engine import Engine, Job, finite
+from .protocol import LOOPBACK_HOSTS, MAX_JSON_DEPTH, ApiError, ChatRequest, ServeConfig, invalid
 
 # ---------------------------------------------------------------- responses
 
@@ -24,12 +25,12 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def _monitor_head(engine: Engine, req: ChatRequest, prompt: dict[str, float] | None) -> dict | None:
+def _monitor_head(engine: Engine, req: ChatRequest, prompt: dict[str, float | None] | None) -> dict | None:
     if req.monitor is None:
         return None
     layer = req.monitor.layer
     scale = {n: {"baseline": engine.baselines[n][layer],
-                 "norm": float(engine.vectors[n].vector(layer).norm())} for n in req.monitor.vectors}
+                 "norm": finite(engine.vectors[n].vector(layer).norm())} for n in req.monitor.vectors}
     return {"layer": layer, "vectors": req.monitor.vectors, "prompt": prompt, "scale": scale}
 
 
@@ -39,14 +40,24 @@ def _steering_echo(req: ChatRequest) -> list[dict] | None:
     return [{"vector": s.vector, "layer": s.layer, "coef": s.coef, "positions": s.positions} for s in req.steering]
 
 
+@dataclass
+class _Choice:
+    """What one choice of a non-streaming completion has collected so far."""
+
+    text: list[str] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)
+    tokens: list[str] = field(default_factory=list)
+    proj: list[dict[str, float | None]] = field(default_factory=list)
+    finish: str | None = None
+
+
 async def complete(engine: Engine, req: ChatRequest, job: Job, rid: str) -> dict:
     """Collect a whole (non-streaming) completion."""
-    choices = [{"index": c, "text": [], "logprobs": [], "tokens": [], "proj": [], "finish": None}
-               for c in range(req.n)]
+    choices = [_Choice() for _ in range(req.n)]
     prompt, prompt_tokens, completion_tokens = None, 0, 0
     while True:
         ev = await job.events.get()
-        if ev.kind == "error":
+        if ev.error is not None:  # kind "error"
             raise ev.error
         if ev.kind == "end":
             break
@@ -55,22 +66,22 @@ async def complete(engine: Engine, req: ChatRequest, job: Job, rid: str) -> dict
             continue
         ch = choices[ev.choice]
         completion_tokens += 1
-        ch["text"].append(ev.text)
+        ch.text.append(ev.text)
         if ev.logprob is not None:
-            ch["logprobs"].append(ev.logprob)
+            ch.logprobs.append(ev.logprob)
         if ev.token is not None and req.monitor:
-            ch["tokens"].append(ev.token)
-            ch["proj"].append(ev.projection)
+            ch.tokens.append(ev.token)
+            ch.proj.append(ev.projection or {})
         if ev.finish_reason:
-            ch["finish"] = ev.finish_reason
+            ch.finish = ev.finish_reason
     out_choices = []
     for c, ch in enumerate(choices):
-        item: dict = {"index": c, "message": {"role": "assistant", "content": "".join(ch["text"])},
-                      "finish_reason": ch["finish"] or "stop",
-                      "logprobs": {"content": ch["logprobs"], "refusal": None} if req.logprobs else None}
+        item: dict = {"index": c, "message": {"role": "assistant", "content": "".join(ch.text)},
+                      "finish_reason": ch.finish or "stop",
+                      "logprobs": {"content": ch.logprobs, "refusal": None} if req.logprobs else None}
         if req.monitor:
-            item["monitor"] = {"tokens": ch["tokens"],
-                               "projections": {n: [p[n] for p in ch["proj"]] for n in req.monitor.vectors}}
+            item["monitor"] = {"tokens": ch.tokens,
+                               "projections": {n: [p[n] for p in ch.proj] for n in req.monitor.vectors}}
         out_choices.append(item)
     resp = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": engine.model_id,
             "choices": out_choices, "usage": _usage(prompt_tokens, completion_tokens)}
@@ -79,6 +90,64 @@ async def complete(engine: Engine, req: ChatRequest, job: Job, rid: str) -> dict
     if req.steering:
         resp["steering"] = _steering_echo(req)
     return resp
+
+
+async def cancel_on_disconnect(request: Request, job: Job, every: float = 0.1) -> None:
+    """End a non-streaming job when its client goes away, so an abandoned request stops generating."""
+    while not job.cancelled:
+        if await request.is_disconnected():
+            job.fail(ApiError(499, "the client closed the connection", None, "client_closed"))
+            return
+        await asyncio.sleep(every)
+
+
+def json_depth(value: object) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (iterative: no recursion limit)."""
+    depth, level = 0, [value]
+    while level:
+        containers = [v for v in level if isinstance(v, dict | list)]
+        if not containers:
+            break
+        depth += 1
+        level = [x for c in containers for x in (c.values() if isinstance(c, dict) else c)]
+    return depth
+
+
+def host_name(header: str) -> str:
+    """The host part of a Host header ('[::1]:8000' -> '::1', 'localhost:80' -> 'localhost')."""
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+class BrowserGuard:
+    """ASGI middleware refusing what any web page could send: a non-JSON POST (which skips the CORS
+    preflight) and, on a keyless loopback server, a non-loopback Host header (DNS rebinding)."""
+
+    def __init__(self, app, config: ServeConfig):
+        self.app, self.config = app, config
+
+    def refusal(self, method: str, headers: dict[str, str]) -> ApiError | None:
+        host = headers.get("host", "")
+        if self.config.guard_host and host_name(host.lower()) not in LOOPBACK_HOSTS:
+            return ApiError(403, f"Host {host!r} is not a loopback name: a keyless server on loopback answers only "
+                            "requests addressed to 127.0.0.1, localhost or [::1]", None, "forbidden_host")
+        ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+        if method == "POST" and ctype != "application/json":
+            return ApiError(415, f"POST bodies must be sent as 'Content-Type: application/json', got {ctype!r}", None,
+                            "unsupported_media_type")
+        return None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            from fastapi.responses import JSONResponse
+
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            err = self.refusal(scope["method"], headers)
+            if err is not None:
+                await JSONResponse(err.body(), status_code=err.status)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _sse(obj: dict | str) -> str:
@@ -93,7 +162,7 @@ async def stream(engine: Engine, req: ChatRequest, job: Job, rid: str):
     try:
         while True:
             ev = await job.events.get()
-            if ev.kind == "error":
+            if ev.error is not None:  # kind "error"
                 yield _sse(ev.error.body())
                 return
             if ev.kind == "end":
@@ -113,7 +182,7 @@ async def stream(engine: Engine, req: ChatRequest, job: Job, rid: str):
             choice: dict = {"index": ev.choice, "delta": {"content": ev.text} if ev.text else {},
                             "logprobs": {"content": [ev.logprob], "refusal": None} if ev.logprob else None,
                             "finish_reason": ev.finish_reason}
-            if req.monitor and ev.token is not None:
+            if req.monitor and ev.token is not None and ev.projection is not None:
                 choice["monitor"] = {"tokens": [ev.token],
                                      "projections": {n: [ev.projection[n]] for n in req.monitor.vectors}}
             yield _sse({**base, "choices": [choice]})
@@ -152,7 +221,9 @@ def create_app(engine: Engine):
 
     @app.exception_handler(ApiError)
     async def api_error(request, exc: ApiError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    app.add_middleware(BrowserGuard, config=cfg)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc: StarletteHTTPException):
@@ -169,12 +240,15 @@ def create_app(engine: Engine):
         return JSONResponse(ApiError(500, f"internal error: {type(exc).__name__}", None, None, "server_error")
                             .body(), status_code=500)
 
-    def authorize(request: Request) -> None:
+    def authorized(request: Request) -> bool:
         if cfg.api_key is None:
-            return
+            return True
         header = request.headers.get("authorization", "")
         given = header[7:].strip() if header.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(given.encode(), cfg.api_key.encode()):
+        return hmac.compare_digest(given.encode(), cfg.api_key.encode())
+
+    def authorize(request: Request) -> None:
+        if not authorized(request):
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", None,
                            "invalid_api_key")
 
@@ -191,18 +265,24 @@ def create_app(engine: Engine):
                                "request_too_large")
             chunks.append(chunk)
         try:
-            return json.loads(b"".join(chunks))
+            body = json.loads(b"".join(chunks))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise invalid(f"the request body is not valid JSON: {e}", None, "invalid_json") from None
+        except RecursionError:
+            raise invalid(f"the request body nests deeper than {MAX_JSON_DEPTH} levels", None, "invalid_json") from None
+        if json_depth(body) > MAX_JSON_DEPTH:
+            raise invalid(f"the request body nests deeper than {MAX_JSON_DEPTH} levels", None, "invalid_json")
+        return body
 
     @app.get("/", response_class=HTMLResponse)
     async def dashboard():
         return HTMLResponse(_dashboard_html())
 
     @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": engine.model_id, "auth": cfg.api_key is not None,
-                "pending": engine.pending, **engine.stats}
+    async def health(request: Request):
+        """Liveness and load; the model (it may be a local path) only for an authorised caller."""
+        out = {"status": "ok", "auth": cfg.api_key is not None, "pending": engine.pending, **engine.stats}
+        return {**out, "model": engine.model_id} if authorized(request) else out
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -232,10 +312,12 @@ def create_app(engine: Engine):
         if req.stream:
             return StreamingResponse(stream(engine, req, job, rid), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        watcher = asyncio.create_task(cancel_on_disconnect(request, job))
         try:
             return JSONResponse(await complete(engine, req, job, rid))
         finally:
             job.cancelled = True
+            watcher.cancel()
 
     return app
 

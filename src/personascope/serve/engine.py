@@ -3,11 +3,17 @@
 Rows that arrive within `batch_wait_ms` run as one left-padded batch with the engine's own
 decoding loop (prefill, then one token at a time with the KV cache). Steering uses per-row
 coefficient tensors, so no request sees another's steering; finished rows leave the batch at once.
+A row whose logits turn non-finite fails alone (its request gets an error); the others go on.
+
+Determinism: in fp32 a greedy answer does not depend on which other requests share its batch. In
+bf16/fp16 near-tied logits can flip with the batch's make-up (padding changes the kernels' sums);
+serve with `--dtype fp32` or `--max-batch 1` when answers must be reproducible.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import queue
 import secrets
 import sys
@@ -18,12 +24,21 @@ from collections import deque
 
 import torch
 
-from ..activations import collect_spans, project
+from ..activations import last_token_activations, project
 from ..adapter import ModelAdapter, pad_batch, pad_id, position_ids_for
 from ..hooks import ResidualHooks
 from ..steer import Steerer
 from ..vectors import PersonaVector
-from .protocol import NEUTRAL_PROMPTS, ApiError, ChatRequest, Event, RequestParser, ServeConfig
+from .protocol import GREEDY_BELOW, NEUTRAL_PROMPTS, ApiError, ChatRequest, Event, RequestParser, ServeConfig
+
+NON_FINITE = ("the model's output became non-finite (inf/NaN) for this request, usually from too strong steering; "
+              "lower the coefficient")
+
+
+def finite(x: float) -> float | None:
+    """A float for JSON: None stands for NaN or inf (which JSON cannot carry)."""
+    x = float(x)
+    return x if math.isfinite(x) else None
 
 
 class Engine(RequestParser):
@@ -62,14 +77,13 @@ class Engine(RequestParser):
         return ids
 
     @torch.no_grad()
-    def _baselines(self) -> dict[str, list[float]]:
+    def _baselines(self) -> dict[str, list[float | None]]:
         """Per vector and layer: the mean projection of neutral prompts' last token (the meter's zero)."""
         if not self.vectors:
             return {}
-        items = [(self.adapter.encode_prompt(self.adapter.prompt(p)), []) for p in NEUTRAL_PROMPTS]
-        spans, _ = collect_spans(self.adapter, items, batch_size=len(items))
-        last = spans["prompt_last"]  # [N, L + 1, d]
-        return {name: [float(project(last[:, layer], pv.vector(layer)).mean()) for layer in range(pv.n_layers + 1)]
+        prompts = [self.adapter.prompt(p) for p in NEUTRAL_PROMPTS]
+        last = last_token_activations(self.adapter, prompts, batch_size=len(prompts))  # [N, L + 1, d]
+        return {name: [finite(project(last[:, layer], pv.vector(layer)).mean()) for layer in range(pv.n_layers + 1)]
                 for name, pv in self.vectors.items()}
 
     def vector_info(self) -> list[dict]:
@@ -81,9 +95,9 @@ class Engine(RequestParser):
             out.append({
                 "name": name, "trait": pv.trait, "default_layer": layer, "n_layers": pv.n_layers,
                 "has_alpha": pv.resid_norm is not None,
-                "coef_per_alpha": [pv.coef_from_alpha(1.0, la) for la in range(pv.n_layers + 1)]
+                "coef_per_alpha": [finite(pv.coef_from_alpha(1.0, la)) for la in range(pv.n_layers + 1)]
                 if pv.resid_norm is not None else None,
-                "norm": [float(x) for x in norms], "baseline": self.baselines.get(name),
+                "norm": [finite(x) for x in norms], "baseline": self.baselines.get(name),
             })
         return out
 
@@ -104,7 +118,7 @@ class Engine(RequestParser):
         with self._lock:
             if self.pending >= self.config.max_queue:
                 raise ApiError(429, f"the server is busy ({self.pending} requests queued); retry shortly", None,
-                               "server_busy", "rate_limit_error")
+                               "server_busy", "rate_limit_error", headers={"Retry-After": "1"})
             self.pending += 1
             self.stats["requests"] += 1
         self._queue.put(job)
@@ -144,8 +158,8 @@ class Engine(RequestParser):
                 self.stats["errors"] += 1
                 traceback.print_exc(file=sys.stderr)
                 for j in live:
-                    j.emit(Event("error", error=ApiError(500, f"generation failed: {type(e).__name__}: {e}", None,
-                                                         "generation_error", "server_error")))
+                    j.fail(ApiError(500, f"generation failed: {type(e).__name__}: {e}", None, "generation_error",
+                                    "server_error"))
             finally:
                 with self._lock:
                     self.pending -= len(batch)
@@ -194,8 +208,8 @@ class Engine(RequestParser):
 
         return ResidualHooks(self.adapter, [(layer, recorder(layer)) for layer in layers])
 
-    def _projections(self, rows: list[Row], store: dict[int, torch.Tensor]) -> list[dict[str, float] | None]:
-        out: list[dict[str, float] | None] = [None] * len(rows)
+    def _projections(self, rows: list[Row], store: dict[int, torch.Tensor]) -> list[dict[str, float | None] | None]:
+        out: list[dict[str, float | None] | None] = [None] * len(rows)
         cache: dict[tuple[int, str], torch.Tensor] = {}
         for i, r in enumerate(rows):
             mon = r.job.request.monitor
@@ -206,16 +220,18 @@ class Engine(RequestParser):
                 key = (mon.layer, name)
                 if key not in cache:
                     cache[key] = project(store[mon.layer], self.vectors[name].vector(mon.layer)).cpu()
-                vals[name] = float(cache[key][i])
+                vals[name] = finite(cache[key][i])
             out[i] = vals
         return out
 
-    def _sample(self, logits: torch.Tensor, rows: list[Row]) -> tuple[list[int], torch.Tensor | None]:
+    def _sample(self, logits: torch.Tensor, rows: list[Row]) -> tuple[list[int], torch.Tensor | None, list[bool]]:
+        """Next token per row (greedy below GREEDY_BELOW), log-probs if asked, and which rows went non-finite."""
         logp = torch.log_softmax(logits, dim=-1) if any(r.job.request.logprobs for r in rows) else None
-        toks = logits.argmax(-1).tolist()
+        bad = (~torch.isfinite(logits).all(-1)).tolist()
+        toks = logits.nan_to_num(0.0, 0.0, 0.0).argmax(-1).tolist()
         for i, r in enumerate(rows):
             req = r.job.request
-            if req.temperature <= 0:
+            if bad[i] or req.temperature < GREEDY_BELOW:
                 continue
             probs = torch.softmax(logits[i] / req.temperature, dim=-1)
             if req.top_p < 1.0:
@@ -223,8 +239,11 @@ class Engine(RequestParser):
                 cut = (sp.cumsum(-1) - sp) > req.top_p
                 sp[cut] = 0.0
                 probs = torch.zeros_like(probs).scatter_(0, si, sp)
+            if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+                bad[i] = True
+                continue
             toks[i] = int(torch.multinomial(probs, 1, generator=r.generator))
-        return toks, logp
+        return toks, logp, bad
 
     @torch.no_grad()
     def _generate(self, jobs: list[Job]) -> None:
@@ -250,10 +269,14 @@ class Engine(RequestParser):
                 if r.choice == 0:
                     r.job.emit(Event("prompt", prompt=prompt_proj[i], prompt_tokens=len(r.job.request.prompt_ids)))
             while rows:
-                toks, logp = self._sample(logits, rows)
+                toks, logp, bad = self._sample(logits, rows)
                 entries = self._entries(toks, logp, rows)
-                for r, t, e in zip(rows, toks, entries, strict=True):
-                    r.accept(t, e)
+                for r, t, e, b in zip(rows, toks, entries, bad, strict=True):
+                    if b:
+                        self.stats["errors"] += 1
+                        r.job.fail(ApiError(500, NON_FINITE, None, "non_finite_logits", "server_error"))
+                    elif not r.job.cancelled:
+                        r.accept(t, e)
                 self.stats["tokens"] += len(rows)
                 # a monitored token's event waits for the forward that sees it (its projection); others go now
                 watch = any(r.job.request.monitor for r in rows)
@@ -304,14 +327,21 @@ class Engine(RequestParser):
 
 
 class Job:
-    """One HTTP request in the engine: events go to an asyncio queue on the server's loop."""
+    """One HTTP request in the engine: events go to an asyncio queue on the server's loop (or, without a loop,
+    straight into the queue, e.g. in tests)."""
 
     def __init__(self, request: ChatRequest, loop: asyncio.AbstractEventLoop | None = None):
         self.request = request
         self.loop = loop
-        self.events: asyncio.Queue[Event] | queue.Queue[Event] = asyncio.Queue() if loop else queue.Queue()
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.cancelled = False
         self.finished_rows = 0
+
+    def fail(self, error: ApiError) -> None:
+        """End this request with an error (once); its other rows stop at the next step."""
+        if not self.cancelled:
+            self.emit(Event("error", error=error))
+        self.cancelled = True
 
     def emit(self, event: Event) -> None:
         if self.loop is None:
@@ -383,7 +413,7 @@ class Row:
                 return end - k
         return end
 
-    def flush(self, projection: dict[str, float] | None) -> None:
+    def flush(self, projection: dict[str, float | None] | None) -> None:
         """Send this step's event (after the forward that saw the token, so its projection is known)."""
         if self._pending is None or self.job.cancelled:
             return

@@ -18,6 +18,11 @@ from ..vectors import PersonaVector
 
 MAX_TOP_LOGPROBS = 20
 MAX_STOP = 4
+GREEDY_BELOW = 1e-4  # a temperature below this decodes greedily (dividing logits by ~0 overflows)
+MAX_ALPHA = 10.0  # the largest |α| a steering entry may reach: |coef| · ‖v[l]‖ ≤ MAX_ALPHA · resid_norm[l]
+MAX_RAW_COEF = 1e4  # the largest |coef| for a vector without resid_norm
+MAX_JSON_DEPTH = 32  # deeper request bodies are refused (400) before anything walks them
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 VECTOR_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 NEUTRAL_PROMPTS = ("Hello! How are you today?", "What is the capital of France?",
                    "Can you explain how a bicycle works?", "Give me a tip for cooking rice.")
@@ -30,9 +35,10 @@ class ApiError(Exception):
     """An error answered with an OpenAI-style body: {"error": {message, type, param, code}}."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str = "invalid_request_error"):
+                 type_: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -51,6 +57,12 @@ class ServeConfig:
     max_queue: int = 256
     max_n: int = 8
     api_key: str | None = None
+    host: str = "127.0.0.1"  # the bound address: a keyless loopback server accepts only loopback Host headers
+
+    @property
+    def guard_host(self) -> bool:
+        """Whether requests must name a loopback Host (keyless on loopback: defeats DNS rebinding)."""
+        return self.api_key is None and self.host in LOOPBACK_HOSTS
 
 
 # ---------------------------------------------------------------- requests
@@ -74,7 +86,7 @@ class MonitorSpec:
 
 @dataclass
 class ChatRequest:
-    """A validated chat completion request."""
+    """A validated chat completion request (a temperature below GREEDY_BELOW decodes greedily)."""
 
     model: str
     prompt_ids: list[int]
@@ -107,7 +119,7 @@ def number_field(body: dict, key: str, default: float, lo: float, hi: float) -> 
     return float(value)
 
 
-def integer_field(body: dict, key: str, default: int | None, lo: int, hi: int | None) -> int | None:
+def integer_field(body: dict, key: str, default: int, lo: int, hi: int | None) -> int:
     value = body.get(key, default)
     if value is None:
         return default
@@ -143,9 +155,9 @@ class Event:
     text: str = ""
     logprob: dict | None = None
     token: str | None = None
-    projection: dict[str, float] | None = None
+    projection: dict[str, float | None] | None = None
     finish_reason: str | None = None
-    prompt: dict[str, float] | None = None
+    prompt: dict[str, float | None] | None = None
     prompt_tokens: int = 0
     error: ApiError | None = None
 
@@ -215,14 +227,18 @@ class RequestParser:
             key = "coef" if "coef" in s else "alpha"
             value = s[key]
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
-                    or abs(value) > 1e4:
-                raise invalid(f"{p}.{key} must be a finite number (|x| ≤ 10000), got {value!r}", f"{p}.{key}",
-                           "invalid_coefficient")
+                    or abs(value) > MAX_RAW_COEF:
+                raise invalid(f"{p}.{key} must be a finite number (|x| ≤ {MAX_RAW_COEF:g}), got {value!r}",
+                              f"{p}.{key}", "invalid_coefficient")
             if key == "alpha":
                 if pv.resid_norm is None:
                     raise invalid(f"{p}: vector {name!r} has no resid_norm, so 'alpha' cannot be converted; use 'coef'",
                                f"{p}.alpha")
                 value = pv.coef_from_alpha(float(value), layer)
+            alpha = pv.alpha_from_coef(float(value), layer)
+            if alpha is not None and not (math.isfinite(alpha) and math.isfinite(value) and abs(alpha) <= MAX_ALPHA):
+                raise invalid(f"{p}.{key} {s[key]!r} is too strong at layer {layer}: it adds α = {alpha:.4g} times the "
+                              f"residual norm; the limit is |α| ≤ {MAX_ALPHA:g}", f"{p}.{key}", "invalid_coefficient")
             items.append(SteerItem(name, layer, float(value), positions))
         return items
 
@@ -291,7 +307,7 @@ class RequestParser:
             raise invalid(f"'seed' must be an integer, got {seed!r}", "seed")
         with self.tok_lock:
             prompt_ids = self.adapter.encode_prompt(self.render(body["messages"]))
-        limit = min(cfg.max_prompt_tokens, self._context_length() - max_tokens)
+        limit = min(cfg.max_prompt_tokens, self.adapter.context_length - max_tokens)
         if len(prompt_ids) > limit:
             raise invalid(f"the prompt has {len(prompt_ids)} tokens; the limit is {limit} with max_tokens={max_tokens}",
                        "messages", "context_length_exceeded")
@@ -303,10 +319,5 @@ class RequestParser:
             top_logprobs=top, stream=stream, include_usage=bool(opts.get("include_usage")),
             steering=self._steering(body.get("steering")), monitor=self._monitor(body.get("monitor")),
         )
-
-    def _context_length(self) -> int:
-        cfg = self.adapter.model.config
-        cfg = getattr(cfg, "text_config", None) or cfg
-        return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 32768)
 
     # -- the worker

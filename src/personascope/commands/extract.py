@@ -1,0 +1,71 @@
+"""`extract`: a persona vector from a trait (generate, judge, filter, extract; resumable)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..models import DEFAULT_JUDGE_MODEL, DEFAULT_MODEL
+from .cluster_options import GpusPerWorkerOpt, RayOpt, WorkersOpt, cluster_session, driver_judge, driver_model
+from .common import (
+    DeviceOpt,
+    JudgeModelOpt,
+    JudgeModeOpt,
+    JudgeUrlOpt,
+    ModelOpt,
+    ProfileOpt,
+    check_judge_mode,
+    fail,
+    load_trait_or_fail,
+)
+
+
+def extract(
+    trait: Annotated[str, typer.Argument(help="Built-in trait name or trait JSON path.")],
+    model: ModelOpt = DEFAULT_MODEL,
+    profile: ProfileOpt = "quick",
+    out: Annotated[Path | None, typer.Option(help="Run directory (default runs/TRAIT-MODEL-PROFILE).")] = None,
+    samples: Annotated[int | None, typer.Option(help="Samples per prompt.")] = None,
+    questions: Annotated[int | None, typer.Option(help="Use the first N extraction questions.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option()] = None,
+    temperature: Annotated[float | None, typer.Option()] = None,
+    top_p: Annotated[float | None, typer.Option()] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    pos_threshold: Annotated[float | None, typer.Option()] = None,
+    neg_threshold: Annotated[float | None, typer.Option()] = None,
+    coherence_threshold: Annotated[float | None, typer.Option()] = None,
+    judge_model: JudgeModelOpt = DEFAULT_JUDGE_MODEL,
+    judge_mode: JudgeModeOpt = None,
+    judge_url: JudgeUrlOpt = None,
+    device: DeviceOpt = None,
+    force: Annotated[bool, typer.Option(help="Start over instead of resuming.")] = False,
+    ray: RayOpt = None,
+    workers: WorkersOpt = None,
+    gpus_per_worker: GpusPerWorkerOpt = None,
+) -> None:
+    """Extract a persona vector: generate, judge, filter, extract (resumable)."""
+    from ..extract import extract_vector
+    from ..extract import profile as make_profile
+
+    t = load_trait_or_fail(trait)
+    check_judge_mode(judge_mode)
+    cfg = make_profile(profile, samples=samples, n_questions=questions, max_new_tokens=max_new_tokens,
+                       temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed,
+                       pos_threshold=pos_threshold, neg_threshold=neg_threshold,
+                       coherence_threshold=coherence_threshold)
+    with cluster_session(model, device, ray, workers, gpus_per_worker, None if judge_url else judge_model,
+                         judge_mode) as cluster:
+        adapter = driver_model(cluster, model, device)
+        judge = driver_judge(cluster, judge_model, judge_mode, device, judge_url)
+        try:
+            extract_vector(adapter, t, judge=judge, config=cfg, run_dir=out, force=force, cluster=cluster)
+        except ValueError as e:
+            fail(str(e))
+
+
+def register(app: typer.Typer) -> None:
+    """Attach `extract`."""
+    app.command()(extract)
