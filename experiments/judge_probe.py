@@ -30,6 +30,12 @@ OUT = ROOT / "experiments" / "results" / "judge_probe"
 WEIGHTS = ROOT / "src" / "personascope" / "data" / "judge_probe"
 
 
+def nanmean(xs: list[float]) -> float:
+    """Mean over the defined values (a trait with no shown answer has no AUC)."""
+    xs = [x for x in xs if x == x]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
 def unlabelled_real() -> list[LabelledAnswer]:
     """Every generated real answer (labels unknown), so features can be computed while labelling goes on."""
     out = []
@@ -149,8 +155,8 @@ def main() -> None:
             w = fit_heads(feats(tr, use), tr, use, l2)
             sc, rf, _ = scores_of(w, feats(te, use))
             per.append(metrics(te, sc, rf))
-        mean_auc = sum(m["auc_shown"] for m in per) / len(per)
-        mean_rho = sum(m["spearman_level"] for m in per) / len(per)
+        mean_auc = nanmean([m["auc_shown"] for m in per])
+        mean_rho = nanmean([m["spearman_level"] for m in per])
         cv.append({"layers": use, "l2": l2, "loto_auc": mean_auc, "loto_spearman": mean_rho,
                    "loto_refusal": sum(m["refusal_accuracy"] for m in per) / len(per)})
         print(f"cv layers={use} l2={l2}: AUC {mean_auc:.3f} rho {mean_rho:.3f}", flush=True)
@@ -183,10 +189,10 @@ def main() -> None:
         report["loto_all_real"][t] = metrics(te, sc3, rf3)
     (OUT / f"report-{args.judge_model}.json").write_text(json.dumps(report, indent=1))
     write_markdown(report, OUT / f"report-{args.judge_model}.md")
-    for part in ("heldout", "heldout_new_trait"):
+    for part in ("heldout", "heldout_new_trait", "loto_all_real"):
         ms = report[part].values()
-        print(part, "mean AUC", sum(m["auc_shown"] for m in ms) / 7, "min", min(m["auc_shown"] for m in ms),
-              "mean rho", sum(m["spearman_level"] for m in ms) / 7)
+        print(part, "mean AUC", nanmean([m["auc_shown"] for m in ms]), "mean rho",
+              nanmean([m["spearman_level"] for m in ms]), "refusal acc", nanmean([m["refusal_accuracy"] for m in ms]))
 
 
 if __name__ == "__main__":
