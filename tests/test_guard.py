@@ -214,3 +214,42 @@ def test_bad_specs_are_rejected(qwen_tiny):
         Guard(a).cap(v, 9, hi=1.0)
     with pytest.raises(ValueError, match="needs \\(32,\\)"):
         Guard(a).cap(torch.randn(5), 1, hi=1.0)
+
+
+def test_calibration_reads_what_the_guard_reads_and_round_trips(tmp_path, qwen_tiny):
+    from personascope.guard_calibrate import GuardCalibration, calibrate_guard, guard_for, with_calibration
+    from personascope.monitor import trace_answers
+    from personascope.vectors import PersonaVector, base_metadata, load_vector
+
+    a = qwen_tiny
+    g = torch.Generator().manual_seed(5)
+    pv = PersonaVector({"response_avg": torch.randn(a.n_layers + 1, a.hidden_size, generator=g)},
+                       torch.ones(a.n_layers + 1), base_metadata(a, "optimistic"))
+    qs = ["How do I boil an egg?", "What is a good name for a cat?", "Why is the sky blue?"]
+    cal = calibrate_guard(a, pv, layer=2, percentile=90, questions=qs, max_new_tokens=5, batch_size=2)
+    assert cal.n == len(cal.values) and cal.n_questions == 3 and cal.lo < cal.hi
+    want = torch.quantile(torch.tensor(cal.values, dtype=torch.float64), 0.9)
+    assert cal.hi == pytest.approx(float(want))
+    # each answer's values: the last prompt token, then every answer token but the last (teacher-forced check)
+    prompts = [a.prompt(q) for q in qs]
+    answers = []
+    for p in prompts:  # one at a time: no padding, the generated ids as they are
+        ids = torch.tensor([a.encode_prompt(p)])
+        with torch.no_grad():
+            out = a.model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, pad_token_id=pad_id(a.tokenizer))
+        answers.append(out[0, ids.shape[1]:].tolist())
+    assert all(len(x) == 5 and a.tokenizer.eos_token_id not in x for x in answers)
+    traces = trace_answers(a, prompts, answers, pv, 2)
+    expected = [x for t in traces for x in [t.prompt_value[2], *t.at()[:4]]]
+    assert cal.values == pytest.approx(expected, abs=1e-4)
+    resp = calibrate_guard(a, pv, layer=2, percentile=90, questions=qs, max_new_tokens=5, distribution="response")
+    assert resp.n == 3
+    path = with_calibration(pv, cal).save(tmp_path / "v.safetensors")
+    back = GuardCalibration.from_vector(load_vector(path))
+    assert (back.layer, back.hi, back.lo, back.percentile, back.n) == (2, cal.hi, cal.lo, 90, cal.n)
+    guard = guard_for(a, load_vector(path), "cap")
+    assert guard.specs[0].hi == cal.hi and guard.specs[0].lo is None
+    with pytest.raises(ValueError, match="calibrated at layer 2"):
+        guard_for(a, load_vector(path), "conditional", layer=1)
+    with pytest.raises(ValueError, match="no guard calibration"):
+        guard_for(a, pv, "cap")
