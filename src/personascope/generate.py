@@ -66,11 +66,13 @@ def run_generation(
     save: Callable[[list[dict]], None],
     cfg: SamplingConfig,
     description: str = "generate",
+    annotate: Callable[[list[dict]], list[dict]] | None = None,
 ) -> int:
     """Generate an `answer` for each job not yet done, batch by batch, saving each batch at once.
 
     Each batch's seed derives from `cfg.seed` and the batch's first job, so a resumed run samples
-    the same answers as an uninterrupted one. Returns the number of answers generated now.
+    the same answers as an uninterrupted one. `annotate` sees every row of a freshly generated batch
+    (in batch order) before saving, e.g. to add what a hook recorded. Returns the number generated now.
     """
     # fixed batches over all jobs (sorted by prompt length so they pad little): a resumed run
     # meets the same batches with the same seeds, so it samples the same answers
@@ -86,7 +88,10 @@ def run_generation(
             prompts = [prompt_of(j) for j in batch]
             seed = cfg.seed * 1_000_003 + _stable_hash(prompts[0] + str(batch[0].get("sample", 0)))
             answers = generate_batch(adapter, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed)
-            save([{**j, "answer": a} for j, a in zip(batch, answers, strict=True) if not done(j)])
+            rows = [{**j, "answer": a} for j, a in zip(batch, answers, strict=True)]
+            if annotate is not None:
+                rows = annotate(rows)
+            save([r for j, r in zip(batch, rows, strict=True) if not done(j)])
             made += len(missing)
             elapsed = bar.tasks[task].elapsed or 1e-9
             bar.update(task, advance=len(batch), rate=f"{made / elapsed:.2f} answers/s")
