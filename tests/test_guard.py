@@ -253,3 +253,62 @@ def test_calibration_reads_what_the_guard_reads_and_round_trips(tmp_path, qwen_t
         guard_for(a, load_vector(path), "conditional", layer=1)
     with pytest.raises(ValueError, match="no guard calibration"):
         guard_for(a, pv, "cap")
+
+
+def test_cli_calibrate_then_evaluate_and_watch_with_the_guard(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from personascope.cli import app
+    from personascope.guard_calibrate import GuardCalibration
+    from personascope.vectors import PersonaVector, base_metadata, load_vector
+
+    model, tok = tiny_pair("qwen2", seed=4)
+    a = ModelAdapter(model, tok)
+    model_dir = tmp_path / "tiny-model"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    g = torch.Generator().manual_seed(6)
+    PersonaVector({"response_avg": torch.randn(a.n_layers + 1, a.hidden_size, generator=g)},
+                  torch.ones(a.n_layers + 1), base_metadata(a, "humorous")).save(tmp_path / "v.safetensors")
+    run = CliRunner().invoke
+    env = {"COLUMNS": "200"}
+    common = ["--model", str(model_dir), "--device", "cpu"]
+    res = run(app, ["guard", "calibrate", "--vector", str(tmp_path / "v.safetensors"), "--out",
+                    str(tmp_path / "g.safetensors"), "--layer", "2", "--n-questions", "3", "--max-new-tokens", "4",
+                    "--percentile", "60", *common], env=env)
+    assert res.exit_code == 0, res.output
+    cal = GuardCalibration.from_vector(load_vector(tmp_path / "g.safetensors"))
+    assert (cal.layer, cal.percentile, cal.n_questions) == (2, 60.0, 3)
+    assert f"[{cal.lo:+.3f}, {cal.hi:+.3f}]" in res.output
+    res = run(app, ["guard", "calibrate", "--vector", str(tmp_path / "v.safetensors"), "--out", str(tmp_path / "x"),
+                    "--distribution", "words", *common], env=env)
+    assert res.exit_code == 2 and "--distribution must be one of token, response" in res.output
+    res = run(app, ["watch", "--vector", str(tmp_path / "g.safetensors"), "--guard", "cap", "--max-new-tokens", "4",
+                    "--temperature", "0", *common], input="hello\n", env=env)
+    assert res.exit_code == 0, res.output
+    assert "guard acted on" in res.output and "acts above" in res.output
+    res = run(app, ["watch", "--vector", str(tmp_path / "v.safetensors"), "--guard", "cap", *common], input="hi\n",
+              env=env)
+    assert res.exit_code == 2 and "no guard calibration" in res.output
+    out = tmp_path / "eval"
+    res = run(app, ["evaluate", "humorous", "--vector", str(tmp_path / "g.safetensors"), "--layer", "2", "--coef",
+                    "-3", "--guard", "cap", "--guard", "conditional", "--questions", "2", "--judge-model",
+                    str(model_dir), "--out", str(out), "--capability", "--capability-file", str(_mc(tmp_path)),
+                    *common], env=env)
+    assert res.exit_code == 0, res.output
+    rows = json.loads((out / "summary.json").read_text())
+    assert [r["guard"] for r in rows] == [None, None, "cap", "conditional"]
+    assert rows[3]["condition"] == f"L2:c-3-if>{cal.hi:.4g}:response" and rows[2]["guard_hi"] == cal.hi
+    assert all(r["guard_touched_mean"] is not None for r in rows[2:]) and all("capability" in r for r in rows)
+    assert "guard tokens/answer" in res.output
+
+
+def _mc(folder):
+    import json
+
+    path = folder / "mc.jsonl"
+    rows = [{"question": f"q{i}", "choices": ["a", "b", "c", "d"], "answer": "B"} for i in range(3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -157,6 +157,10 @@ def evaluate(
     coef: Annotated[list[str] | None, typer.Option(help="Raw coefficient(s), e.g. --coef -2,0,2.")] = None,
     alpha: Annotated[list[str] | None, typer.Option(help="Relative coefficient(s): coef·‖v‖/resid_norm.")] = None,
     positions: Annotated[str, typer.Option(help="all, prompt or response.")] = "response",
+    guard: Annotated[list[str] | None, typer.Option(help="Also run the persona guard at the vector's calibrated "
+                                                         "layer and range: cap and/or conditional (steering with "
+                                                         "each --coef/--alpha while above the range; ablation "
+                                                         "without one); repeatable.")] = None,
     system: Annotated[list[str] | None, typer.Option(help="'pos', 'neg' (the trait's instruction 0) or any "
                                                           "system text; repeatable.")] = None,
     profile: ProfileOpt = "quick",
@@ -199,6 +203,15 @@ def evaluate(
             _fail("--alpha is converted per layer; give one --layer with --alpha, or use --coef for a sweep")
         coefs = _floats(coef) + [pv.coef_from_alpha(a, layers[0]) for a in _floats(alpha)]
         conditions = sweep_conditions(layers, coefs or [1.0], positions)
+        if guard:
+            from .evaluate import guard_conditions
+
+            try:
+                conditions += guard_conditions(pv, [m for g in guard for m in g.split(",") if m], coefs, positions)
+            except ValueError as e:
+                _fail(str(e))
+    elif guard:
+        _fail("--guard needs --vector (a vector calibrated with `personascope guard calibrate`)")
     for sys_text in system or []:
         text = t.system_prompt(sys_text, 0) if sys_text in ("pos", "neg") else sys_text
         conditions.append(Condition(system=text, label=f"system:{sys_text}"))
@@ -208,21 +221,14 @@ def evaluate(
 
     rows = run_eval(adapter, t, judge, conditions, run_dir, vector=pv, cfg=cfg)
     if capability:
-        from .capability import load_mc, mc_accuracy
-        from .steer import Steerer
+        from .capability import load_mc
+        from .evaluate import condition_capability
 
         mc = load_mc(capability_file)
-        for r in rows:
-            st = Steerer(adapter)
-            if r["layer"] is not None and r["coef"]:
-                st.add(pv, r["layer"], r["coef"], r["positions"])
-            prompt_sys = r["system"]
-            if prompt_sys:
-                r["capability"] = None  # system-prompted MC is not measured
-                continue
-            r["capability"] = mc_accuracy(adapter, mc, steerer=st).accuracy
+        for cond, r in zip(conditions, rows, strict=True):
+            r["capability"] = condition_capability(adapter, cond, pv, mc)  # None under a system prompt
     print_rows(rows, f"{t.name} on {adapter.name} (judge {judge.name}, {judge.describe_mode('trait', t)})")
-    if pv is not None and len(conditions) > 2:
+    if pv is not None and len([c for c in conditions if c.guard is None]) > 2:
         plot_sweep(sweep_rows(rows, layers), run_dir / "sweep.png", f"{t.name} steering sweep ({adapter.name})")
         console.print(f"sweep plot: {run_dir / 'sweep.png'}")
     from .store import write_json
@@ -341,9 +347,9 @@ def demo(
 
 
 def _register_command_groups() -> None:
-    from .commands import finetune, monitor, screen, serve
+    from .commands import finetune, guard, monitor, screen, serve
 
-    for module in (monitor, finetune, screen):
+    for module in (monitor, finetune, screen, guard):
         module.register(app)
     serve.register(app, traits_app)  # `serve` and `traits new` (which talks to a served model)
 
