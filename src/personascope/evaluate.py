@@ -187,7 +187,7 @@ def evaluate(
         alpha = None
         if vector is not None and cond.layer is not None:
             alpha = vector.alpha_from_coef(cond.coef, cond.layer)
-        touched = [r.get("guard_touched") for r in answers if r.get("guard_touched") is not None]
+        touched: list[int] = [int(r["guard_touched"]) for r in answers if r and r.get("guard_touched") is not None]
         rows.append({
             "condition": cond.key, "layer": cond.layer, "coef": cond.coef, "alpha": alpha,
             "positions": cond.positions, "system": cond.system, "guard": cond.guard, "guard_lo": cond.lo,

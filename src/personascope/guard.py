@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ from .vectors import PersonaVector
 
 GUARD_MODES = ("cap", "conditional")
 
-Bound = float | torch.Tensor | None
+Bound: TypeAlias = float | torch.Tensor | None
 
 
 @dataclass
