@@ -100,7 +100,7 @@ def _projections(a, ids, mask, v, layer):
 
 
 @pytest.mark.parametrize("positions", ["response", "all"])
-@pytest.mark.parametrize("family", ["qwen2", "llama"])
+@pytest.mark.parametrize("family", ["qwen2", "llama", "gpt2"])
 def test_cap_matches_uncached_reference(family, positions):
     model, tok = tiny_pair(family)
     a = ModelAdapter(model, tok)
