@@ -97,12 +97,15 @@ def run_generation(
     description: str = "generate",
     cluster=None,
     steering: Sequence | None = None,
+    annotate: Callable[[list[dict]], list[dict]] | None = None,
 ) -> int:
     """Generate an `answer` for each job not yet done, batch by batch, saving each batch at once.
 
     Each batch's seed derives from `cfg.seed` and the batch's first job, so a resumed run samples
-    the same answers as an uninterrupted one. Returns the number of answers generated now. With a
-    `cluster` (cluster.RayCluster) the same batches run on its actors, under `steering` specs.
+    the same answers as an uninterrupted one. `annotate` sees every row of a freshly generated batch
+    (in batch order) before saving, e.g. to add what a hook recorded. Returns the number generated now.
+    With a `cluster` (cluster.RayCluster) the same batches run on its actors, under `steering` specs
+    (no `annotate` there).
     """
     if cluster is not None:
         return cluster.generate(jobs, prompt_of, done, save, cfg, description, steering)
@@ -120,7 +123,10 @@ def run_generation(
             prompts = [prompt_of(j) for j in batch]
             answers = generate_batch(adapter, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
                                      batch_seed(cfg, prompts, batch))
-            save([{**j, "answer": a} for j, a in zip(batch, answers, strict=True) if not done(j)])
+            rows = [{**j, "answer": a} for j, a in zip(batch, answers, strict=True)]
+            if annotate is not None:
+                rows = annotate(rows)
+            save([r for j, r in zip(batch, rows, strict=True) if not done(j)])
             made += len(missing)
             elapsed = bar.tasks[task].elapsed or 1e-9
             bar.update(task, advance=len(batch), rate=f"{made / elapsed:.2f} answers/s")
