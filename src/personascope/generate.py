@@ -66,12 +66,18 @@ def run_generation(
     save: Callable[[list[dict]], None],
     cfg: SamplingConfig,
     description: str = "generate",
+    engine=None,
 ) -> int:
     """Generate an `answer` for each job not yet done, batch by batch, saving each batch at once.
 
     Each batch's seed derives from `cfg.seed` and the batch's first job, so a resumed run samples
     the same answers as an uninterrupted one. Returns the number of answers generated now.
+    With an `engine` (personascope.engines) the answers come from it, in its own chunks.
     """
+    if engine is not None:
+        from .engines.jobs import run_engine_generation
+
+        return run_engine_generation(engine, jobs, prompt_of, done, save, cfg, description)
     # fixed batches over all jobs (sorted by prompt length so they pad little): a resumed run
     # meets the same batches with the same seeds, so it samples the same answers
     ordered = sorted(jobs, key=lambda j: len(prompt_of(j)))
