@@ -157,7 +157,7 @@ def vllm_pair(tmp_path_factory):
     tok.save_pretrained(path)
     ad = ModelAdapter(model, tok)
     eng = VLLMEngine(str(path), tokenizer=tok, fallback=HFEngine(ad), dtype=torch.float32, max_model_len=256,
-                     steerable=True, kv_cache_gb=0.25)
+                     steerable=True, kv_cache_gb=1)
     return ad, eng
 
 
@@ -247,3 +247,14 @@ def test_builtin_05b_greedy_text_hf_vs_vllm():
     same = sum(a == b for a, b in zip(hf, vl, strict=True)) / len(hf)
     assert same >= 0.75, list(zip(hf, vl, strict=True))
     assert all(math.isfinite(len(t)) and t for t in vl)
+
+
+def test_make_engine_and_judge_engine_choose_hf_for_small_jobs(tiny):
+    from personascope.api_judge import OpenAIJudge
+    from personascope.engines import make_engine, make_judge_engine
+
+    assert isinstance(make_engine("auto", tiny, work_tokens=10), HFEngine)
+    judge = LocalJudge(tiny.model, tiny.tokenizer, trait_mode="binary")
+    assert make_judge_engine("hf", judge, n_judgements=4) == "hf"
+    assert isinstance(judge.engine, HFEngine) and judge.engine.adapter.model is tiny.model
+    assert make_judge_engine("hf", OpenAIJudge("http://localhost:1", "m"), n_judgements=4) is None

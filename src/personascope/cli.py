@@ -27,6 +27,8 @@ JudgeModelOpt = Annotated[str, typer.Option("--judge-model", help="Local judge m
 JudgeModeOpt = Annotated[str | None, typer.Option("--judge-mode", help="Trait scoring mode of a local judge: "
                                                   "contrastive, binary, 0_100 or fewshot.")]
 ProfileOpt = Annotated[str, typer.Option(help="quick (CPU-sized) or paper (the paper's counts).")]
+EngineOpt = Annotated[str, typer.Option("--engine", help="hf, vllm or auto (vLLM when installed and the job is "
+                                          "big enough to repay its start-up).")]
 JudgeUrlOpt = Annotated[str | None, typer.Option("--judge-url", help="OpenAI-compatible base URL of an API judge "
                                                  "(--judge-model then names the API model).")]
 
@@ -50,6 +52,18 @@ def _judge(judge_model: str, judge_mode: str | None, device: str | None, judge_u
 
     with console.status(f"loading judge {judge_model} …"):
         return make_judge(judge_model, judge_mode, judge_url, device)
+
+
+def _engines(engine: str, adapter, judge, n_answers: int, new_tokens: int):
+    """The generation engine for `adapter` (HF or vLLM by --engine) and the same choice for a local judge."""
+    from .engines import make_engine, make_judge_engine
+    from .engines.jobs import work_tokens
+
+    with console.status(f"starting the {engine} engine …"):
+        gen = make_engine(engine, adapter, work_tokens(n_answers, 100, new_tokens))
+        used = make_judge_engine(engine, judge, 2 * n_answers)
+    console.print(f"engines: generation {gen.name}" + (f", judge {used}" if used else ""))
+    return gen
 
 
 # ---------------------------------------------------------------- traits
@@ -122,9 +136,10 @@ def extract(
     judge_url: JudgeUrlOpt = None,
     device: DeviceOpt = None,
     force: Annotated[bool, typer.Option(help="Start over instead of resuming.")] = False,
+    engine: EngineOpt = "auto",
 ) -> None:
     """Extract a persona vector: generate, judge, filter, extract (resumable)."""
-    from .extract import extract_vector
+    from .extract import answer_jobs, extract_vector
     from .extract import profile as make_profile
     from .traits import TraitError, load_trait
 
@@ -139,7 +154,8 @@ def extract(
     adapter = _adapter(model, device)
     judge = _judge(judge_model, judge_mode, device, judge_url)
     try:
-        extract_vector(adapter, t, judge=judge, config=cfg, run_dir=out, force=force)
+        gen_engine = _engines(engine, adapter, judge, len(answer_jobs(t, cfg)), cfg.sampling.max_new_tokens)
+        extract_vector(adapter, t, judge=judge, config=cfg, run_dir=out, force=force, engine=gen_engine)
     except ValueError as e:
         _fail(str(e))
 

@@ -79,13 +79,14 @@ def answer_jobs(trait: Trait, cfg: ExtractConfig) -> list[dict]:
     ]
 
 
-def generate_answers(adapter: ModelAdapter, trait: Trait, run_dir: Path, cfg: ExtractConfig) -> list[dict]:
-    """Sample answers under the pos and neg instructions; resumes from `answers.jsonl`."""
+def generate_answers(adapter: ModelAdapter, trait: Trait, run_dir: Path, cfg: ExtractConfig,
+                     engine=None) -> list[dict]:
+    """Sample answers under the pos and neg instructions (on `engine` if given); resumes from `answers.jsonl`."""
     store = JsonlStore(Path(run_dir) / "answers.jsonl", ANSWER_KEY)
     jobs = answer_jobs(trait, cfg)
     prompts = {(j["system"], j["question_text"]): adapter.prompt(j["question_text"], j["system"]) for j in jobs}
     run_generation(adapter, jobs, lambda j: prompts[(j["system"], j["question_text"])],
-                   lambda j: store.key(j) in store, store.append, cfg.sampling, "generate")
+                   lambda j: store.key(j) in store, store.append, cfg.sampling, "generate", engine=engine)
     return [store.get(store.key(j)) for j in jobs]
 
 
@@ -184,6 +185,7 @@ def extract_vector(
     tokenizer=None,
     force: bool = False,
     plots: bool = True,
+    engine=None,
 ) -> PersonaVector:
     """The whole pipeline; returns the vector, also saved as `RUN_DIR/vector.safetensors`."""
     adapter = model if isinstance(model, ModelAdapter) else ModelAdapter(model, tokenizer)
@@ -198,7 +200,7 @@ def extract_vector(
 
         judge = load_local_judge()
 
-    answers = generate_answers(adapter, trait, run_dir, cfg)
+    answers = generate_answers(adapter, trait, run_dir, cfg, engine)
     scored = score_answers(judge, trait, answers, run_dir, cfg)
     result = filter_pairs(scored, cfg)
     diffs, resid_norm = vector_from_pairs(adapter, result.kept, cfg.extract_batch_size)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapter import ModelAdapter, pad_batch, pad_id, position_ids_for
+from .adapter import ModelAdapter, cache_kwarg, output_cache, pad_batch, pad_id, position_ids_for
 from .traits import Trait
 
 COHERENCE_PROMPT = """You are grading an AI assistant's answer for coherence only.
@@ -155,7 +155,7 @@ def integer_distribution(
     """
     dev = next(model.parameters()).device
     out = model(input_ids=torch.tensor([prompt_ids], device=dev), use_cache=True, logits_to_keep=1)
-    root_cache = out.cache
+    root_cache = output_cache(out)
     root_probs = out.logits[0, -1].float().softmax(-1)
     result: dict[int, float] = {}
     cont_ids = torch.tensor(sorted(cont), device=dev, dtype=torch.long)
@@ -171,7 +171,7 @@ def integer_distribution(
             cache = copy.deepcopy(root_cache)
             cache.batch_repeat_interleave(len(nodes))
             ids = torch.tensor([n[1] for n in nodes], device=dev)
-            logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            logits = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache}).logits[:, -1]
             probs = logits.float().softmax(-1)
             p_digit = probs[:, cont_ids].sum(-1) if len(cont_ids) else torch.zeros(len(nodes), device=dev)
             for row, (s, path, p) in enumerate(nodes):

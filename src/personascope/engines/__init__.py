@@ -7,8 +7,10 @@ stay on the HF model; see docs/engines.md for what runs where.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -83,7 +85,22 @@ def make_engine(engine: str, adapter, work_tokens: int = 0, model_path: str | No
     from .vllm_engine import VLLMEngine
 
     path = model_path or resolve_model_path(str(adapter.model.config.name_or_path))
+    if not (Path(path) / "config.json").exists() or (Path(path) / "adapter_config.json").exists():
+        warnings.warn(f"vLLM cannot load {path!r} (not a plain model directory); using the HF engine", stacklevel=2)
+        return hf
+    vllm_kw.setdefault("dtype", next(adapter.model.parameters()).dtype)
     return VLLMEngine(path, tokenizer=adapter.tokenizer, fallback=hf, **vllm_kw)
 
 
-__all__ = ["AUTO_MIN_TOKENS", "ENGINES", "Engine", "Steering", "choose_engine", "make_engine", "vllm_available"]
+def make_judge_engine(engine: str, judge, n_judgements: int, prompt_tokens: int = 300) -> str | None:
+    """Give a local judge (LocalJudge) the chosen engine for its scoring; returns the engine's name, or None
+    for a judge that runs elsewhere (an API judge)."""
+    adapter = getattr(judge, "adapter", None)
+    if adapter is None or not hasattr(judge, "engine"):
+        return None
+    judge.engine = make_engine(engine, adapter, n_judgements * prompt_tokens)
+    return judge.engine.name
+
+
+__all__ = ["AUTO_MIN_TOKENS", "ENGINES", "Engine", "Steering", "choose_engine", "make_engine", "make_judge_engine",
+           "vllm_available"]

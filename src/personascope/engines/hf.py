@@ -7,13 +7,12 @@ rubric of one trait) run that prefix once and reuse its KV cache for the whole b
 from __future__ import annotations
 
 import copy
-import inspect
 import os
 from collections.abc import Sequence
 
 import torch
 
-from ..adapter import ModelAdapter, pad_batch, pad_id, position_ids_for
+from ..adapter import ModelAdapter, cache_kwarg, output_cache, pad_batch, pad_id, position_ids_for
 from . import Steering
 
 MIN_SHARED_PREFIX = 16  # tokens; shorter common prefixes are not worth a separate forward
@@ -46,15 +45,6 @@ def memory_batch_size(adapter: ModelAdapter, tokens_per_row: int, cap: int | Non
     if cap is None:
         cap = 256 if adapter.device.type == "cuda" else 64
     return max(1, min(cap, int(budget // max(per_row, 1))))
-
-
-def _cache_kw(model) -> str:
-    """The name of the KV-cache argument (transformers renamed `past_key_values` to `cache`)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _out_cache(out):
-    return getattr(out, "cache", None) if getattr(out, "cache", None) is not None else out.past_key_values
 
 
 def _common_prefix(rows: list[list[int]]) -> int:
@@ -144,7 +134,7 @@ class HFEngine:
             model = self.adapter.model
             out = model(input_ids=torch.tensor([prefix], device=self.adapter.device), use_cache=True,
                         logits_to_keep=1)
-            self._prefix = (prefix, _out_cache(out))
+            self._prefix = (prefix, output_cache(out))
         return copy.deepcopy(self._prefix[1])
 
     @torch.no_grad()
@@ -164,7 +154,7 @@ class HFEngine:
                 mask = torch.cat([torch.ones(len(rows), shared, dtype=torch.long), smask], dim=1)
                 pos = position_ids_for(mask)[:, shared:]
                 logits = ad.model(input_ids=suf.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                                  use_cache=True, logits_to_keep=1, **{_cache_kw(ad.model): cache}).logits
+                                  use_cache=True, logits_to_keep=1, **{cache_kwarg(ad.model): cache}).logits
             else:
                 batch, mask = pad_batch(rows, pad_id(ad.tokenizer), "left")
                 logits = ad.model(input_ids=batch.to(dev), attention_mask=mask.to(dev),

@@ -52,10 +52,10 @@ class VLLMEngine:
     seeds_per_prompt = True
 
     def __init__(self, model_path: str, tokenizer=None, fallback=None, dtype: str | torch.dtype = "auto",
-                 max_model_len: int = 4096, steerable: bool = False, kv_cache_gb: float = 2.0,
+                 max_model_len: int = 4096, steerable: bool = False, kv_cache_gb: int = 2,
                  max_num_seqs: int = 256, max_logprobs: int = 20):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gb))
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(kv_cache_gb))))
         from vllm import LLM
 
         if isinstance(dtype, torch.dtype):
