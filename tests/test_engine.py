@@ -58,6 +58,18 @@ def test_hf_last_token_logprobs_with_a_shared_prefix_equal_full_forwards(tiny):
         assert list(lp.values()) == pytest.approx(top.values.tolist(), abs=1e-4)
 
 
+def test_hf_shared_prefix_cache_is_not_reused_under_steering(tiny):
+    prompts = [tiny.prompt(PREFIX * 2 + q) for q in ("a", "bb bb")]
+    engine = HFEngine(tiny)
+    plain = engine.last_token_logprobs(prompts, top_k=3)
+    v = torch.randn(tiny.hidden_size, generator=torch.Generator().manual_seed(2)) * 4
+    with Steerer(tiny).add(v, 1, 3.0, "all"):
+        steered = engine.last_token_logprobs(prompts, top_k=3)
+        want = HFEngine(tiny).last_token_logprobs(prompts, top_k=3)
+    assert steered == want != plain
+    assert engine.last_token_logprobs(prompts, top_k=3) == plain
+
+
 def test_hf_prompt_logprobs_equal_a_full_forward(tiny):
     prompts, answers = [tiny.prompt("q one"), tiny.prompt("a longer question two")], ["yes it is", "no"]
     got = HFEngine(tiny).prompt_logprobs(prompts, answers)

@@ -66,7 +66,7 @@ class HFEngine:
         self.adapter = adapter
         self.batch_size = batch_size  # None: chosen from memory for each workload
         self.max_batch = max_batch
-        self._prefix: tuple[tuple[int, ...], object] | None = None
+        self._prefix: tuple[tuple, object] | None = None
 
     # -- helpers
     def _ids(self, prompt: str | list[int]) -> list[int]:
@@ -129,12 +129,15 @@ class HFEngine:
 
     # -- judge primitives
     def _prefix_cache(self, prefix: tuple[int, ...]):
-        """The KV cache of a shared prefix, computed once and kept while the next batches share it."""
-        if self._prefix is None or self._prefix[0] != prefix:
+        """The KV cache of a shared prefix (a trait's rubric), computed once and kept until another prefix
+        comes; keyed also by the hooks on the blocks, so a cache made without steering is not reused with it."""
+        hooks = tuple(id(h) for b in self.adapter.blocks for h in (*b._forward_hooks.values(),
+                                                                    *b._forward_pre_hooks.values()))
+        if self._prefix is None or self._prefix[0] != (prefix, hooks):
             model = self.adapter.model
             out = model(input_ids=torch.tensor([prefix], device=self.adapter.device), use_cache=True,
                         logits_to_keep=1)
-            self._prefix = (prefix, output_cache(out))
+            self._prefix = ((prefix, hooks), output_cache(out))
         return copy.deepcopy(self._prefix[1])
 
     @torch.no_grad()
@@ -163,7 +166,6 @@ class HFEngine:
             top = logp.topk(min(top_k, logp.shape[-1]), dim=-1)
             for row, i in enumerate(idx):
                 res[i] = {int(t): float(v) for t, v in zip(top.indices[row], top.values[row], strict=True)}
-        self._prefix = None
         return res
 
     @torch.no_grad()
