@@ -20,6 +20,7 @@ from pathlib import Path
 
 GEN_MODEL, JUDGE_MODEL = "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"
 N_ANSWERS, NEW_TOKENS, N_JUDGE = 64, 64, 32
+EAGER = os.environ.get("BENCH_VLLM_EAGER", "1") == "1"  # eager (steerable) vLLM: no graph compilation
 PARTS = ("gen-hf16", "gen-hf64", "gen-hfauto", "gen-vllm", "judge-hf", "judge-hfengine", "judge-vllm")
 
 
@@ -60,7 +61,8 @@ def run_part(part: str, work: Path) -> dict:
         if part == "gen-vllm":
             from personascope.engines.vllm_engine import VLLMEngine
 
-            eng = VLLMEngine(resolve_model_path(name), tokenizer=tok, dtype=torch.bfloat16, max_model_len=2048)
+            eng = VLLMEngine(resolve_model_path(name), tokenizer=tok, dtype=torch.bfloat16, max_model_len=2048,
+                             steerable=EAGER)
             res["startup_s"] = time.perf_counter() - t0
             eng.generate(prompts[:2], SamplingConfig(temperature=0.0, max_new_tokens=4))  # warm-up
             t0 = time.perf_counter()
@@ -91,7 +93,7 @@ def run_part(part: str, work: Path) -> dict:
             from personascope.engines.vllm_engine import VLLMEngine
 
             judge.engine = VLLMEngine(resolve_model_path(name), tokenizer=tok, dtype=torch.bfloat16,
-                                      max_model_len=2048)
+                                      max_model_len=2048, steerable=EAGER)
             res["startup_s"] = time.perf_counter() - t0
             judge.engine.last_token_logprobs(prompts[:1])  # warm-up (also caches the rubric prefix, as in use)
         elif part == "judge-hfengine":
@@ -125,7 +127,7 @@ def drive(parts: list[str], work: Path) -> None:
     got = {p: json.loads((work / f"{p}.json").read_text()) for p in PARTS if (work / f"{p}.json").exists()}
     lines = [f"{N_ANSWERS} answers × {NEW_TOKENS} new tokens greedy on {GEN_MODEL}; {N_JUDGE} binary judge prompts "
              f"(optimistic, labelled set) on {JUDGE_MODEL}; bf16; one run each, each in a fresh process; "
-             f"load average at the end {os.getloadavg()[0]:.1f}", "",
+             f"load average at the end {os.getloadavg()[0]:.1f}; vLLM {'eager' if EAGER else 'compiled'}", "",
              "| variant | seconds | rate | start-up (s) |", "|---|---|---|---|"]
     labels = {"gen-hf16": "HF, product path (batch 16)", "gen-hf64": "HFEngine, batch 64",
               "gen-hfauto": "HFEngine, batch from memory", "gen-vllm": "VLLMEngine",

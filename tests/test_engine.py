@@ -254,7 +254,7 @@ def test_builtin_05b_greedy_text_hf_vs_vllm():
     cfg = SamplingConfig(temperature=0.0, max_new_tokens=32)
     hf = HFEngine(ad).generate(prompts, cfg)
     eng = VLLMEngine(resolve_model_path("qwen2.5-coder-0.5b"), tokenizer=tok, dtype=torch.bfloat16,
-                     max_model_len=1024)
+                     max_model_len=1024, steerable=True)  # eager: skips minutes of graph compilation
     vl = eng.generate(prompts, cfg)
     same = sum(a == b for a, b in zip(hf, vl, strict=True)) / len(hf)
     assert same >= 0.75, list(zip(hf, vl, strict=True))

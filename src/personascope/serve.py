@@ -41,7 +41,16 @@ import torch
 from fastapi import Request
 
 from .activations import collect_spans, project
-from .adapter import FALLBACK_TEMPLATE, ModelAdapter, block_output, pad_batch, pad_id, position_ids_for
+from .adapter import (
+    FALLBACK_TEMPLATE,
+    ModelAdapter,
+    block_output,
+    cache_kwarg,
+    output_cache,
+    pad_batch,
+    pad_id,
+    position_ids_for,
+)
 from .steer import POSITIONS, Steerer
 from .vectors import PersonaVector
 
@@ -612,7 +621,7 @@ class Engine:
                 steerer.attach()
             out = self.adapter.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_for(mask),
                                      use_cache=True, logits_to_keep=1)
-            cache, logits = out.cache, out.logits[:, -1].float()
+            cache, logits = output_cache(out), out.logits[:, -1].float()
             prompt_proj = self._projections(rows, store)
             for i, r in enumerate(rows):
                 if r.choice == 0:
@@ -631,8 +640,9 @@ class Engine:
                 if watch or any(not r.finished for r in rows):
                     mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype, device=dev)], dim=1)
                     out = self.adapter.model(input_ids=torch.tensor(toks, device=dev)[:, None], attention_mask=mask,
-                                             position_ids=position_ids_for(mask)[:, -1:], cache=cache, use_cache=True)
-                    cache, logits = out.cache, out.logits[:, -1].float()
+                                             position_ids=position_ids_for(mask)[:, -1:], use_cache=True,
+                                             **{cache_kwarg(self.adapter.model): cache})
+                    cache, logits = output_cache(out), out.logits[:, -1].float()
                 if watch:
                     for r, p in zip(rows, self._projections(rows, store), strict=True):
                         r.flush(p)
