@@ -16,8 +16,9 @@ from typing import Protocol, runtime_checkable
 import torch
 
 ENGINES = ("hf", "vllm", "auto")
-# below this many generated plus judged tokens, vLLM's start-up (~2 min on 2 CPU cores) does not pay
-AUTO_MIN_TOKENS = 20_000
+# below this many token-equivalents (engines.jobs.work_tokens) vLLM's start-up (~2 min on 2 CPU cores) does not
+# pay: vLLM saves about 4 ms per generated token and 2 ms per judged prompt token there (bench/RESULTS.md)
+AUTO_MIN_TOKENS = 100_000
 
 
 @dataclass(frozen=True)
