@@ -127,7 +127,8 @@ def drive(parts: list[str], work: Path) -> None:
     got = {p: json.loads((work / f"{p}.json").read_text()) for p in PARTS if (work / f"{p}.json").exists()}
     lines = [f"{N_ANSWERS} answers × {NEW_TOKENS} new tokens greedy on {GEN_MODEL}; {N_JUDGE} binary judge prompts "
              f"(optimistic, labelled set) on {JUDGE_MODEL}; bf16; one run each, each in a fresh process; "
-             f"load average at the end {os.getloadavg()[0]:.1f}; vLLM {'eager' if EAGER else 'compiled'}", "",
+             f"load average at the end {os.getloadavg()[0]:.1f}; vLLM {'eager' if EAGER else 'compiled'}; "
+             f"torch threads {os.environ.get('BENCH_THREADS', '2')}", "",
              "| variant | seconds | rate | start-up (s) |", "|---|---|---|---|"]
     labels = {"gen-hf16": "HF, product path (batch 16)", "gen-hf64": "HFEngine, batch 64",
               "gen-hfauto": "HFEngine, batch from memory", "gen-vllm": "VLLMEngine",
@@ -139,19 +140,21 @@ def drive(parts: list[str], work: Path) -> None:
                                          "prompt tok/s)")
         lines.append(f"| {labels[p]} | {r['seconds']:.1f} | {rate} | {r.get('startup_s', 0):.0f} |")
     lines.append("")
-    base = got.get("gen-hf16")
+    ref = next((p for p in ("gen-hf16", "gen-hfauto", "gen-hf64") if p in got), None)
+    base = got.get(ref) if ref else None
     for p in ("gen-hf64", "gen-hfauto", "gen-vllm"):
-        if base and p in got:
+        if base and p in got and p != ref:
             same = sum(a == b for a, b in zip(base["texts"], got[p]["texts"], strict=True)) / len(base["texts"])
-            lines.append(f"- {labels[p]} vs product path: greedy text identical on {100 * same:.0f} % of "
+            lines.append(f"- {labels[p]} vs {labels[ref]}: greedy text identical on {100 * same:.0f} % of "
                          f"{len(base['texts'])}, speed ×{got[p]['tok_per_s'] / base['tok_per_s']:.2f}")
-    jb = got.get("judge-hf")
+    jref = next((p for p in ("judge-hf", "judge-hfengine") if p in got), None)
+    jb = got.get(jref) if jref else None
     for p in ("judge-hfengine", "judge-vllm"):
-        if jb and p in got:
+        if jb and p in got and p != jref:
             diffs = [abs(a - b) for a, b in zip(jb["scores"], got[p]["scores"], strict=True)
                      if a is not None and b is not None]
             missing = sum((a is None) != (b is None) for a, b in zip(jb["scores"], got[p]["scores"], strict=True))
-            lines.append(f"- {labels[p]} vs product path: judge score max |diff| {max(diffs):.2f} points "
+            lines.append(f"- {labels[p]} vs {labels[jref]}: judge score max |diff| {max(diffs):.2f} points "
                          f"(mean {sum(diffs) / len(diffs):.2f}; {missing} missing on one side only), "
                          f"speed ×{jb['seconds'] / got[p]['seconds']:.2f}")
     record("engines: HF vs vLLM (bench/engines.py)", lines)
@@ -163,12 +166,13 @@ def main() -> None:
     ap.add_argument("--part", choices=PARTS)
     ap.add_argument("--only", nargs="*", choices=PARTS, help="run these variants only (default: all)")
     ap.add_argument("--work", type=Path, default=Path("runs/bench-engines"))
+    ap.add_argument("--report", action="store_true", help="only compare the variants already in --work and record")
     args = ap.parse_args()
     if args.part:
         r = run_part(args.part, args.work)
         print({k: v for k, v in r.items() if k not in ("texts", "scores")})
     else:
-        drive(args.only or list(PARTS), args.work)
+        drive([] if args.report else args.only or list(PARTS), args.work)
 
 
 if __name__ == "__main__":
