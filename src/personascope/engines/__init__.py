@@ -17,7 +17,8 @@ import torch
 
 ENGINES = ("hf", "vllm", "auto")
 # below this many token-equivalents (engines.jobs.work_tokens) vLLM's start-up (~2 min on 2 CPU cores) does not
-# pay: vLLM saves about 4 ms per generated token and 2 ms per judged prompt token there (bench/RESULTS.md)
+# pay: vLLM saved about 4 ms per generated token and 2 ms per judged prompt token there (measured before
+# bench/engines.py, on a quieter machine)
 AUTO_MIN_TOKENS = 100_000
 
 
