@@ -2,7 +2,16 @@ import pytest
 import torch
 from tiny import tiny_pair
 
-from personascope.adapter import ModelAdapter, block_output, pad_batch, pad_id, position_ids_for, with_block_output
+from personascope.adapter import (
+    ModelAdapter,
+    block_output,
+    cache_kwarg,
+    output_cache,
+    pad_batch,
+    pad_id,
+    position_ids_for,
+    with_block_output,
+)
 from personascope.guard import Guard
 
 N_NEW = 6
@@ -195,7 +204,7 @@ def test_finished_rows_and_padding_are_not_counted(qwen_tiny):
         step = torch.tensor([[eos], [65], [eos]])
         m2 = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1)
         a.model(input_ids=step, attention_mask=m2, position_ids=position_ids_for(m2)[:, -1:],
-                cache=cache_out.cache, use_cache=True)
+                use_cache=True, **{cache_kwarg(a.model): output_cache(cache_out)})
     assert guard.last.fired == [[True, False], [True, True], [True, False]]
     guard.select_rows([1])
     assert guard.last.fired == [[True, True]] and guard.last.touched == [2]

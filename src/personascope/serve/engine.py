@@ -25,7 +25,7 @@ from collections import deque
 import torch
 
 from ..activations import last_token_activations, project
-from ..adapter import ModelAdapter, pad_batch, pad_id, position_ids_for
+from ..adapter import ModelAdapter, cache_kwarg, output_cache, pad_batch, pad_id, position_ids_for
 from ..guard import Guard
 from ..guard_calibrate import GuardCalibration
 from ..hooks import ResidualHooks
@@ -296,7 +296,7 @@ class Engine(RequestParser):
                 guard.attach()
             out = self.adapter.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_for(mask),
                                      use_cache=True, logits_to_keep=1)
-            cache, logits = out.cache, out.logits[:, -1].float()
+            cache, logits = output_cache(out), out.logits[:, -1].float()
             fired: list[bool | None] = list(guard.step_fired) if guard is not None else [None] * len(rows)
             prompt_proj = self._projections(rows, store)
             for i, r in enumerate(rows):
@@ -320,8 +320,9 @@ class Engine(RequestParser):
                 if watch or any(not r.finished for r in rows):
                     mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype, device=dev)], dim=1)
                     out = self.adapter.model(input_ids=torch.tensor(toks, device=dev)[:, None], attention_mask=mask,
-                                             position_ids=position_ids_for(mask)[:, -1:], cache=cache, use_cache=True)
-                    cache, logits = out.cache, out.logits[:, -1].float()
+                                             position_ids=position_ids_for(mask)[:, -1:], use_cache=True,
+                                             **{cache_kwarg(self.adapter.model): cache})
+                    cache, logits = output_cache(out), out.logits[:, -1].float()
                     if guard is not None:
                         fired = list(guard.step_fired)
                 if watch:
