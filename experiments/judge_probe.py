@@ -93,7 +93,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--judge-model", default="qwen2.5-coder-0.5b")
     ap.add_argument("--layers", default="6,9,12,15,18")
-    ap.add_argument("--l2", default="0.01,0.03,0.1,0.3")
+    ap.add_argument("--l2", default="0.03,0.3")
     ap.add_argument("--features-only", action="store_true", help="compute and cache features, then stop")
     ap.add_argument("--shard", default="0/1", help="I/N: compute every N-th row from I (with --features-only)")
     ap.add_argument("--threads", type=int, default=1)
@@ -138,7 +138,7 @@ def main() -> None:
         return torch.stack([cache[json.dumps([r.trait, r.question, r.answer])] for r in rs])[:, cols]
 
     train_pool = written + tune
-    candidates = [list(c) for k in (1, 2) for c in itertools.combinations(layers, k)]
+    candidates = [[x] for x in layers] + [list(p) for p in itertools.pairwise(layers)]
     l2s = [float(x) for x in args.l2.split(",")]
     cv = []
     for use, l2 in itertools.product(candidates, l2s):

@@ -85,3 +85,20 @@ def test_heads_learn_a_separable_direction():
 def test_head_targets_skip_rows_without_the_label():
     r = LabelledAnswer("evil", "q", "a", None, True, None)
     assert head_target(r, "ge1") is None and head_target(r, "refusal") == 1.0 and head_target(r, "incoherent") is None
+
+
+def test_refusals_are_recorded_and_drop_their_pair(tmp_path):
+    from personascope.extract import PROFILES, filter_pairs
+    from personascope.scoring import ScoreCache, judge_answers
+
+    ad = _adapter()
+    w = _weights(ad, [1])
+    w.heads["refusal"] = (torch.zeros_like(w.heads["refusal"][0]), 50.0)  # every answer reads as a refusal
+    judge = ProbeJudge(ad, w, "probe")
+    trait = load_trait("optimistic")
+    recs = [{"question_text": "Q?", "answer": a, "side": side, "instruction": 0, "question": 0, "sample": 0}
+            for a, side in (("Great things ahead!", "pos"), ("I can't help with that.", "neg"))]
+    scored = judge_answers(judge, trait, recs, ScoreCache(tmp_path / "scores.jsonl"))
+    assert all(r["refusal"] for r in scored)
+    result = filter_pairs(scored, PROFILES["quick"])
+    assert not result.kept and result.dropped["refusal"] == 1

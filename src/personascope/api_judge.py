@@ -111,6 +111,8 @@ def make_judge(judge_model: str, judge_mode: str | None = None, judge_url: str |
                device: str | None = None) -> Judge:
     """The API judge at `judge_url` when given, else the local judge model (with its scoring mode).
 
+    Without a mode, a judge model with shipped probe weights is a ProbeJudge; any other is a LocalJudge (`auto`).
+
     An API judge has one scoring mode (the 0-100 logprob mean), so a `judge_mode` with `judge_url` is refused.
     """
     if judge_url:
@@ -119,5 +121,8 @@ def make_judge(judge_model: str, judge_mode: str | None = None, judge_url: str |
                              "always scores 0-100 from logprobs: drop --judge-mode or --judge-url")
         return OpenAIJudge(judge_url, judge_model)
     from .judge import load_local_judge
+    from .judge_probe import load_probe_judge, probe_weights_path
 
+    if judge_mode == "probe" or (judge_mode is None and probe_weights_path(judge_model).exists()):
+        return load_probe_judge(judge_model, device=device)
     return load_local_judge(judge_model, trait_mode=judge_mode, device=device)

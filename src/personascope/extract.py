@@ -129,7 +129,8 @@ class FilterResult:
 
 
 def filter_pairs(scored: list[dict], cfg: ExtractConfig) -> FilterResult:
-    """Keep pair i when pos trait ≥ pos_threshold, neg trait < neg_threshold and both coherent."""
+    """Keep pair i when neither side is a refusal, pos trait ≥ pos_threshold, neg trait < neg_threshold and both
+    are coherent."""
     by_key: dict[tuple, dict[str, dict]] = {}
     for r in scored:
         by_key.setdefault((r["instruction"], r["question"], r["sample"]), {})[r["side"]] = r
@@ -144,6 +145,8 @@ def filter_pairs(scored: list[dict], cfg: ExtractConfig) -> FilterResult:
         scores = [pos.get("trait_score"), neg.get("trait_score"), pos.get("coherence"), neg.get("coherence")]
         if any(s is None for s in scores):
             dropped["missing score"] += 1
+        elif pos.get("refusal") or neg.get("refusal"):
+            dropped["refusal"] += 1  # a refusal is an outcome of its own, not a trait-free answer
         elif pos["trait_score"] < cfg.pos_threshold:
             dropped[f"pos trait < {cfg.pos_threshold:g}"] += 1
         elif neg["trait_score"] >= cfg.neg_threshold:

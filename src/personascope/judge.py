@@ -54,7 +54,7 @@ MASS_THRESHOLD = 0.25
 CONTRAST_SCALE = 8.0
 LOGPROB_SCALE = 2.0
 LOGPROB_CENTER = -2.5
-TRAIT_MODES = ("auto", "0_100", "fewshot", "binary", "contrastive")
+TRAIT_MODES = ("auto", "0_100", "fewshot", "binary", "contrastive", "probe")  # probe: judge_probe.ProbeJudge
 COHERENCE_MODES = ("0_100", "binary", "logprob")
 
 
@@ -240,6 +240,10 @@ class Judge:
         text = req.trait.eval_prompt if req.kind == "trait" and req.trait else COHERENCE_PROMPT
         return f"{req.kind}:{self.resolve_mode(req)}:{rubric_id(text)}"
 
+    def refusals(self, requests: Sequence[JudgeRequest]) -> list[bool]:
+        """Whether each answer is a refusal; judges without a refusal outcome report none."""
+        return [False] * len(requests)
+
     def score(self, requests: Sequence[JudgeRequest]) -> list[float | None]:
         raise NotImplementedError
 
@@ -250,6 +254,8 @@ class LocalJudge(Judge):
     def __init__(self, model, tokenizer, trait_mode: str = "auto", coherence_mode: str = "binary",
                  name: str | None = None, batch_size: int = 4, contrast_pairs: int = 1, prune: float = 1e-5,
                  contrast_templates: tuple[int, ...] | None = None, engine=None):
+        if trait_mode == "probe":
+            raise ValueError("the probe mode is a ProbeJudge, not a LocalJudge: use make_judge or load_probe_judge")
         if trait_mode not in TRAIT_MODES:
             raise ValueError(f"unknown trait scoring mode {trait_mode!r}; choose from {', '.join(TRAIT_MODES)}")
         if coherence_mode not in COHERENCE_MODES:

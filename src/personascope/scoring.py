@@ -27,7 +27,7 @@ def judge_answers(
     description: str = "judge",
     cluster=None,
 ) -> list[dict]:
-    """Return records with `trait_score` / `coherence` (None when missing) plus the judge's name and modes.
+    """Return records with `trait_score` / `coherence` (None when missing), `refusal`, and the judge's name and modes.
 
     With a `cluster` started with a judge (cluster.RayCluster), the batches are scored on its actors.
     """
@@ -42,9 +42,10 @@ def judge_answers(
                 todo.append((judge.rubric_key(req), req))
 
     def save(chunk: list[tuple[str, JudgeRequest]], scores: list) -> None:
+        refused = judge.refusals([r for _, r in chunk])
         cache.append({"judge": judge.name, "rubric": rk, "kind": r.kind, "mode": judge.resolve_mode(r),
-                      "question": r.question, "answer": r.answer, "score": s}
-                     for (rk, r), s in zip(chunk, scores, strict=True))
+                      "question": r.question, "answer": r.answer, "score": s, "refusal": refusal}
+                     for (rk, r), s, refusal in zip(chunk, scores, refused, strict=True))
 
     if cluster is not None and getattr(cluster, "judge", None) is not None:
         cluster.score(judge, todo, batch_size, save, description)
@@ -67,5 +68,7 @@ def judge_answers(
                 hit = cache.get((judge.name, judge.rubric_key(req), req.question, req.answer))
                 new[field] = hit["score"] if hit else None
                 new[f"{field}_mode"] = judge.resolve_mode(req)
+                if kind == "trait":
+                    new["refusal"] = bool(hit and hit.get("refusal"))
         out.append(new)
     return out
