@@ -86,3 +86,36 @@ def test_chat_steer_and_meter(dash, tmp_path):
         assert shot.stat().st_size > 10_000
         assert not errors, errors
         browser.close()
+
+
+def test_guard_marks_tokens(dash):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(dash + "/")
+        page.fill("#apikey", KEY)
+        page.dispatch_event("#apikey", "change")
+        page.wait_for_selector('.vec[data-vector="opt"]')
+        assert page.locator("#guard-opt").count() == 1 and page.locator("#guard-hum").count() == 0  # calibrated only
+        page.fill("#temp", "0")
+        page.fill("#maxtok", "16")
+        page.select_option("#guard-opt", "cap")
+        page.fill("#input", "Tell me about the sea.")
+        page.click("#send")
+        page.wait_for_selector('.msg.assistant[data-done="1"]', timeout=30_000)
+        info = page.locator(".msg.assistant .info").last.inner_text()
+        marked = page.locator(".msg.assistant .tok.guarded").count()
+        # the same request through the API: the dashboard marks the tokens the server reports
+        r = httpx.post(dash + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                       json={"model": "tiny-random-qwen2", "temperature": 0, "max_tokens": 16,
+                             "messages": [{"role": "user", "content": "Tell me about the sea."}],
+                             "guard": {"vector": "opt", "mode": "cap"}}).json()
+        fired = r["choices"][0]["guard"]["fired"]
+        assert f"guard cap on opt: {sum(fired)} tokens touched" in info
+        assert 0 < marked <= sum(fired)
+        assert not errors, errors
+        browser.close()

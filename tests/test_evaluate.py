@@ -108,3 +108,37 @@ def test_malformed_mc_row_is_named(tmp_path):
                  '{"question": "q", "choices": ["a"]}\n')
     with pytest.raises(ValueError, match="mc.jsonl:2"):
         load_mc(p)
+
+
+def test_guard_conditions_in_a_sweep(tmp_path, setup):
+    from personascope.evaluate import Condition, condition_capability, guard_conditions, print_rows
+    from personascope.guard_calibrate import GuardCalibration, with_calibration
+
+    a, pv, judge, cfg = setup
+    trait = load_trait("humorous")
+    with pytest.raises(ValueError, match="no guard calibration"):
+        guard_conditions(pv, ["cap"], [])
+    low = with_calibration(pv, GuardCalibration(2, -1e-3, 1e-3, 95.0, 10))  # nearly every token is out of range
+    conds = [Condition(), Condition(2, -4.0), *guard_conditions(low, ["cap", "conditional"], [-4.0, 0.0]),
+             Condition(2, 0.0, guard="cap", hi=1e9),  # a range nothing leaves: a no-op
+             Condition(2, 0.0, guard="cap", lo=50.0, hi=50.0)]  # pins the projection far out
+    assert [c.key for c in conds[2:]] == ["L2:cap[-,0.001]:response", "L2:c-4-if>0.001:response",
+                                          "L2:cap[-,1e+09]:response", "L2:cap[50,50]:response"]
+    rows = evaluate(a, trait, judge, conds, tmp_path, vector=low, cfg=cfg)
+    by = {r["condition"]: r for r in rows}
+    answers = {k: [q["answer"] for q in r["per_question"]] for k, r in by.items()}
+    assert answers["L2:cap[-,1e+09]:response"] == answers["base"]
+    assert by["L2:cap[-,1e+09]:response"]["guard_touched_mean"] == 0
+    cap = by["L2:cap[-,0.001]:response"]
+    assert 0 < cap["guard_touched_mean"] <= 5 and cap["guard_answers_touched"] > 0 and cap["guard"] == "cap"
+    assert answers["L2:cap[50,50]:response"] != answers["base"]
+    assert answers["L2:c-4-if>0.001:response"] != answers["base"]
+    assert by["base"]["guard_touched_mean"] is None
+    # rerun resumes: the stored touched counts come back unchanged
+    again = evaluate(a, trait, judge, conds, tmp_path, vector=low, cfg=cfg)
+    assert [r["guard_touched_mean"] for r in again] == [r["guard_touched_mean"] for r in rows]
+    change = by["base"]["trait_mean"] - by["L2:c-4:response"]["trait_mean"]
+    assert choose_layer(rows, -1.0)[1][2]["trait_change"] == pytest.approx(change)  # guard rows are no candidates
+    mc = load_mc()[:6]
+    assert condition_capability(a, conds[-2], low, mc) == mc_accuracy(a, mc).accuracy
+    print_rows(rows, "guard")

@@ -228,3 +228,31 @@ def test_watch_with_piped_stdin_prints_meter_and_exits(tmp_path):
                                    "--max-new-tokens", "3", "--device", "cpu"], input="one line only\n")
     assert res.exit_code == 0, res.output
     assert res.output.count("trait meter") == 1 and "you › one line only" in res.output
+
+
+def test_watch_marks_the_tokens_the_guard_touched(tmp_path):
+    from rich.console import Console
+
+    from personascope.adapter import pad_id
+    from personascope.guard import Guard
+    from personascope.watch import run_watch
+
+    a, pv = _setup(seed=2)
+    v = pv.vector(2)
+    seen = trace_generation(a, [a.prompt("hello there")], pv, 2, 8)[0].at()
+    hi = sorted(seen)[len(seen) // 2]  # the guard acts on some tokens, not all
+    console = Console(record=True, width=120)
+    turns = run_watch(a, pv, 2, ["hello there", "/quit"], console, max_new_tokens=8, temperature=0.0,
+                      history=False, guard=Guard(a).cap(v, 2, hi=hi), html_path=tmp_path / "s.html")
+    out = console.export_text()
+    flags = turns[0].guarded
+    assert len(flags) == len(turns[0].trace.tokens) and sum(flags) > 0
+    assert f"guard acted on {sum(flags)} of {len(flags)} tokens" in out
+    assert f"(acts above {hi:+.2f})" in out.replace("\n", ""), out
+    # the same flags as the guard on a plain greedy generate of the same prompt
+    ids = torch.tensor([a.encode_prompt(a.prompt("hello there"))])
+    offline = Guard(a).cap(v, 2, hi=hi)
+    with torch.no_grad(), offline:
+        a.model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=pad_id(a.tokenizer))
+    assert flags == offline.last.fired[0][: len(flags)]
+    assert f"guard acted on {sum(flags)} tokens" in (tmp_path / "s.html").read_text()

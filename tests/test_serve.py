@@ -17,12 +17,15 @@ import pytest
 import torch
 
 from personascope.activations import collect_spans, project
+from personascope.guard import Guard
+from personascope.guard_calibrate import GuardCalibration, calibrate_guard, with_calibration
 from personascope.serve import load_serving_model
 from personascope.vectors import PersonaVector, base_metadata, load_vector
 
 MODEL = "tiny-random-qwen2"
 KEY = "test-key-123"
 CLI = [sys.executable, "-m", "personascope.cli"]
+GUARD_QUESTIONS = ["How do I boil an egg?", "Name a good houseplant.", "Why is the sea salty?"]
 
 
 def free_port() -> int:
@@ -68,6 +71,9 @@ def tiny_vectors(folder: Path) -> dict[str, Path]:
         v = 4.0 * v / v.norm(dim=-1, keepdim=True)
         pv = PersonaVector({"response_avg": v}, torch.full((adapter.n_layers + 1,), 4.0),
                            base_metadata(adapter, trait, best_layer="2"))
+        if name == "opt":  # a guard range from the model's own answers (the median: the guard acts often)
+            cal = calibrate_guard(adapter, pv, layer=2, percentile=50, questions=GUARD_QUESTIONS, max_new_tokens=8)
+            pv = with_calibration(pv, cal)
         out[name] = pv.save(folder / f"{name}.safetensors")
     return out
 
@@ -95,7 +101,7 @@ def client(server):
 def chat(client, text: str = "Tell me about the sea.", **kw):
     kw.setdefault("max_tokens", 16)
     kw.setdefault("temperature", 0)
-    extra = {k: kw.pop(k) for k in ("steering", "monitor") if k in kw}
+    extra = {k: kw.pop(k) for k in ("steering", "monitor", "guard") if k in kw}
     return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": text}],
                                           extra_body=extra or None, **kw)
 
@@ -361,3 +367,89 @@ def test_a_dropped_stream_frees_the_server(server, client):
         time.sleep(0.05)
     assert httpx.get(server + "/health").json()["pending"] == 0
     assert chat(client, max_tokens=3).choices[0].message.content is not None
+
+
+@torch.no_grad()
+def _offline_guarded(text: str, guard_fn, max_tokens: int) -> tuple[str, list[bool]]:
+    """The greedy answer under a Guard built offline (HF generate), and per token whether the guard acted."""
+    adapter = load_serving_model(MODEL)
+    guard = guard_fn(adapter)
+    ids = torch.tensor([adapter.encode_prompt(adapter.prompt(text))])
+    with guard:
+        out = adapter.model.generate(input_ids=ids, max_new_tokens=max_tokens, do_sample=False,
+                                     pad_token_id=adapter.tokenizer.pad_token_id)
+    new = out[0, ids.shape[1]:].tolist()
+    return adapter.tokenizer.decode(new, skip_special_tokens=True), guard.last.fired[0][: len(new)]
+
+
+def test_guard_matches_offline_and_reports_touched_tokens(client, vectors):
+    text = "Tell me about the sea."
+    cal = GuardCalibration.from_vector(load_vector(vectors["opt"]))
+    r = chat(client, text, max_tokens=16, guard={"vector": "opt", "mode": "cap"})  # the calibrated layer and hi
+    echo = r.model_extra["guard"]
+    assert (echo["layer"], echo["hi"], echo["mode"]) == (2, pytest.approx(cal.hi), "cap")
+    per = r.choices[0].model_extra["guard"]
+    want_text, want_fired = _offline_guarded(text, lambda a: Guard(a).cap(load_vector(vectors["opt"]), 2,
+                                                                          hi=cal.hi), 16)
+    assert r.choices[0].message.content == want_text
+    assert per["fired"] == want_fired and per["touched"] == sum(want_fired) == echo["touched"]
+    assert 0 < per["touched"] < len(per["fired"]) == r.usage.completion_tokens
+    # conditional steering on the other vector with an explicit threshold, streamed: the same flags chunk by chunk
+    g = {"vector": "hum", "layer": 2, "mode": "conditional", "threshold": 0.0, "coef": -6.0}
+    full = chat(client, text, max_tokens=12, guard=g)
+    chunks = list(chat(client, text, max_tokens=12, guard=g, stream=True))
+    fired = [f for c in chunks if c.choices and c.choices[0].model_extra.get("guard")
+             for f in c.choices[0].model_extra["guard"]["fired"]]
+    assert fired == full.choices[0].model_extra["guard"]["fired"]
+    last = [c for c in chunks if c.choices and c.choices[0].finish_reason][0]
+    assert last.choices[0].model_extra["guard"]["touched"] == sum(fired)
+    hum = load_vector(vectors["hum"])
+    want_text, want_fired = _offline_guarded(text, lambda a: Guard(a).conditional(hum, 2, 0.0, hum, 2, -6.0), 12)
+    assert full.choices[0].message.content == want_text and fired == want_fired
+
+
+def test_guarded_rows_batch_with_others(server, client):
+    cases = [{"guard": {"vector": "opt", "mode": "cap"}}, {},
+             {"guard": {"vector": "hum", "layer": 1, "mode": "conditional", "hi": 0.0}},
+             {"steering": [{"vector": "opt", "layer": 2, "coef": 3.0}], "guard": {"vector": "opt", "mode": "cap"}},
+             {"guard": {"vector": "opt", "mode": "conditional", "alpha": -0.5}}]
+    prompts = ["Tell me about the sea.", "How do I bake bread?"]
+    jobs = [(p, c) for p in prompts for c in cases]
+
+    def run(job):
+        r = chat(client, job[0], max_tokens=14, **job[1])
+        return r.choices[0].message.content, (r.choices[0].model_extra or {}).get("guard")
+
+    sequential = [run(j) for j in jobs]
+    barrier = threading.Barrier(len(jobs))
+
+    def together(job):
+        barrier.wait()
+        return run(job)
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        concurrent = list(pool.map(together, jobs))
+    assert concurrent == sequential
+    assert sequential[1][1] is None and sequential[0][1]["touched"] > 0
+
+
+@pytest.mark.parametrize("guard, param, code", [
+    ({"vector": "hum", "mode": "cap"}, "guard.hi", "guard_not_calibrated"),
+    ({"vector": "opt", "mode": "cap", "layer": 1}, "guard.layer", "guard_not_calibrated"),
+    ({"vector": "opt", "mode": "clamp"}, "guard.mode", "invalid_value"),
+    ({"vector": "opt", "mode": "cap", "lo": 5.0, "hi": 1.0}, "guard.lo", "invalid_value"),
+    ({"vector": "opt", "mode": "cap", "coef": 1.0}, "guard", "invalid_value"),
+    ({"vector": "nope"}, "guard.vector", "unknown_vector"),
+    ({"vector": "opt", "hi": "x"}, "guard.hi", "invalid_value"),
+])
+def test_guard_errors(server, guard, param, code):
+    r = httpx.post(server + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "guard": guard})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param and r.json()["error"]["code"] == code
+
+
+def test_vectors_endpoint_shows_the_guard_range(server, vectors):
+    info = httpx.get(server + "/v1/vectors", headers={"Authorization": f"Bearer {KEY}"}).json()
+    by = {v["name"]: v for v in info["vectors"]}
+    cal = GuardCalibration.from_vector(load_vector(vectors["opt"]))
+    assert by["opt"]["guard"]["hi"] == pytest.approx(cal.hi) and by["hum"]["guard"] is None

@@ -197,6 +197,19 @@ def pad_batch(seqs: list[list[int]], pad_id: int, side: str = "left") -> tuple[t
     return ids, mask
 
 
+def cache_kwarg(model) -> str:
+    """The name of a model's KV-cache argument: `cache` from transformers 5.20, `past_key_values` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache of a model output, under either transformers name."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
 def pad_id(tokenizer) -> int:
     pid = tokenizer.pad_token_id
     if pid is None:

@@ -4,7 +4,21 @@ from __future__ import annotations
 
 import typer
 
-from .commands import demo, evaluate, extract, finetune, interop, judge, monitor, screen, serve, shift, traits, vector
+from .commands import (
+    demo,
+    evaluate,
+    extract,
+    finetune,
+    guard,
+    interop,
+    judge,
+    monitor,
+    screen,
+    serve,
+    shift,
+    traits,
+    vector,
+)
 from .commands.common import CliGroup
 
 app = typer.Typer(help="Find, monitor and control character traits (persona vectors) in language models.",
@@ -14,7 +28,7 @@ vector_app = vector.register(app)  # vector info (export / import attached by co
 
 
 def _register_command_groups() -> None:
-    for module in (extract, evaluate, judge, demo, monitor, finetune, shift, screen):
+    for module in (extract, evaluate, judge, demo, monitor, finetune, shift, screen, guard):
         module.register(app)
     serve.register(app, traits_app)  # `serve` and `traits new` (which talks to a served model)
     interop.register(vector_app)  # `vector export` / `vector import` (llama.cpp, repeng, EasySteer, lm-eval)

@@ -1,5 +1,6 @@
 """Evaluation: answers to a trait's evaluation questions, judged for trait and coherence, under
-steering (coefficient × layer sweeps), under a system prompt, or plain; plus choosing the layer.
+steering (coefficient × layer sweeps), a persona guard (cap / conditional), a system prompt, or plain;
+plus choosing the layer.
 
 Every condition's answers are keyed by (condition, question, sample) in `answers.jsonl`, scores
 go to `scores.jsonl`, so sweeps resume where they stopped.
@@ -16,6 +17,8 @@ from rich.table import Table
 
 from .adapter import ModelAdapter
 from .generate import SamplingConfig, run_generation
+from .guard import GUARD_MODES, Guard
+from .guard_calibrate import GuardCalibration
 from .judge import Judge
 from .scoring import ScoreCache, judge_answers
 from .steer import Steerer
@@ -28,13 +31,20 @@ console = Console(stderr=True)
 
 @dataclass(frozen=True)
 class Condition:
-    """What the model runs under: plain, a system prompt, and/or one steering vector."""
+    """What the model runs under: plain, a system prompt, and/or one steering vector or guard.
+
+    `guard="cap"` clamps the projection at `layer` into [lo, hi] (None: open); `guard="conditional"`
+    adds `coef · v` (coef 0: ablates v̂) wherever the projection is above `hi`.
+    """
 
     layer: int | None = None
     coef: float = 0.0
     positions: str = "response"
     system: str | None = None
     label: str = ""
+    guard: str | None = None
+    lo: float | None = None
+    hi: float | None = None
 
     @property
     def key(self) -> str:
@@ -42,7 +52,72 @@ class Condition:
             return self.label
         if self.layer is None:
             return "base" if self.system is None else f"system:{self.system}"
-        return f"L{self.layer}:c{self.coef:g}:{self.positions}" + (f":system:{self.system}" if self.system else "")
+        if self.guard == "cap":
+            head = f"L{self.layer}:cap[{_bound(self.lo)},{_bound(self.hi)}]"
+        elif self.guard == "conditional":
+            head = f"L{self.layer}:" + (f"c{self.coef:g}" if self.coef else "ablate") + f"-if>{_bound(self.hi)}"
+        else:
+            head = f"L{self.layer}:c{self.coef:g}"
+        return f"{head}:{self.positions}" + (f":system:{self.system}" if self.system else "")
+
+    @property
+    def active(self) -> bool:
+        """Whether it hooks the model (steering with a non-zero coef, or a guard)."""
+        return self.layer is not None and (self.guard is not None or self.coef != 0)
+
+
+def _bound(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def condition_hooks(adapter: ModelAdapter, cond: Condition, vector: PersonaVector | None) -> Steerer | Guard:
+    """The Steerer or Guard a condition runs under (an empty Steerer when it hooks nothing)."""
+    if not cond.active:
+        return Steerer(adapter)
+    if vector is None:
+        raise ValueError(f"condition {cond.key} needs a vector")
+    assert cond.layer is not None
+    if cond.guard is None:
+        return Steerer(adapter).add(vector, cond.layer, cond.coef, cond.positions)
+    if cond.guard not in GUARD_MODES:
+        raise ValueError(f"unknown guard mode {cond.guard!r}; choose from {', '.join(GUARD_MODES)}")
+    if cond.guard == "cap":
+        return Guard(adapter).cap(vector, cond.layer, cond.lo, cond.hi, cond.positions)
+    if cond.hi is None:
+        raise ValueError(f"condition {cond.key}: a conditional guard needs a threshold (hi)")
+    return Guard(adapter).conditional(vector, cond.layer, cond.hi, vector, cond.layer, cond.coef or 1.0,
+                                      cond.positions, "add" if cond.coef else "ablate")
+
+
+def guard_conditions(vector: PersonaVector, modes: list[str], coefs: list[float], positions: str = "response",
+                     both_sides: bool = False) -> list[Condition]:
+    """Guard conditions at the vector's calibrated layer: a cap, and conditional steering per non-zero coef
+    (ablation when there is none), all with the calibrated thresholds."""
+    cal = GuardCalibration.from_vector(vector)
+    if cal is None:
+        raise ValueError(f"{vector.path or 'the vector'} has no guard calibration: run `personascope guard "
+                         "calibrate` on it first")
+    out = []
+    for mode in modes:
+        if mode not in GUARD_MODES:
+            raise ValueError(f"unknown guard mode {mode!r}; choose from {', '.join(GUARD_MODES)}")
+        if mode == "cap":
+            out.append(Condition(cal.layer, 0.0, positions, guard="cap", lo=cal.lo if both_sides else None,
+                                 hi=cal.hi))
+        else:
+            out += [Condition(cal.layer, c, positions, guard="conditional", hi=cal.hi)
+                    for c in ([c for c in coefs if c] or [0.0])]
+    return out
+
+
+def condition_capability(adapter: ModelAdapter, cond: Condition, vector: PersonaVector | None,
+                         mc: list[dict]) -> float | None:
+    """Multiple-choice accuracy under a condition (None under a system prompt, which MC does not use)."""
+    from .capability import mc_accuracy
+
+    if cond.system:
+        return None
+    return mc_accuracy(adapter, mc, steerer=condition_hooks(adapter, cond, vector)).accuracy
 
 
 @dataclass(frozen=True)
@@ -91,6 +166,8 @@ def evaluate(
         raise ValueError(f"trait {trait.name!r} has no evaluation questions ({trait.source})")
     if vector is not None:
         vector.check(adapter)
+    if cluster is not None and any(c.guard for c in conditions):
+        raise ValueError("guard conditions run in-process only; drop --cluster or --guard")
     questions = trait.eval_questions[: cfg.n_questions] if cfg.n_questions else trait.eval_questions
     samp = cfg.sampling
     bind_run(run_dir, {
@@ -109,14 +186,19 @@ def evaluate(
                  "system": cond.system, "layer": cond.layer, "coef": cond.coef, "positions": cond.positions}
                 for q, text in enumerate(questions) for s in range(cfg.sampling.samples)]
         prompts = {text: adapter.prompt(text, cond.system) for text in questions}
-        steerer = Steerer(adapter)
-        if cond.layer is not None and cond.coef != 0:
-            if vector is None:
-                raise ValueError("a steering condition needs a vector")
-            steerer.add(vector, cond.layer, cond.coef, cond.positions)
-        with steerer:
+        hooks = condition_hooks(adapter, cond, vector)
+        annotate = None
+        if isinstance(hooks, Guard):
+            guard = hooks
+
+            def annotate(batch: list[dict]) -> list[dict]:
+                touched = guard.last.touched if guard.last else [0] * len(batch)
+                return [{**r, "guard_touched": t} for r, t in zip(batch, touched, strict=True)]
+
+        with hooks:
             run_generation(adapter, jobs, lambda j: prompts[j["question_text"]], lambda j: store.key(j) in store,
-                           store.append, cfg.sampling, f"answer {cond.key}", cluster, steerer.specs)
+                           store.append, cfg.sampling, f"answer {cond.key}", cluster,
+                           hooks.specs if isinstance(hooks, Steerer) else None, annotate)
         answers = [store.record_for(j) for j in jobs]
         scored = judge_answers(judge, trait, answers, scores, cfg.judge_batch_size, description=f"judge {cond.key}",
                                cluster=cluster)
@@ -125,9 +207,12 @@ def evaluate(
         alpha = None
         if vector is not None and cond.layer is not None:
             alpha = vector.alpha_from_coef(cond.coef, cond.layer)
+        touched: list[int] = [int(r["guard_touched"]) for r in answers if r and r.get("guard_touched") is not None]
         rows.append({
             "condition": cond.key, "layer": cond.layer, "coef": cond.coef, "alpha": alpha,
-            "positions": cond.positions, "system": cond.system,
+            "positions": cond.positions, "system": cond.system, "guard": cond.guard, "guard_lo": cond.lo,
+            "guard_hi": cond.hi, "guard_touched_mean": statistics.fmean(touched) if touched else None,
+            "guard_answers_touched": sum(t > 0 for t in touched) / len(touched) if touched else None,
             "system_rendered": adapter.prompt(questions[0], cond.system),
             "trait_mean": t_mean, "trait_std": t_std, "coherence_mean": c_mean, "coherence_std": c_std,
             "n": len(scored), "judge": judge.name, "judge_mode": judge.describe_mode("trait", trait),
@@ -149,7 +234,7 @@ def sweep_conditions(layers: list[int], coefs: list[float], positions: str = "re
 def sweep_rows(rows: list[dict], layers: list[int]) -> list[dict]:
     """Rows for a sweep plot: the coefficient-0 baseline repeated under every layer."""
     base = next((r for r in rows if r["layer"] is None and r["system"] is None), None)
-    out = [r for r in rows if r["layer"] is not None]
+    out = [r for r in rows if r["layer"] is not None and not r.get("guard")]
     if base:
         out += [{**base, "layer": layer, "coef": 0.0} for layer in layers]
     return out
@@ -160,7 +245,7 @@ def choose_layer(rows: list[dict], min_coherence: float = 75.0) -> tuple[int | N
     base = next(r for r in rows if r["layer"] is None and r["system"] is None)
     best, best_delta, detail = None, float("-inf"), {}
     for r in rows:
-        if r["layer"] is None or r["trait_mean"] is None:
+        if r["layer"] is None or r["trait_mean"] is None or r.get("guard"):
             continue
         delta = (r["trait_mean"] - base["trait_mean"]) * (1 if r["coef"] > 0 else -1)
         ok = r["coherence_mean"] is not None and r["coherence_mean"] >= min_coherence
@@ -173,7 +258,9 @@ def choose_layer(rows: list[dict], min_coherence: float = 75.0) -> tuple[int | N
 def print_rows(rows: list[dict], title: str) -> None:
     table = Table(title=title)
     with_cap = any("capability" in r for r in rows)
+    with_guard = any(r.get("guard") for r in rows)
     cols = ["condition", "layer", "coef", "alpha", "trait", "coherence", "n"] + (["MC accuracy"] if with_cap else [])
+    cols += ["guard tokens/answer", "answers guarded"] if with_guard else []
     for col in cols:
         table.add_column(col)
 
@@ -184,25 +271,21 @@ def print_rows(rows: list[dict], title: str) -> None:
         table.add_row(r["condition"][:48], str(r["layer"] if r["layer"] is not None else "—"), f"{r['coef']:g}",
                       "—" if r["alpha"] is None else f"{r['alpha']:.2f}", f(r["trait_mean"], r["trait_std"]),
                       f(r["coherence_mean"], r["coherence_std"]), str(r["n"]),
-                      *([("—" if r.get("capability") is None else f"{r['capability']:.3f}")] if with_cap else []))
+                      *([("—" if r.get("capability") is None else f"{r['capability']:.3f}")] if with_cap else []),
+                      *([_num(r.get("guard_touched_mean"), ".1f"), _num(r.get("guard_answers_touched"), ".0%")]
+                        if with_guard else []))
     console.print(table)
 
 
 def capability_per_row(adapter: ModelAdapter, rows: list[dict], mc_rows: list[dict],
                        vector: PersonaVector | None = None) -> list[float | None]:
-    """Multiple-choice accuracy under each row's steering (None for system-prompted rows, which are not
-    measured)."""
-    from .capability import mc_accuracy
-
+    """Multiple-choice accuracy under each row's steering or guard (None for system-prompted rows, which are
+    not measured)."""
     out: list[float | None] = []
     for r in rows:
-        if r["system"]:
-            out.append(None)
-            continue
-        st = Steerer(adapter)
-        if vector is not None and r["layer"] is not None and r["coef"]:
-            st.add(vector, r["layer"], r["coef"], r["positions"])
-        out.append(mc_accuracy(adapter, mc_rows, steerer=st).accuracy)
+        cond = Condition(r["layer"], r["coef"], r["positions"], r["system"], guard=r.get("guard"),
+                         lo=r.get("guard_lo"), hi=r.get("guard_hi"))
+        out.append(condition_capability(adapter, cond, vector, mc_rows))
     return out
 
 
@@ -211,3 +294,7 @@ def write_summary(rows: list[dict], run_dir: Path) -> Path:
     path = run_dir / "summary.json"
     write_json(path, [{k: v for k, v in r.items() if k != "per_question"} for r in rows])
     return path
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "—" if x is None else format(x, fmt)

@@ -94,14 +94,15 @@ def answer_jobs(trait: Trait, cfg: ExtractConfig) -> list[dict]:
     ]
 
 
-def generate_answers(adapter: ModelAdapter, trait: Trait, run_dir: Path, cfg: ExtractConfig, cluster=None
-                     ) -> list[dict]:
-    """Sample answers under the pos and neg instructions; resumes from `answers.jsonl` (on `cluster`'s actors)."""
+def generate_answers(adapter: ModelAdapter, trait: Trait, run_dir: Path, cfg: ExtractConfig, cluster=None,
+                     engine=None) -> list[dict]:
+    """Sample answers under the pos and neg instructions (on `cluster`'s actors or `engine` if given); resumes
+    from `answers.jsonl`."""
     store = JsonlStore(Path(run_dir) / "answers.jsonl", ANSWER_KEY)
     jobs = answer_jobs(trait, cfg)
     prompts = {(j["system"], j["question_text"]): adapter.prompt(j["question_text"], j["system"]) for j in jobs}
     run_generation(adapter, jobs, lambda j: prompts[(j["system"], j["question_text"])],
-                   lambda j: store.key(j) in store, store.append, cfg.sampling, "generate", cluster)
+                   lambda j: store.key(j) in store, store.append, cfg.sampling, "generate", cluster, engine=engine)
     return [store.record_for(j) for j in jobs]
 
 
@@ -216,10 +217,12 @@ def extract_vector(
     force: bool = False,
     plots: bool = True,
     cluster=None,
+    engine=None,
 ) -> PersonaVector:
     """The whole pipeline; returns the vector, also saved as `RUN_DIR/vector.safetensors`.
 
-    With a `cluster` (cluster.RayCluster) generation, judging and activations run on its actors.
+    With a `cluster` (cluster.RayCluster) generation, judging and activations run on its actors; with an
+    `engine` (personascope.engines) generation runs on it.
     """
     adapter = model if isinstance(model, ModelAdapter) else ModelAdapter(model, tokenizer)
     trait = load_trait(trait) if isinstance(trait, str) else trait
@@ -234,7 +237,7 @@ def extract_vector(
     run_dir.mkdir(parents=True, exist_ok=True)
     bind_run(run_dir, run_settings(adapter, trait, cfg, judge), "persona-vector extraction")
 
-    answers = generate_answers(adapter, trait, run_dir, cfg, cluster)
+    answers = generate_answers(adapter, trait, run_dir, cfg, cluster, engine)
     scored = score_answers(judge, trait, answers, run_dir, cfg, cluster)
     result = filter_pairs(scored, cfg)
     diffs, resid_norm = vector_from_pairs(adapter, result.kept, cfg.extract_batch_size, cluster)

@@ -97,15 +97,24 @@ def run_generation(
     description: str = "generate",
     cluster=None,
     steering: Sequence | None = None,
+    annotate: Callable[[list[dict]], list[dict]] | None = None,
+    engine=None,
 ) -> int:
     """Generate an `answer` for each job not yet done, batch by batch, saving each batch at once.
 
     Each batch's seed derives from `cfg.seed` and the batch's first job, so a resumed run samples
-    the same answers as an uninterrupted one. Returns the number of answers generated now. With a
-    `cluster` (cluster.RayCluster) the same batches run on its actors, under `steering` specs.
+    the same answers as an uninterrupted one. `annotate` sees every row of a freshly generated batch
+    (in batch order) before saving, e.g. to add what a hook recorded. Returns the number generated now.
+    With a `cluster` (cluster.RayCluster) the same batches run on its actors, under `steering` specs
+    (no `annotate` there). With an `engine` (personascope.engines) the answers come from it, in its own
+    chunks (no hooks: steering and `annotate` need the in-process path).
     """
     if cluster is not None:
         return cluster.generate(jobs, prompt_of, done, save, cfg, description, steering)
+    if engine is not None:
+        if steering or annotate is not None:
+            raise ValueError("an engine generates without hooks: steered or guarded generation runs in-process")
+        return _run_on_engine(engine, jobs, prompt_of, done, save, cfg, description)
     # fixed batches over all jobs (sorted by prompt length so they pad little): a resumed run
     # meets the same batches with the same seeds, so it samples the same answers
     ordered = sorted(jobs, key=lambda j: len(prompt_of(j)))
@@ -120,7 +129,10 @@ def run_generation(
             prompts = [prompt_of(j) for j in batch]
             answers = generate_batch(adapter, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
                                      batch_seed(cfg, prompts, batch))
-            save([{**j, "answer": a} for j, a in zip(batch, answers, strict=True) if not done(j)])
+            rows = [{**j, "answer": a} for j, a in zip(batch, answers, strict=True)]
+            if annotate is not None:
+                rows = annotate(rows)
+            save([r for j, r in zip(batch, rows, strict=True) if not done(j)])
             made += len(missing)
             elapsed = bar.tasks[task].elapsed or 1e-9
             bar.update(task, advance=len(batch), rate=f"{made / elapsed:.2f} answers/s")
@@ -142,3 +154,45 @@ def _stable_hash(text: str) -> int:
     for ch in text.encode():
         h = (h * 131 + ch) % 2_147_483_647
     return h
+
+
+def job_seed(seed: int, prompt: str, sample: int) -> int:
+    """The sampling seed of one job on an engine: from the run's seed, the prompt and the sample index (stable)."""
+    h = 0
+    for ch in (prompt + str(sample)).encode():
+        h = (h * 131 + ch) % 2_147_483_647
+    return seed * 1_000_003 + h
+
+
+def _run_on_engine(
+    engine,
+    jobs: list[dict],
+    prompt_of: Callable[[dict], str],
+    done: Callable[[dict], bool],
+    save: Callable[[list[dict]], None],
+    cfg: SamplingConfig,
+    description: str,
+) -> int:
+    """`run_generation` on an engine (personascope.engines): jobs sorted by prompt length in fixed chunks of
+    `engine.chunk_size`. An engine that seeds each prompt on its own (vLLM) generates only the missing jobs;
+    one that seeds a batch (HF) regenerates the whole chunk so a resumed run samples what an uninterrupted one
+    would."""
+    ordered = sorted(jobs, key=lambda j: len(prompt_of(j)))
+    per_prompt = bool(getattr(engine, "seeds_per_prompt", False))
+    made = 0
+    with progress_bar() as bar:
+        task = bar.add_task(f"{description} [{engine.name}]", total=len(jobs), rate="")
+        for chunk in _chunks(ordered, engine.chunk_size(cfg)):
+            missing = [j for j in chunk if not done(j)]
+            if not missing:
+                bar.update(task, advance=len(chunk))
+                continue
+            todo = missing if per_prompt else chunk
+            prompts = [prompt_of(j) for j in todo]
+            seeds = [job_seed(cfg.seed, p, j.get("sample", 0)) for p, j in zip(prompts, todo, strict=True)]
+            answers = engine.generate(prompts, cfg, seeds)
+            save([{**j, "answer": a} for j, a in zip(todo, answers, strict=True) if not done(j)])
+            made += len(missing)
+            elapsed = bar.tasks[task].elapsed or 1e-9
+            bar.update(task, advance=len(chunk), rate=f"{made / elapsed:.2f} answers/s")
+    return made

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapter import ModelAdapter, pad_batch, pad_id, position_ids_for
+from .adapter import ModelAdapter, cache_kwarg, output_cache, pad_batch, pad_id, position_ids_for
 from .models import DEFAULT_JUDGE_MODEL, model_identity
 from .traits import QA_BLOCK, Trait, fill_rubric
 
@@ -160,7 +160,7 @@ def integer_distribution(
     """
     dev = next(model.parameters()).device
     out = model(input_ids=torch.tensor([prompt_ids], device=dev), use_cache=True, logits_to_keep=1)
-    root_cache = out.cache
+    root_cache = output_cache(out)
     root_probs = out.logits[0, -1].float().softmax(-1)
     result: dict[int, float] = {}
     cont_ids = torch.tensor(sorted(cont), device=dev, dtype=torch.long)
@@ -176,7 +176,7 @@ def integer_distribution(
             cache = copy.deepcopy(root_cache)
             cache.batch_repeat_interleave(len(nodes))
             ids = torch.tensor([n[1] for n in nodes], device=dev)
-            logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            logits = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache}).logits[:, -1]
             probs = logits.float().softmax(-1)
             p_digit = probs[:, cont_ids].sum(-1) if len(cont_ids) else torch.zeros(len(nodes), device=dev)
             for row, (s, path, p) in enumerate(nodes):
@@ -253,7 +253,7 @@ class LocalJudge(Judge):
 
     def __init__(self, model, tokenizer, trait_mode: str = "auto", coherence_mode: str = "binary",
                  name: str | None = None, batch_size: int = 4, contrast_pairs: int = 1, prune: float = 1e-5,
-                 contrast_templates: tuple[int, ...] | None = None):
+                 contrast_templates: tuple[int, ...] | None = None, engine=None):
         if trait_mode == "probe":
             raise ValueError("the probe mode is a ProbeJudge, not a LocalJudge: use make_judge or load_probe_judge")
         if trait_mode not in TRAIT_MODES:
@@ -268,6 +268,8 @@ class LocalJudge(Judge):
         self.contrast_templates = contrast_templates or tuple(range(contrast_pairs))
         self.prune = prune
         self._digits: tuple[dict[int, str], dict[int, str]] | None = None
+        # an Engine (personascope.engines) for the binary, contrastive and logprob modes; None: the model here
+        self.engine = engine
 
     def mode_for(self, kind: str) -> str:
         return self.trait_mode if kind == "trait" else self.coherence_mode
@@ -349,15 +351,23 @@ class LocalJudge(Judge):
         return yes, no
 
     def _score_binary(self, reqs, mode):
-        probs = self._last_token_probs([self._judge_prompt(r, mode) for r in reqs])
         yes, no = self._yes_no_ids()
-        p_yes, p_no = probs[:, yes].sum(-1), probs[:, no].sum(-1)
+        if self.engine is not None:  # top-20 log-probabilities: a yes/no variant outside them counts 0
+            lps = self.engine.last_token_logprobs([self._judge_prompt(r, mode) for r in reqs], top_k=20)
+            p_yes = torch.tensor([sum(math.exp(lp[t]) for t in yes if t in lp) for lp in lps])
+            p_no = torch.tensor([sum(math.exp(lp[t]) for t in no if t in lp) for lp in lps])
+        else:
+            probs = self._last_token_probs([self._judge_prompt(r, mode) for r in reqs])
+            p_yes, p_no = probs[:, yes].sum(-1), probs[:, no].sum(-1)
         total = p_yes + p_no
         return [None if float(t) < MASS_THRESHOLD else float(100 * y / t) for y, t in zip(p_yes, total, strict=True)]
 
     @torch.no_grad()
     def _mean_logprobs(self, pairs: list[tuple[str, str]]) -> list[float]:
         """Mean per-token log p(answer | rendered prompt) for (prompt text, answer) pairs."""
+        if self.engine is not None:
+            per_token = self.engine.prompt_logprobs([p for p, _ in pairs], [a for _, a in pairs])
+            return [sum(t) / len(t) if t else float("nan") for t in per_token]
         ad = self.adapter
         res: list[float] = [0.0] * len(pairs)
         for s in range(0, len(pairs), self.batch_size):

@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .adapter import ModelAdapter, block_output
+from .adapter import ModelAdapter, block_output, cache_kwarg, output_cache
 from .judge import Judge, JudgeRequest, trait_definition
 from .traits import Trait
 
@@ -110,7 +110,7 @@ class ProbeFeatures:
             ids = self.adapter.encode_prompt(prefix)
             out = self.adapter.model(input_ids=torch.tensor([ids], device=self.adapter.device), use_cache=True,
                                      logits_to_keep=1)
-            self._prefixes[prefix] = (ids, out.cache)
+            self._prefixes[prefix] = (ids, output_cache(out))
             while len(self._prefixes) > 16:
                 self._prefixes.popitem(last=False)
         return self._prefixes[prefix]
@@ -149,8 +149,8 @@ class ProbeFeatures:
             else:
                 hooks.append(blocks[row - 1].register_forward_hook(grab(row)))
         try:
-            self.adapter.model(input_ids=torch.tensor([ids[k:]], device=self.adapter.device), cache=cache,
-                               use_cache=True, logits_to_keep=1)
+            self.adapter.model(input_ids=torch.tensor([ids[k:]], device=self.adapter.device),
+                               use_cache=True, logits_to_keep=1, **{cache_kwarg(self.adapter.model): cache})
         except _Stop:
             pass
         finally:

@@ -36,7 +36,23 @@ class SteeringSpec:
     mode: str = "add"
 
 
-def _is_prefill(kwargs: dict) -> bool:
+def apply_spec(seg: torch.Tensor, spec: SteeringSpec) -> torch.Tensor:
+    """One spec's operation on residuals [B, T, d]: add `coef · v` (coef per row allowed) or remove the v̂ part."""
+    v = spec.vector.to(device=seg.device, dtype=torch.float32)
+    if spec.mode == "ablate":
+        u = v / v.norm().clamp(min=1e-12)
+        segf = seg.float()
+        return (segf - (segf @ u).unsqueeze(-1) * u).to(seg.dtype)
+    coef = spec.coef
+    if isinstance(coef, torch.Tensor):
+        if coef.shape[0] != seg.shape[0]:
+            raise ValueError(f"per-row coef has {coef.shape[0]} values for a batch of {seg.shape[0]}")
+        coef = coef.to(seg.device, torch.float32).view(-1, 1, 1)
+    return (seg.float() + coef * v).to(seg.dtype)
+
+
+def is_prefill(kwargs: dict) -> bool:
+    """Whether a forward's keyword arguments start a sequence (no KV cache, or an empty one)."""
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is None:
         return True
@@ -46,7 +62,7 @@ def _is_prefill(kwargs: dict) -> bool:
         return False
 
 
-def _entry_modules(model: nn.Module) -> list[nn.Module]:
+def entry_modules(model: nn.Module) -> list[nn.Module]:
     """The modules a forward can start from: the model and its base model (span collection calls the latter)."""
     base = getattr(model, "base_model", None)
     return [model] if base is None or base is model else [model, base]
@@ -119,20 +135,7 @@ class Steerer:
             if spec.positions == "prompt" and not self._prefill:
                 continue
             sl = slice(-1, None) if spec.positions == "response" else slice(None)
-            seg = h[:, sl]
-            v = spec.vector.to(device=h.device, dtype=torch.float32)
-            if spec.mode == "ablate":
-                u = v / v.norm().clamp(min=1e-12)
-                segf = seg.float()
-                seg = (segf - (segf @ u).unsqueeze(-1) * u).to(h.dtype)
-            else:
-                coef = spec.coef
-                if isinstance(coef, torch.Tensor):
-                    if coef.shape[0] != h.shape[0]:
-                        raise ValueError(f"per-row coef has {coef.shape[0]} values for a batch of {h.shape[0]}")
-                    coef = coef.to(h.device, torch.float32).view(-1, 1, 1)
-                seg = (seg.float() + coef * v).to(h.dtype)
-            h[:, sl] = seg
+            h[:, sl] = apply_spec(h[:, sl], spec)
         return h
 
     def _fn(self, specs: list[SteeringSpec]) -> ResidualFn:
@@ -154,9 +157,9 @@ class Steerer:
             by_layer.setdefault(s.layer, []).append(s)
 
         def mark(module, args, kwargs):
-            self._prefill = _is_prefill(kwargs)
+            self._prefill = is_prefill(kwargs)
 
-        self._marks = [m.register_forward_pre_hook(mark, with_kwargs=True) for m in _entry_modules(self.adapter.model)]
+        self._marks = [m.register_forward_pre_hook(mark, with_kwargs=True) for m in entry_modules(self.adapter.model)]
         self._hooks = ResidualHooks(self.adapter, [(layer, self._fn(specs)) for layer, specs in by_layer.items()])
         self._hooks.attach()
         return self

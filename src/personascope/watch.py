@@ -2,7 +2,9 @@
 
 Before each answer the projection of the last prompt token is shown as a trait meter (calibrated
 against the trait's most suppressing and most eliciting system prompts); the answer is then
-printed with every token coloured by its own projection. Works with piped (non-TTY) input.
+printed with every token coloured by its own projection. With a persona guard (`guard.Guard`), the
+meter shows the guard's threshold, tokens chosen while the guard acted are overlined, and each answer
+ends with how many tokens it touched. Works with piped (non-TTY) input.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from rich.console import Console
 from rich.text import Text
 
 from .adapter import ModelAdapter
+from .guard import CapSpec, Guard
 from .heatmap import HeatmapItem, color_scale, diverging, render_heatmap
 from .monitor import Trace, VectorLike, calibrate, project_prompts, trace_generation
 from .vectors import PersonaVector
@@ -32,6 +35,7 @@ class Turn:
     prompt_value: float
     trace: Trace
     flagged: bool = False
+    guarded: list[bool] = field(default_factory=list)  # per answer token: chosen while the guard acted
 
 
 @dataclass
@@ -41,6 +45,7 @@ class Meter:
     low: float | None = None
     high: float | None = None
     threshold: float | None = None
+    guard_at: float | None = None  # where the guard starts to act (its cap or condition threshold)
     seen: list[float] = field(default_factory=list)
 
     def bounds(self) -> tuple[float, float]:
@@ -71,18 +76,34 @@ class Meter:
             text.append(f"   (suppressing {self.low:+.2f} … eliciting {self.high:+.2f})", style="dim")
         if self.threshold is not None and value >= self.threshold:
             text.append(f"  ▲ above threshold {self.threshold:g}", style="bold red")
+        if self.guard_at is not None:
+            fires = value > self.guard_at
+            text.append(f"  guard {'fires' if fires else 'idle'} (acts above {self.guard_at:+.2f})",
+                        style="bold dark_orange" if fires else "dim")
         return text
 
 
-def answer_text(trace: Trace, meter: Meter) -> Text:
-    """The answer with each token on its projection's colour; tokens over the threshold are underlined."""
+def answer_text(trace: Trace, meter: Meter, guarded: list[bool] | None = None) -> Text:
+    """The answer with each token on its projection's colour; tokens over the threshold are underlined and
+    tokens chosen while the guard acted overlined."""
     center, scale = meter.colours()
     text = Text()
-    for tok, v in zip(trace.tokens, trace.at(), strict=True):
+    flags = guarded or []
+    for i, (tok, v) in enumerate(zip(trace.tokens, trace.at(), strict=True)):
         bg, fg = diverging(v, center, scale)
         over = meter.threshold is not None and v >= meter.threshold
-        text.append(tok, style=f"{fg} on {bg}" + (" bold underline" if over else ""))
+        text.append(tok, style=f"{fg} on {bg}" + (" bold underline" if over else "")
+                    + (" overline" if i < len(flags) and flags[i] else ""))
     return text
+
+
+def guard_threshold(guard: Guard, layer: int) -> float | None:
+    """The projection above which the guard acts at `layer` (a cap's upper bound or a condition's threshold)."""
+    for s in guard.specs:
+        at, value = (s.layer, s.hi) if isinstance(s, CapSpec) else (s.condition_layer, s.threshold)
+        if at == layer and isinstance(value, int | float):
+            return float(value)
+    return None
 
 
 def read_lines(stream: TextIO, console: Console) -> Iterator[str]:
@@ -113,10 +134,14 @@ def run_watch(
     top_p: float = 1.0,
     history: bool = True,
     html_path: str | Path | None = None,
+    guard: Guard | None = None,
 ) -> list[Turn]:
-    """The chat loop: meter before each answer, coloured trace after; `/quit` or end of input stops it."""
+    """The chat loop: meter before each answer, coloured trace after; `/quit` or end of input stops it.
+
+    With `guard`, answers are generated under it and each turn records which tokens it touched.
+    """
     console = console or Console()
-    meter = Meter(threshold=threshold)
+    meter = Meter(threshold=threshold, guard_at=guard_threshold(guard, layer) if guard is not None else None)
     trait_name = vector.trait if isinstance(vector, PersonaVector) else None
     if trait_name:
         from .traits import TraitError, load_trait
@@ -141,9 +166,14 @@ def run_watch(
         prompt = adapter.prompt(line, system, shots=shots)
         value = project_prompts(adapter, [prompt], vector, layer).values[0][0]
         console.print(meter.render(value))
-        with console.status("answering …"):
+        with console.status("answering …"), guard if guard is not None else contextlib.nullcontext():
             trace = trace_generation(adapter, [prompt], vector, layer, max_new_tokens, temperature, top_p)[0]
-        console.print(Text("assistant › ", style="bold magenta") + answer_text(trace, meter))
+        guarded = guard.last.fired[0][: len(trace.tokens)] if guard is not None and guard.last else []
+        console.print(Text("assistant › ", style="bold magenta") + answer_text(trace, meter, guarded))
+        if guard is not None:
+            console.print(Text(f"guard acted on {sum(guarded)} of {len(trace.tokens)} tokens"
+                               + (" (overlined: chosen while it acted)" if any(guarded) else ""),
+                               style="dark_orange" if any(guarded) else "dim"))
         vals = trace.at()
         flagged = threshold is not None and (value >= threshold or any(v >= threshold for v in vals))
         if vals:
@@ -152,7 +182,7 @@ def run_watch(
                           f"{trace.tokens[k]!r} · {len(vals)} tokens")
         if flagged:
             console.print(f"[bold red]⚠ crossed threshold {threshold:g}")
-        turns.append(Turn(line, value, trace, flagged))
+        turns.append(Turn(line, value, trace, flagged, guarded))
         if history:
             shots.append((line, trace.text.strip()))
         if html_path:
@@ -173,7 +203,9 @@ def save_session(turns: list[Turn], meter: Meter, path: str | Path, model: str, 
         [v for t in turns for v in t.trace.at()])
     items = [HeatmapItem(t.trace.tokens, t.trace.at(), title=f"turn {i + 1}: {t.user}",
                          note=f"last prompt token {t.prompt_value:+.3f}" + (" · ⚠ crossed threshold" if t.flagged
-                                                                           else ""), prompt_value=t.prompt_value)
+                                                                           else "")
+                         + (f" · guard acted on {sum(t.guarded)} tokens" if t.guarded else ""),
+                         prompt_value=t.prompt_value)
              for i, t in enumerate(turns)]
     return render_heatmap(items, path, title=f"{trait or 'vector'} on {model}, layer {layer}", center=center,
                           scale=scale)

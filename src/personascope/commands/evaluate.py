@@ -42,6 +42,10 @@ def evaluate(
     coef: Annotated[list[str] | None, typer.Option(help="Raw coefficient(s), e.g. --coef -2,0,2.")] = None,
     alpha: Annotated[list[str] | None, typer.Option(help="Relative coefficient(s): coef·‖v‖/resid_norm.")] = None,
     positions: Annotated[str, typer.Option(help="all, prompt or response.")] = "response",
+    guard: Annotated[list[str] | None, typer.Option(help="Also run the persona guard at the vector's calibrated "
+                                                         "layer and range: cap and/or conditional (steering with "
+                                                         "each --coef/--alpha while above the range; ablation "
+                                                         "without one); repeatable.")] = None,
     system: Annotated[list[str] | None, typer.Option(help="'pos', 'neg' (the trait's instruction 0) or any "
                                                           "system text; repeatable.")] = None,
     profile: ProfileOpt = "quick",
@@ -76,6 +80,11 @@ def evaluate(
     layer_values, coef_values, alpha_values = ints(layer, "--layer"), floats(coef, "--coef"), floats(alpha, "--alpha")
     if (layer_values or coef_values or alpha_values) and vector is None:
         fail("--layer/--coef/--alpha steer with a vector: add --vector FILE")
+    guard_modes = [m for g in guard or [] for m in g.split(",") if m]
+    if guard_modes and vector is None:
+        fail("--guard needs --vector (a vector calibrated with `personascope guard calibrate`)")
+    if guard_modes and (ray is not None or workers is not None):
+        fail("--guard runs in-process only; drop --ray/--workers")
     if capability and (ray is not None or workers is not None):
         fail("--capability runs on the driver's model; measure it in a run without --ray/--workers")
     with cluster_session(model, device, ray, workers, gpus_per_worker, None if judge_url else judge_model,
@@ -94,6 +103,13 @@ def evaluate(
                 fail("--alpha is converted per layer; give one --layer with --alpha, or use --coef for a sweep")
             coefs = coef_values + [alpha_to_coef(pv, a, layers[0]) for a in alpha_values]
             conditions = sweep_conditions(layers, coefs or [1.0], positions)
+            if guard_modes:
+                from ..evaluate import guard_conditions
+
+                try:
+                    conditions += guard_conditions(pv, guard_modes, coefs, positions)
+                except ValueError as e:
+                    fail(str(e))
         for sys_text in system or []:
             text = t.system_prompt(sys_text, 0) if sys_text in ("pos", "neg") else sys_text
             conditions.append(Condition(system=text, label=f"system:{sys_text}"))
@@ -109,7 +125,7 @@ def evaluate(
             for r, acc in zip(rows, capability_per_row(adapter, rows, load_mc(capability_file), pv), strict=True):
                 r["capability"] = acc
         print_rows(rows, f"{t.name} on {adapter.name} (judge {judge.name}, {judge.describe_mode('trait', t)})")
-        if pv is not None and len(conditions) > 2:
+        if pv is not None and len([c for c in conditions if c.guard is None]) > 2:
             plot_sweep(sweep_rows(rows, layers), run_dir / "sweep.png", f"{t.name} steering sweep ({adapter.name})")
             console.print(f"sweep plot: {run_dir / 'sweep.png'}")
         from ..evaluate import write_summary

@@ -17,9 +17,30 @@ from .common import (
     ModelOpt,
     ProfileOpt,
     check_judge_mode,
+    choice,
+    console,
     fail,
     load_trait_or_fail,
 )
+
+EngineOpt = Annotated[str, typer.Option("--engine", help="hf, vllm or auto (vLLM when installed and the job is "
+                                          "big enough to repay its start-up).")]
+
+
+def _engines(engine: str, adapter, judge, n_answers: int, new_tokens: int):
+    """The vLLM generation engine when --engine resolves to vLLM (and the same for a local judge); None keeps
+    generation and judging on the loaded HF model (the in-process path)."""
+    from ..engines import choose_engine, make_engine, make_judge_engine
+    from ..engines.jobs import work_tokens
+
+    work = work_tokens(n_answers, 100, new_tokens)
+    if choose_engine(engine, work) == "hf":
+        return None
+    with console.status(f"starting the {engine} engine …"):
+        gen = make_engine(engine, adapter, work)
+        used = make_judge_engine(engine, judge, 2 * n_answers)
+    console.print(f"engines: generation {gen.name}" + (f", judge {used}" if used else ""))
+    return gen
 
 
 def extract(
@@ -45,13 +66,20 @@ def extract(
     ray: RayOpt = None,
     workers: WorkersOpt = None,
     gpus_per_worker: GpusPerWorkerOpt = None,
+    engine: EngineOpt = "auto",
 ) -> None:
     """Extract a persona vector: generate, judge, filter, extract (resumable)."""
-    from ..extract import extract_vector
+    from ..engines import ENGINES, vllm_available
+    from ..extract import answer_jobs, extract_vector
     from ..extract import profile as make_profile
 
     t = load_trait_or_fail(trait)
     check_judge_mode(judge_mode)
+    choice(engine, ENGINES, "--engine")
+    if engine == "vllm" and (ray is not None or workers is not None):
+        fail("--engine vllm runs in-process; drop --ray/--workers")
+    if engine == "vllm" and not vllm_available():
+        fail("--engine vllm needs vLLM; install it with: pip install 'personascope[vllm]'")
     cfg = make_profile(profile, samples=samples, n_questions=questions, max_new_tokens=max_new_tokens,
                        temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed,
                        pos_threshold=pos_threshold, neg_threshold=neg_threshold,
@@ -61,7 +89,10 @@ def extract(
         adapter = driver_model(cluster, model, device)
         judge = driver_judge(cluster, judge_model, judge_mode, device, judge_url)
         try:
-            extract_vector(adapter, t, judge=judge, config=cfg, run_dir=out, force=force, cluster=cluster)
+            gen_engine = None if cluster is not None else _engines(engine, adapter, judge, len(answer_jobs(t, cfg)),
+                                                                   cfg.sampling.max_new_tokens)
+            extract_vector(adapter, t, judge=judge, config=cfg, run_dir=out, force=force, cluster=cluster,
+                           engine=gen_engine)
         except ValueError as e:
             fail(str(e))
 

@@ -129,6 +129,10 @@ def register(app: typer.Typer) -> None:
         history: Annotated[bool, typer.Option(help="Keep earlier turns in the prompt.")] = True,
         save_html: Annotated[Path | None, typer.Option(help="Write the session's heat map to this HTML file.")]
         = None,
+        guard: Annotated[str | None, typer.Option(help="Answer under the persona guard (the vector's calibrated "
+                                                       "range): cap or conditional.")] = None,
+        guard_coef: Annotated[float | None, typer.Option(help="Conditional guard: the raw coefficient added "
+                                                              "while above the range (default: ablate v̂).")] = None,
         device: DeviceOpt = None,
     ) -> None:
         """Chat in the terminal with a live trait meter before each answer and a coloured per-token trace."""
@@ -144,5 +148,14 @@ def register(app: typer.Typer) -> None:
             adapter.check_layer(la)
         except ValueError as e:
             fail(str(e))
+        g = None
+        if guard is not None or guard_coef is not None:
+            from personascope.guard_calibrate import guard_for
+
+            try:
+                g = guard_for(adapter, pv, guard or "conditional", layer=la, coef=guard_coef)
+            except ValueError as e:
+                fail(str(e))
         run_watch(adapter, pv, la, read_lines(sys.stdin, console), console, threshold=threshold, system=system,
-                  max_new_tokens=max_new_tokens, temperature=temperature, history=history, html_path=save_html)
+                  max_new_tokens=max_new_tokens, temperature=temperature, history=history, html_path=save_html,
+                  guard=g)

@@ -6,6 +6,10 @@ extension `/v1/vectors`, `/health` and the dashboard at `/`. Two extension field
 request body (the openai SDK's `extra_body`):
 
 - `steering: [{"vector": NAME, "layer": L, "coef": C | "alpha": A, "positions": "response"}]`
+- `guard: {"vector": NAME, "mode": "cap" | "conditional", "layer": L, "hi": X, "lo": X, "coef": C}`: a
+  persona guard (layer and thresholds default to the vector's `personascope guard calibrate` range; a
+  conditional guard without coef/alpha ablates v̂ while the projection is above hi). Each choice reports
+  `guard.touched` (tokens chosen while the guard acted) and `guard.fired` (one flag per token).
 - `monitor: {"vectors": [NAME], "layer": L}`: the response gains the projection of the last
   prompt token on v̂ (`monitor.prompt`) and, per choice, one projection per answer token (the
   activation at the token's own position, the output of block L − 1). It is read before any
@@ -30,6 +34,7 @@ from .protocol import (
     ApiError,
     ChatRequest,
     Event,
+    GuardItem,
     MonitorSpec,
     RequestParser,
     ServeConfig,
@@ -37,7 +42,8 @@ from .protocol import (
 )
 
 __all__ = [
-    "MAX_STOP", "MAX_TOP_LOGPROBS", "TINY_PREFIX", "VECTOR_NAME", "ApiError", "ChatRequest", "Engine", "Event", "Job",
+    "MAX_STOP", "MAX_TOP_LOGPROBS", "TINY_PREFIX", "VECTOR_NAME", "ApiError", "ChatRequest", "Engine", "Event",
+    "GuardItem", "Job",
     "MonitorSpec", "RequestParser", "Row", "ServeConfig", "SteerItem", "complete", "create_app", "load_serving_model",
     "run_server", "stream", "tiny_random_model",
 ]

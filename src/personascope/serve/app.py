@@ -48,6 +48,7 @@ class _Choice:
     logprobs: list[dict] = field(default_factory=list)
     tokens: list[str] = field(default_factory=list)
     proj: list[dict[str, float | None]] = field(default_factory=list)
+    fired: list[bool] = field(default_factory=list)
     finish: str | None = None
 
 
@@ -69,6 +70,8 @@ async def complete(engine: Engine, req: ChatRequest, job: Job, rid: str) -> dict
         ch.text.append(ev.text)
         if ev.logprob is not None:
             ch.logprobs.append(ev.logprob)
+        if req.guard is not None:
+            ch.fired.append(bool(ev.guarded))
         if ev.token is not None and req.monitor:
             ch.tokens.append(ev.token)
             ch.proj.append(ev.projection or {})
@@ -82,6 +85,8 @@ async def complete(engine: Engine, req: ChatRequest, job: Job, rid: str) -> dict
         if req.monitor:
             item["monitor"] = {"tokens": ch.tokens,
                                "projections": {n: [p[n] for p in ch.proj] for n in req.monitor.vectors}}
+        if req.guard is not None:
+            item["guard"] = {"touched": sum(ch.fired), "fired": ch.fired}
         out_choices.append(item)
     resp = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": engine.model_id,
             "choices": out_choices, "usage": _usage(prompt_tokens, completion_tokens)}
@@ -89,6 +94,8 @@ async def complete(engine: Engine, req: ChatRequest, job: Job, rid: str) -> dict
         resp["monitor"] = _monitor_head(engine, req, prompt)
     if req.steering:
         resp["steering"] = _steering_echo(req)
+    if req.guard is not None:
+        resp["guard"] = {**req.guard.echo(), "touched": sum(sum(ch.fired) for ch in choices)}
     return resp
 
 
@@ -159,6 +166,7 @@ async def stream(engine: Engine, req: ChatRequest, job: Job, rid: str):
     created = int(time.time())
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": engine.model_id}
     completion_tokens, prompt_tokens = 0, 0
+    touched = [0] * req.n
     try:
         while True:
             ev = await job.events.get()
@@ -176,6 +184,8 @@ async def stream(engine: Engine, req: ChatRequest, job: Job, rid: str):
                         chunk["monitor"] = _monitor_head(engine, req, ev.prompt)
                     if c == 0 and req.steering:
                         chunk["steering"] = _steering_echo(req)
+                    if c == 0 and req.guard is not None:
+                        chunk["guard"] = req.guard.echo()
                     yield _sse(chunk)
                 continue
             completion_tokens += 1
@@ -185,6 +195,11 @@ async def stream(engine: Engine, req: ChatRequest, job: Job, rid: str):
             if req.monitor and ev.token is not None and ev.projection is not None:
                 choice["monitor"] = {"tokens": [ev.token],
                                      "projections": {n: [ev.projection[n]] for n in req.monitor.vectors}}
+            if req.guard is not None:
+                touched[ev.choice] += bool(ev.guarded)
+                choice["guard"] = {"fired": [bool(ev.guarded)]}
+                if ev.finish_reason:
+                    choice["guard"]["touched"] = touched[ev.choice]
             yield _sse({**base, "choices": [choice]})
         if req.include_usage:
             yield _sse({**base, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})

@@ -25,7 +25,9 @@ from collections import deque
 import torch
 
 from ..activations import last_token_activations, project
-from ..adapter import ModelAdapter, pad_batch, pad_id, position_ids_for
+from ..adapter import ModelAdapter, cache_kwarg, output_cache, pad_batch, pad_id, position_ids_for
+from ..guard import Guard
+from ..guard_calibrate import GuardCalibration
 from ..hooks import ResidualHooks
 from ..steer import Steerer
 from ..vectors import PersonaVector
@@ -98,6 +100,8 @@ class Engine(RequestParser):
                 "coef_per_alpha": [finite(pv.coef_from_alpha(1.0, la)) for la in range(pv.n_layers + 1)]
                 if pv.resid_norm is not None else None,
                 "norm": [finite(x) for x in norms], "baseline": self.baselines.get(name),
+                "guard": {"layer": cal.layer, "lo": cal.lo, "hi": cal.hi, "percentile": cal.percentile}
+                if (cal := GuardCalibration.from_vector(pv)) is not None else None,
             })
         return out
 
@@ -198,6 +202,32 @@ class Engine(RequestParser):
             st.add(self.vectors[name].vector(layer), layer, coef, positions)
         return st
 
+    def _batch_guard(self, rows: list[Row]) -> Guard | None:
+        """One Guard for the batch: per-row bounds, thresholds and coefs (open / +inf / 0 where a row has none)."""
+        groups: dict[tuple, dict[str, torch.Tensor]] = {}
+        n = len(rows)
+        for i, r in enumerate(rows):
+            g = r.job.request.guard
+            if g is None:
+                continue
+            kind = g.mode if g.mode == "cap" else ("add" if g.coef is not None else "ablate")
+            p = groups.setdefault((g.vector, g.layer, kind, g.positions), {
+                "lo": torch.full((n,), -math.inf), "hi": torch.full((n,), math.inf), "coef": torch.zeros(n)})
+            if g.lo is not None:
+                p["lo"][i] = g.lo
+            p["hi"][i] = g.hi if g.hi is not None else math.inf
+            p["coef"][i] = g.coef or 0.0
+        if not groups:
+            return None
+        guard = Guard(self.adapter, stops=self.eos_ids)
+        for (name, layer, kind, positions), p in groups.items():
+            v = self.vectors[name].vector(layer)
+            if kind == "cap":
+                guard.cap(v, layer, p["lo"], p["hi"], positions)
+            else:
+                guard.conditional(v, layer, p["hi"], v, layer, p["coef"], positions, kind)
+        return guard
+
     def _capture(self, layers: set[int], store: dict[int, torch.Tensor]) -> ResidualHooks:
         """Hooks recording the last position of each forward at each monitored layer (before steering there)."""
         def recorder(layer: int):
@@ -255,15 +285,19 @@ class Engine(RequestParser):
         ids, mask = pad_batch([r.job.request.prompt_ids for r in rows], self.pad, "left")
         ids, mask = ids.to(dev), mask.to(dev)
         steerer = self._steerer(rows)
+        guard = self._batch_guard(rows)
         store: dict[int, torch.Tensor] = {}
         monitored = {r.job.request.monitor.layer for r in rows if r.job.request.monitor}
         capture = self._capture(monitored, store).attach()  # before the steering hooks: sees unsteered output
         try:
             if steerer is not None:
                 steerer.attach()
+            if guard is not None:
+                guard.attach()
             out = self.adapter.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_for(mask),
                                      use_cache=True, logits_to_keep=1)
-            cache, logits = out.cache, out.logits[:, -1].float()
+            cache, logits = output_cache(out), out.logits[:, -1].float()
+            fired: list[bool | None] = list(guard.step_fired) if guard is not None else [None] * len(rows)
             prompt_proj = self._projections(rows, store)
             for i, r in enumerate(rows):
                 if r.choice == 0:
@@ -271,12 +305,12 @@ class Engine(RequestParser):
             while rows:
                 toks, logp, bad = self._sample(logits, rows)
                 entries = self._entries(toks, logp, rows)
-                for r, t, e, b in zip(rows, toks, entries, bad, strict=True):
+                for r, t, e, b, f in zip(rows, toks, entries, bad, fired, strict=True):
                     if b:
                         self.stats["errors"] += 1
                         r.job.fail(ApiError(500, NON_FINITE, None, "non_finite_logits", "server_error"))
                     elif not r.job.cancelled:
-                        r.accept(t, e)
+                        r.accept(t, e, f if r.job.request.guard is not None else None)
                 self.stats["tokens"] += len(rows)
                 # a monitored token's event waits for the forward that sees it (its projection); others go now
                 watch = any(r.job.request.monitor for r in rows)
@@ -286,8 +320,11 @@ class Engine(RequestParser):
                 if watch or any(not r.finished for r in rows):
                     mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype, device=dev)], dim=1)
                     out = self.adapter.model(input_ids=torch.tensor(toks, device=dev)[:, None], attention_mask=mask,
-                                             position_ids=position_ids_for(mask)[:, -1:], cache=cache, use_cache=True)
-                    cache, logits = out.cache, out.logits[:, -1].float()
+                                             position_ids=position_ids_for(mask)[:, -1:], use_cache=True,
+                                             **{cache_kwarg(self.adapter.model): cache})
+                    cache, logits = output_cache(out), out.logits[:, -1].float()
+                    if guard is not None:
+                        fired = list(guard.step_fired)
                 if watch:
                     for r, p in zip(rows, self._projections(rows, store), strict=True):
                         r.flush(p)
@@ -299,11 +336,16 @@ class Engine(RequestParser):
                         mask, logits = mask[sel], logits[sel]
                         if steerer is not None:
                             steerer.select_rows(sel)
+                        if guard is not None:
+                            guard.select_rows(sel)
                     rows = [rows[i] for i in keep]
+                    fired = [fired[i] for i in keep]
         finally:
             capture.remove()
             if steerer is not None:
                 steerer.remove()
+            if guard is not None:
+                guard.remove()
 
     def _entries(self, toks: list[int], logp: torch.Tensor | None, rows: list[Row]) -> list[dict | None]:
         if logp is None:
@@ -367,7 +409,8 @@ class Row:
         self.emitted = 0
         self.finished = False
         self.reason: str | None = None
-        self._pending: tuple[str, dict | None, str | None] | None = None
+        self._pending: tuple[str, dict | None, str | None, bool | None] | None = None
+        self.guard_touched = 0
         self._maxstop = max((len(s) for s in req.stop), default=0)
 
     def _detokenize(self, force: bool = False) -> None:
@@ -379,8 +422,8 @@ class Row:
             self.text += after[len(before):]
             self._offsets = (read, len(self.ids))
 
-    def accept(self, tid: int, entry: dict | None) -> None:
-        """Take one sampled token; work out the text it releases and whether the row is done."""
+    def accept(self, tid: int, entry: dict | None, guarded: bool | None = None) -> None:
+        """Take one sampled token (`guarded`: chosen under the guard); work out its text and whether the row is done."""
         req = self.job.request
         eos = tid in self.engine.eos_ids
         if not eos:
@@ -403,7 +446,8 @@ class Row:
         delta = text[self.emitted : end] if end > self.emitted else ""
         self.emitted = max(self.emitted, end)
         # the monitor's token text is the piece of content this token released, so pieces join to the content
-        self._pending = (delta, entry, delta if not eos or delta else None)
+        self._pending = (delta, entry, delta if not eos or delta else None, guarded)
+        self.guard_touched += bool(guarded)
 
     def _safe_end(self, text: str) -> int:
         """How much text can be released: hold back a tail that may start a stop string."""
@@ -417,10 +461,10 @@ class Row:
         """Send this step's event (after the forward that saw the token, so its projection is known)."""
         if self._pending is None or self.job.cancelled:
             return
-        delta, entry, token = self._pending
+        delta, entry, token, guarded = self._pending
         self._pending = None
         self.job.emit(Event("token", self.choice, delta, entry, token, projection if token is not None else None,
-                            self.reason if self.finished else None))
+                            self.reason if self.finished else None, guarded=guarded))
         if self.finished:
             self.job.finished_rows += 1
             if self.job.finished_rows == self.job.request.n:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 from ..adapter import ModelAdapter
 from ..chat import ChatError, check_messages
+from ..guard import GUARD_MODES
+from ..guard_calibrate import GuardCalibration
 from ..steer import POSITIONS
 from ..vectors import PersonaVector
 
@@ -79,6 +81,24 @@ class SteerItem:
 
 
 @dataclass
+class GuardItem:
+    """A request's persona guard: `cap` clamps the projection into [lo, hi]; `conditional` adds `coef · v`
+    (None: ablates v̂) while the projection is above `hi`."""
+
+    vector: str
+    layer: int
+    mode: str
+    lo: float | None
+    hi: float | None
+    coef: float | None = None
+    positions: str = "response"
+
+    def echo(self) -> dict:
+        return {"vector": self.vector, "layer": self.layer, "mode": self.mode, "lo": self.lo, "hi": self.hi,
+                "coef": self.coef, "positions": self.positions}
+
+
+@dataclass
 class MonitorSpec:
     vectors: list[str]
     layer: int
@@ -102,6 +122,7 @@ class ChatRequest:
     include_usage: bool = False
     steering: list[SteerItem] = field(default_factory=list)
     monitor: MonitorSpec | None = None
+    guard: GuardItem | None = None
 
 
 def invalid(message: str, param: str | None, code: str = "invalid_value", status: int = 400) -> ApiError:
@@ -160,6 +181,7 @@ class Event:
     prompt: dict[str, float | None] | None = None
     prompt_tokens: int = 0
     error: ApiError | None = None
+    guarded: bool | None = None  # the guard acted in the forward that chose this token
 
 
 class RequestParser:
@@ -242,6 +264,67 @@ class RequestParser:
             items.append(SteerItem(name, layer, float(value), positions))
         return items
 
+    def _number(self, raw: dict, key: str, param: str) -> float | None:
+        value = raw.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+                or abs(value) > 1e6:
+            raise invalid(f"{param}.{key} must be a finite number (|x| ≤ 1e6), got {value!r}", f"{param}.{key}")
+        return float(value)
+
+    def _guard_item(self, raw: object) -> GuardItem | None:
+        if raw is None:
+            return None
+        p = "guard"
+        if not isinstance(raw, dict):
+            raise invalid("'guard' must be an object {vector, mode: cap|conditional, layer?}", p)
+        unknown = set(raw) - {"vector", "layer", "mode", "lo", "hi", "threshold", "coef", "alpha", "positions"}
+        if unknown:
+            raise invalid(f"{p} has unknown field(s) {sorted(unknown)}", p)
+        name = self._vector_name(raw.get("vector"), f"{p}.vector")
+        pv = self.vectors[name]
+        mode = raw.get("mode", "cap")
+        if mode not in GUARD_MODES:
+            raise invalid(f"{p}.mode must be one of {', '.join(GUARD_MODES)}, got {mode!r}", f"{p}.mode")
+        positions = raw.get("positions", "response")
+        if positions not in POSITIONS:
+            raise invalid(f"{p}.positions must be one of {', '.join(POSITIONS)}, got {positions!r}",
+                          f"{p}.positions")
+        if "threshold" in raw and "hi" in raw:
+            raise invalid(f"{p}: give 'hi' or its synonym 'threshold', not both", p)
+        lo = self._number(raw, "lo", p)
+        hi = self._number(raw, "threshold" if "threshold" in raw else "hi", p)
+        cal = GuardCalibration.from_vector(pv)
+        layer = self._layer(raw["layer"], f"{p}.layer") if "layer" in raw else \
+            (cal.layer if cal is not None else pv.default_layer())
+        if hi is None:
+            if cal is None:
+                raise invalid(f"{p}: vector {name!r} has no guard calibration; run `personascope guard calibrate` "
+                              "on its file or give 'hi'", f"{p}.hi", "guard_not_calibrated")
+            if cal.layer != layer:
+                raise invalid(f"{p}: vector {name!r} is calibrated at layer {cal.layer}, not {layer}; give 'hi' "
+                              "or use that layer", f"{p}.layer", "guard_not_calibrated")
+            hi = cal.hi
+        if lo is not None and lo > hi:
+            raise invalid(f"{p}: lo {lo} is above hi {hi}", f"{p}.lo")
+        if mode == "conditional" and lo is not None:
+            raise invalid(f"{p}.lo applies to mode cap only", f"{p}.lo")
+        coef = None
+        if "coef" in raw or "alpha" in raw:
+            if mode != "conditional":
+                raise invalid(f"{p}: 'coef'/'alpha' apply to mode conditional only", p)
+            if "coef" in raw and "alpha" in raw:
+                raise invalid(f"{p} takes 'coef' (raw) or 'alpha' (relative), not both", p)
+            key = "coef" if "coef" in raw else "alpha"
+            coef = self._number(raw, key, p)
+            if key == "alpha" and coef is not None:
+                if pv.resid_norm is None:
+                    raise invalid(f"{p}: vector {name!r} has no resid_norm, so 'alpha' cannot be converted; use "
+                                  "'coef'", f"{p}.alpha")
+                coef = pv.coef_from_alpha(coef, layer)
+        return GuardItem(name, layer, mode, lo, hi, coef, positions)
+
     def _monitor(self, raw: object) -> MonitorSpec | None:
         if raw is None:
             return None
@@ -318,6 +401,7 @@ class RequestParser:
             n=integer_field(body, "n", 1, 1, min(cfg.max_n, cfg.max_batch)), seed=seed, stop=stop, logprobs=logprobs,
             top_logprobs=top, stream=stream, include_usage=bool(opts.get("include_usage")),
             steering=self._steering(body.get("steering")), monitor=self._monitor(body.get("monitor")),
+            guard=self._guard_item(body.get("guard")),
         )
 
     # -- the worker
