@@ -102,3 +102,13 @@ def test_refusals_are_recorded_and_drop_their_pair(tmp_path):
     assert all(r["refusal"] for r in scored)
     result = filter_pairs(scored, PROFILES["quick"])
     assert not result.kept and result.dropped["refusal"] == 1
+
+
+def test_real_labelled_set_maps_levels_and_leaves_out_refusals():
+    from personascope.judge_eval import labelled_set
+
+    rows = labelled_set("optimistic", "real")
+    assert rows and all(r["label"] in (0, 1) for r in rows)
+    assert all(not r["refusal"] and not r["incoherent"] for r in rows)
+    assert {r["label"] for r in rows} == {0, 1}
+    assert all(r["label"] == int(r["level"] == 2) for r in rows)

@@ -14,13 +14,25 @@ from .judge import Judge, JudgeRequest, LocalJudge
 from .store import write_json
 from .traits import builtin_traits, load_trait
 
+LABELLED_SETS = ("written", "real")
 
-def labelled_set(name: str) -> list[dict]:
-    """The labelled rows for a built-in trait, or for 'coherence'."""
-    path = Path(str(resources.files("personascope") / "data" / "judge_eval" / f"{name}.jsonl"))
+
+def labelled_set(name: str, source: str = "written") -> list[dict]:
+    """The labelled rows for a built-in trait, or for 'coherence'.
+
+    `written`: data/judge_eval (label 1/0). `real`: data/judge_real, answers the built-in models wrote, with
+    label 1 = trait shown and 0 = neutral or opposite; refusals and incoherent answers are left out.
+    """
+    if source not in LABELLED_SETS:
+        raise ValueError(f"unknown labelled set {source!r}; choose from {', '.join(LABELLED_SETS)}")
+    folder = "judge_eval" if source == "written" else "judge_real"
+    path = Path(str(resources.files("personascope") / "data" / folder / f"{name}.jsonl"))
     if not path.exists():
-        raise FileNotFoundError(f"no labelled judge set for {name!r}")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        raise FileNotFoundError(f"no {source} labelled judge set for {name!r}")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if source == "real":
+        rows = [{**r, "label": int(r["level"] == 2)} for r in rows if not r["refusal"] and not r["incoherent"]]
+    return rows
 
 
 def auc(scores: list[float], labels: list[int]) -> float:
@@ -52,12 +64,13 @@ class JudgeEvalResult:
     labels: list
 
 
-def evaluate_judge(judge: Judge, sets: list[str] | None = None, limit: int | None = None) -> list[JudgeEvalResult]:
-    """Run the judge over the labelled sets (traits by name, plus 'coherence')."""
-    sets = sets or [*builtin_traits(), "coherence"]
+def evaluate_judge(judge: Judge, sets: list[str] | None = None, limit: int | None = None,
+                   source: str = "written") -> list[JudgeEvalResult]:
+    """Run the judge over the labelled sets (traits by name, plus 'coherence' for the written source)."""
+    sets = sets or [*builtin_traits(), *(["coherence"] if source == "written" else [])]
     results = []
     for name in sets:
-        rows = labelled_set(name)
+        rows = labelled_set(name, source)
         if limit:
             # keep the label balance when trimming
             rows = [r for r in rows if r["label"] == 1][: limit // 2] + [r for r in rows if r["label"] == 0][
@@ -111,7 +124,7 @@ def results_table(results: list[JudgeEvalResult]) -> list[dict]:
 
 
 def compare_modes(model, tokenizer, judge_name: str, trait_modes: list[str], coherence_modes: list[str],
-                  traits: list[str] | None, limit: int | None, out: Path) -> list[dict]:
+                  traits: list[str] | None, limit: int | None, out: Path, source: str = "written") -> list[dict]:
     """One loaded judge model under each trait and coherence mode: result rows (also in judge_eval.json) and a
     reliability plot per mode under `out`."""
     out.mkdir(parents=True, exist_ok=True)
@@ -120,8 +133,12 @@ def compare_modes(model, tokenizer, judge_name: str, trait_modes: list[str], coh
              traits or builtin_traits()) for m in trait_modes]
     runs += [(f"reliability_coherence_{m}.png", LocalJudge(model, tokenizer, coherence_mode=m, name=judge_name),
               ["coherence"]) for m in coherence_modes]
+    if source == "real":
+        runs = [r for r in runs if r[2] != ["coherence"]]  # the real set labels trait levels only
     for plot_name, judge, sets in runs:
-        res = evaluate_judge(judge, sets, limit)
+        res = evaluate_judge(judge, sets, limit, source)
+        for r in res:
+            r.name = f"{r.name} ({source})"
         plot_reliability(res, out / plot_name)
         rows += results_table(res)
     write_json(out / "judge_eval.json", rows)

@@ -22,6 +22,8 @@ def judge_eval(
     coherence_mode: Annotated[list[str] | None, typer.Option("--coherence-mode")] = None,
     trait: Annotated[list[str] | None, typer.Option("--trait", help="Limit to these traits.")] = None,
     limit: Annotated[int | None, typer.Option(help="Rows per set (balanced).")] = None,
+    labelled: Annotated[str, typer.Option("--set", help="Labelled answers: written (clear-cut text) or real "
+                                          "(answers of the built-in models, labelled by reading).")] = "written",
     out: Path = Path("runs/judge-eval"),
     device: DeviceOpt = None,
 ) -> None:
@@ -32,7 +34,7 @@ def judge_eval(
 
     m, tok = load_model(judge_model, device=device)
     rows = compare_modes(m, tok, f"local:{judge_model}", mode or [DEFAULT_TRAIT_MODE],
-                         coherence_mode or [DEFAULT_COHERENCE_MODE], trait, limit, out)
+                         coherence_mode or [DEFAULT_COHERENCE_MODE], trait, limit, out, labelled)
     table = Table(title=f"judge agreement: local:{judge_model}")
     for col in ("set", "mode", "AUC", "acc@50", "mean +", "mean −", "missing", "s/judgement"):
         table.add_column(col)
