@@ -23,10 +23,14 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 		|| echo "could not install chromium: browser tests will be skipped"
 
+# the tests on real built-in models (marked `model`) take about an hour on 2 CPU cores: `make test-models`
 test: $(STAMP) chromium
 	$(BIN)/lint-imports
 	$(BIN)/mypy src
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not model"
+
+test-models: $(STAMP)
+	$(BIN)/python -m pytest -q -m model
 
 # mypy on src alone (config in pyproject); `test` runs it too
 typecheck: $(STAMP)
@@ -35,4 +39,4 @@ typecheck: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench experiments
 
-.PHONY: install demo test lint typecheck chromium
+.PHONY: install demo test test-models lint typecheck chromium
