@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .adapter import ModelAdapter
-from .hooks import ResidualFn, ResidualHooks
+from .hooks import HookedOperation, ResidualFn, ResidualHooks
 from .steer import DEFAULT_POSITIONS, MODES, POSITIONS, SteeringSpec, apply_spec, entry_modules, is_prefill
 from .vectors import PersonaVector
 
@@ -109,7 +109,7 @@ def stop_ids(adapter: ModelAdapter) -> set[int]:
     return ids
 
 
-class Guard:
+class Guard(HookedOperation):
     """Context manager (or `attach()`/`remove()` handle) applying cap and conditional specs, recording where it acts."""
 
     def __init__(self, model: nn.Module | ModelAdapter, tokenizer=None, stops: set[int] | None = None):
@@ -339,17 +339,3 @@ class Guard:
         self._hooks.attach()
         return self
 
-    def remove(self) -> None:
-        """Remove the hooks (the specs and records stay)."""
-        for m in self._marks:
-            m.remove()
-        self._marks = []
-        if self._hooks is not None:
-            self._hooks.remove()
-            self._hooks = None
-
-    def __enter__(self) -> Guard:
-        return self.attach()
-
-    def __exit__(self, *exc) -> None:
-        self.remove()

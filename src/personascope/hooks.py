@@ -8,6 +8,7 @@ collection, monitoring traces and the server all hook the residual stream throug
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import Self
 
 import torch
 from torch.utils.hooks import RemovableHandle
@@ -37,6 +38,32 @@ def add_residual_hook(adapter: ModelAdapter, layer: int, fn: ResidualFn) -> Remo
         return None if new is None else with_block_output(output, new)
 
     return adapter.blocks[layer - 1].register_forward_hook(post)
+
+
+class HookedOperation:
+    """Shared life cycle of Steerer and Guard: forward marks on the entry modules plus residual hooks,
+    removed together; usable as a context manager (hooks are removed on exit, even after an exception)."""
+
+    _hooks: ResidualHooks | None
+    _marks: list[RemovableHandle]
+
+    def attach(self) -> Self:
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        """Remove the hooks (the specs and records stay)."""
+        for m in self._marks:
+            m.remove()
+        self._marks = []
+        if self._hooks is not None:
+            self._hooks.remove()
+            self._hooks = None
+
+    def __enter__(self) -> Self:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
 
 
 class ResidualHooks:

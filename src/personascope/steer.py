@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .adapter import ModelAdapter
-from .hooks import ResidualFn, ResidualHooks
+from .hooks import HookedOperation, ResidualFn, ResidualHooks
 from .vectors import PersonaVector
 
 POSITIONS = ("all", "prompt", "response")
@@ -68,7 +68,7 @@ def entry_modules(model: nn.Module) -> list[nn.Module]:
     return [model] if base is None or base is model else [model, base]
 
 
-class Steerer:
+class Steerer(HookedOperation):
     """Context manager (or explicit `attach()`/`remove()` handle) applying steering specs."""
 
     def __init__(self, model: nn.Module | ModelAdapter, tokenizer=None):
@@ -164,20 +164,6 @@ class Steerer:
         self._hooks.attach()
         return self
 
-    def remove(self) -> None:
-        """Remove the hooks (the specs stay)."""
-        for m in self._marks:
-            m.remove()
-        self._marks = []
-        if self._hooks is not None:
-            self._hooks.remove()
-            self._hooks = None
-
-    def __enter__(self) -> Steerer:
-        return self.attach()
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
 
 
 def steer(
