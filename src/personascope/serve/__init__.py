@@ -25,7 +25,8 @@ use a vector) and no request sees another's steering. Finished rows leave the ba
 
 
 from .app import complete, create_app, run_server, stream
-from .engine import Engine, Job, Row
+from .engine import Engine
+from .jobs import Job, Row
 from .loading import TINY_PREFIX, load_serving_model, tiny_random_model
 from .protocol import (
     MAX_STOP,
