@@ -180,16 +180,6 @@ class Guard(HookedOperation):
         op = SteeringSpec(v, layer, coef, positions, mode)
         return self.set_specs([*self._specs, ConditionalSpec(cond, condition_layer, threshold, op)])
 
-    def set_specs(self, specs: Sequence[GuardSpec]) -> Guard:
-        """Replace all specs (re-attaching the hooks when attached)."""
-        attached = self.attached
-        if attached:
-            self.remove()
-        self._specs = list(specs)
-        if attached:
-            self.attach()
-        return self
-
     def select_rows(self, rows: torch.Tensor | Sequence[int]) -> Guard:
         """Keep only these batch rows (per-row bounds, thresholds, coefs and the current record)."""
         index = torch.as_tensor(rows, dtype=torch.long).cpu()
@@ -309,10 +299,6 @@ class Guard(HookedOperation):
             return h if changed else None
 
         return fn
-
-    @property
-    def attached(self) -> bool:
-        return self._hooks is not None
 
     def attach(self) -> Guard:
         """Register the hooks (idempotent)."""

@@ -8,7 +8,7 @@ collection, monitoring traces and the server all hook the residual stream throug
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Self
+from typing import Any, Self
 
 import torch
 from torch.utils.hooks import RemovableHandle
@@ -46,9 +46,24 @@ class HookedOperation:
 
     _hooks: ResidualHooks | None
     _marks: list[RemovableHandle]
+    _specs: list[Any]
 
     def attach(self) -> Self:
         raise NotImplementedError
+
+    @property
+    def attached(self) -> bool:
+        return self._hooks is not None
+
+    def set_specs(self, specs: Sequence[Any]) -> Self:
+        """Replace all specs (re-attaching the hooks when attached)."""
+        attached = self.attached
+        if attached:
+            self.remove()
+        self._specs = list(specs)
+        if attached:
+            self.attach()
+        return self
 
     def remove(self) -> None:
         """Remove the hooks (the specs and records stay)."""

@@ -110,16 +110,6 @@ class Steerer(HookedOperation):
             raise ValueError(f"coef must be finite, got {coef}")
         return self.set_specs([*self._specs, SteeringSpec(vector.detach().float(), layer, coef, positions, mode)])
 
-    def set_specs(self, specs: Sequence[SteeringSpec]) -> Steerer:
-        """Replace all specs (re-attaching the hooks when attached)."""
-        attached = self.attached
-        if attached:
-            self.remove()
-        self._specs = list(specs)
-        if attached:
-            self.attach()
-        return self
-
     def select_rows(self, rows: torch.Tensor | Sequence[int]) -> Steerer:
         """Keep only these batch rows of every per-row coef (when rows leave a running batch)."""
         index = torch.as_tensor(rows, dtype=torch.long).cpu()
@@ -143,10 +133,6 @@ class Steerer(HookedOperation):
             return self._apply(h, specs)
 
         return fn
-
-    @property
-    def attached(self) -> bool:
-        return self._hooks is not None
 
     def attach(self) -> Steerer:
         """Register the hooks (idempotent)."""
