@@ -26,9 +26,8 @@ from pathlib import Path
 from personascope.adapter import ModelAdapter
 from personascope.api_judge import make_judge
 from personascope.capability import load_mc
-from personascope.evaluate import Condition, condition_capability, condition_hooks
+from personascope.evaluate import Condition, condition_capability, condition_hooks, guard_annotator
 from personascope.generate import SamplingConfig, run_generation
-from personascope.guard import Guard
 from personascope.guard_calibrate import GuardCalibration, calibrate_guard, pool_sample
 from personascope.models import DEFAULT_JUDGE_MODEL, load_model
 from personascope.plots import plt, save_figure
@@ -91,14 +90,7 @@ def generate(adapter: ModelAdapter, store: JsonlStore, cond: Condition, pv: Pers
     """Greedy answers to prompts ({set, system, question_text}) under a condition, cached with guard counts."""
     jobs = [{**p, "condition": cond.key} for p in prompts]
     hooks = condition_hooks(adapter, cond, pv)
-    annotate = None
-    if isinstance(hooks, Guard):
-        guard = hooks
-
-        def annotate(batch: list[dict]) -> list[dict]:
-            touched = guard.last.touched if guard.last else [0] * len(batch)
-            return [{**r, "guard_touched": t} for r, t in zip(batch, touched, strict=True)]
-
+    annotate = guard_annotator(hooks)
     cfg = SamplingConfig(samples=1, temperature=0.0, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     with hooks:
         run_generation(adapter, jobs, lambda j: adapter.prompt(j["question_text"], j["system"]),

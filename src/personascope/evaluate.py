@@ -9,6 +9,7 @@ go to `scores.jsonl`, so sweeps resume where they stopped.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +69,19 @@ class Condition:
 
 def _bound(x: float | None) -> str:
     return "-" if x is None else f"{x:.4g}"
+
+
+def guard_annotator(hooks: object) -> Callable[[list[dict]], list[dict]] | None:
+    """For a Guard: a batch annotator that records how many tokens it touched per row (`guard_touched`)."""
+    if not isinstance(hooks, Guard):
+        return None
+    guard = hooks
+
+    def annotate(batch: list[dict]) -> list[dict]:
+        touched = guard.last.touched if guard.last else [0] * len(batch)
+        return [{**r, "guard_touched": t} for r, t in zip(batch, touched, strict=True)]
+
+    return annotate
 
 
 def condition_hooks(adapter: ModelAdapter, cond: Condition, vector: PersonaVector | None) -> Steerer | Guard:
@@ -187,14 +201,7 @@ def evaluate(
                 for q, text in enumerate(questions) for s in range(cfg.sampling.samples)]
         prompts = {text: adapter.prompt(text, cond.system) for text in questions}
         hooks = condition_hooks(adapter, cond, vector)
-        annotate = None
-        if isinstance(hooks, Guard):
-            guard = hooks
-
-            def annotate(batch: list[dict]) -> list[dict]:
-                touched = guard.last.touched if guard.last else [0] * len(batch)
-                return [{**r, "guard_touched": t} for r, t in zip(batch, touched, strict=True)]
-
+        annotate = guard_annotator(hooks)
         with hooks:
             run_generation(adapter, jobs, lambda j: prompts[j["question_text"]], lambda j: store.key(j) in store,
                            store.append, cfg.sampling, f"answer {cond.key}", cluster,
