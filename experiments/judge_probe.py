@@ -21,8 +21,9 @@ import torch
 
 from personascope import ModelAdapter, load_model
 from personascope.judge_probe import ProbeFeatures, level_score
-from personascope.judge_probe_fit import LabelledAnswer, auroc, fit_heads, spearman
+from personascope.judge_probe_fit import LabelledAnswer, fit_heads
 from personascope.judge_real import load_real_set, load_written_set
+from personascope.stats import auroc, spearman
 from personascope.traits import builtin_traits, load_trait
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 
 from personascope.judge import JudgeRequest, LocalJudge
-from personascope.judge_eval import JudgeEvalResult, auc, labelled_set, plot_reliability
+from personascope.judge_eval import JudgeEvalResult, labelled_set, plot_reliability
 from personascope.models import DEFAULT_JUDGE_MODEL, load_model
+from personascope.stats import auroc as auc
 from personascope.store import JsonlStore
 from personascope.traits import builtin_traits, load_trait
 

@@ -28,10 +28,10 @@ from personascope.adapter import ModelAdapter
 from personascope.extract import extract_vector, profile
 from personascope.generate import SamplingConfig, generate_batch, run_generation
 from personascope.judge import load_local_judge
-from personascope.judge_eval import auc
 from personascope.models import DEFAULT_JUDGE_MODEL, DEFAULT_MODEL, load_model
 from personascope.plots import plt, save_figure
 from personascope.screen_run import ScreenConfig, screen_dataset
+from personascope.stats import auroc as auc
 from personascope.steer import Steerer
 from personascope.store import JsonlStore, write_json
 from personascope.traits import load_trait

@@ -6,7 +6,7 @@ from tiny import tiny_pair
 
 from personascope.adapter import ModelAdapter
 from personascope.capability import load_mc, mc_accuracy, mc_prompt
-from personascope.evaluate import EvalConfig, choose_layer, evaluate, sweep_conditions, sweep_rows
+from personascope.evaluate import EvalConfig, choose_layer, choose_steering, evaluate, sweep_conditions, sweep_rows
 from personascope.generate import SamplingConfig
 from personascope.judge import LocalJudge
 from personascope.plots import plot_sweep
@@ -79,8 +79,25 @@ def test_choose_layer_respects_coherence():
         {"layer": 8, "system": None, "coef": 2.0, "trait_mean": 60.0, "coherence_mean": 80.0},
         {"layer": 12, "system": None, "coef": 2.0, "trait_mean": 30.0, "coherence_mean": 95.0},
     ]
-    best, detail = choose_layer(rows, 75)
+    best, detail = choose_layer(rows, 75, None)
     assert best == 8 and not detail[4]["eligible"]
+    # relative gate: a baseline at 45 lets layers down to 35 through, whatever the absolute bar
+    low = [{**r, "coherence_mean": r["coherence_mean"] - 50} for r in rows]
+    assert choose_layer(low, 75, 10)[0] == 4
+    assert choose_layer(low, 75, None)[0] is None
+
+
+def test_choose_steering_per_direction():
+    rows = [
+        {"layer": None, "system": None, "coef": 0.0, "trait_mean": 30.0, "coherence_mean": 50.0},
+        {"layer": 8, "system": None, "coef": 2.0, "alpha": 0.5, "trait_mean": 60.0, "coherence_mean": 45.0},
+        {"layer": 8, "system": None, "coef": 4.0, "alpha": 1.0, "trait_mean": 80.0, "coherence_mean": 20.0},
+        {"layer": 8, "system": None, "coef": -2.0, "alpha": -0.5, "trait_mean": 10.0, "coherence_mean": 48.0},
+    ]
+    got = choose_steering(rows)
+    assert got["coherence_gate"] == 40.0
+    assert got["plus"]["alpha"] == 0.5 and got["plus"]["delta"] == 30.0  # α 1 broke coherence
+    assert got["minus"]["delta"] == -20.0
 
 
 def test_capability_accuracy_matches_direct_argmax(setup):
@@ -138,7 +155,7 @@ def test_guard_conditions_in_a_sweep(tmp_path, setup):
     again = evaluate(a, trait, judge, conds, tmp_path, vector=low, cfg=cfg)
     assert [r["guard_touched_mean"] for r in again] == [r["guard_touched_mean"] for r in rows]
     change = by["base"]["trait_mean"] - by["L2:c-4:response"]["trait_mean"]
-    assert choose_layer(rows, -1.0)[1][2]["trait_change"] == pytest.approx(change)  # guard rows are no candidates
+    assert choose_layer(rows, -1.0, None)[1][2]["trait_change"] == pytest.approx(change)  # guard rows are no candidates
     mc = load_mc()[:6]
     assert condition_capability(a, conds[-2], low, mc) == mc_accuracy(a, mc).accuracy
     print_rows(rows, "guard")

@@ -179,3 +179,18 @@ def test_a_run_folder_is_bound_to_its_settings(tmp_path, monkeypatch):
     assert (run / "answers.jsonl").read_text() == answers
     extract_vector(a, trait, judge=judge, config=_cfg(seed=1), run_dir=run, force=True, plots=False)
     assert json.loads((run / "settings.json").read_text())["seed"] == 1
+
+
+def test_filter_modes_margin_and_none():
+    rows = []
+    for q, (pt, nt, pc, nc, refusal) in enumerate([(40, 10, 20, 90, False), (30, 25, 90, 90, False),
+                                                    (80, 10, 90, 90, True)]):
+        rows += [{"side": "pos", "instruction": 0, "question": q, "sample": 0, "trait_score": pt, "coherence": pc,
+                  "refusal": refusal},
+                 {"side": "neg", "instruction": 0, "question": q, "sample": 0, "trait_score": nt, "coherence": nc}]
+    margin = filter_pairs(rows, profile("quick", filter="margin", margin=20))
+    assert margin.dropped == {"coherence < 50": 1, "pos − neg trait < 20": 1, "refusal": 1}
+    none = filter_pairs(rows, profile("quick", filter="none"))
+    assert [p["question"] for p, _ in none.kept] == [0, 1] and none.dropped == {"refusal": 1}
+    with pytest.raises(ValueError, match="--filter 'loose'"):
+        profile("quick", filter="loose")

@@ -195,4 +195,5 @@ def test_auto_mode_matches_the_judge_by_model_not_by_display_string(tmp_path, mo
     assert auto_mode(trait, f"api:{DEFAULT_JUDGE_MODEL}") == "contrastive"
     # one default name everywhere
     assert inspect.signature(load_local_judge).parameters["name"].default == DEFAULT_JUDGE_MODEL
-    assert inspect.signature(run_demo).parameters["judge_name"].default == DEFAULT_JUDGE_MODEL
+    # the demo's None means: the probe judge on the subject model, else the default LLM judge (demo.demo_judge)
+    assert inspect.signature(run_demo).parameters["judge_name"].default is None

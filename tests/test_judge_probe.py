@@ -8,7 +8,8 @@ from tiny import tiny_pair
 from personascope.adapter import ModelAdapter
 from personascope.judge import JudgeRequest
 from personascope.judge_probe import ProbeFeatures, ProbeJudge, ProbeWeights, level_score
-from personascope.judge_probe_fit import LabelledAnswer, auroc, fit_heads, head_target, spearman
+from personascope.judge_probe_fit import LabelledAnswer, fit_heads, head_target
+from personascope.stats import auroc, spearman
 from personascope.traits import load_trait
 
 

@@ -1,8 +1,9 @@
-"""The README's main job on the embedded model: extract a persona vector, then steer with it."""
+"""The README's main job on the embedded model: extract a persona vector, check it, then steer with it."""
 
 from __future__ import annotations
 
 import html
+import json
 from pathlib import Path
 
 from rich.console import Console
@@ -12,34 +13,57 @@ from .adapter import ModelAdapter
 from .evaluate import Condition, EvalConfig, evaluate, print_rows, sweep_rows
 from .extract import extract_vector, profile
 from .generate import SamplingConfig
-from .judge import load_local_judge
-from .models import DEFAULT_JUDGE_MODEL, load_model
+from .judge import Judge, load_local_judge
+from .judge_probe import ProbeJudge, ProbeWeights, probe_weights_path
+from .models import load_model
 from .plots import plot_sweep
+from .store import write_json
 from .traits import load_trait
+from .vectors import find_packaged, load_vector
 
 console = Console()
-DEMO_ALPHAS = (-0.5, 0.5)
+DEMO_ALPHA = 1.0  # used when no ready-made vector has a measured α for the trait and model
+
+
+def demo_judge(adapter: ModelAdapter, judge_name: str | None, device: str | None) -> Judge:
+    """The probe judge on the subject model itself when the package has its weights (one model in memory,
+    ~0.1 s per answer), else the local LLM judge `judge_name`."""
+    weights = probe_weights_path(adapter.name)
+    if judge_name is None and weights.exists():
+        return ProbeJudge(adapter, ProbeWeights.load(weights), name=f"probe:{adapter.name}")
+    from .models import DEFAULT_JUDGE_MODEL
+
+    return load_local_judge(judge_name or DEFAULT_JUDGE_MODEL, device=device)
+
+
+def demo_alphas(trait: str, model: str) -> tuple[float, float]:
+    """(−α, +α) for the steering step: the ready-made vector's measured best α per direction, else ±DEMO_ALPHA."""
+    path = find_packaged(f"{model}/{trait}")
+    steering = json.loads(load_vector(path).metadata.get("steering", "{}")) if path else {}
+    return (steering.get("alpha_minus") or -DEMO_ALPHA, steering.get("alpha_plus") or DEMO_ALPHA)
 
 
 def run_demo(trait_name: str, model_name: str, out: Path, device: str | None = None,
-             judge_name: str = DEFAULT_JUDGE_MODEL, n_questions: int = 6) -> Path:
-    """Extract `trait_name` on the model (quick profile), then answer evaluation questions at −α, 0, +α."""
+             judge_name: str | None = None, n_questions: int = 8, seed: int = 0) -> dict:
+    """Extract `trait_name` on the model (`builtin` profile, `n_questions` questions, `seed`), print its
+    validity, then answer evaluation questions at −α, 0, +α; returns the demo's summary (also summary.json)."""
     trait = load_trait(trait_name)
-    with console.status(f"loading {model_name} and the judge {judge_name} …"):
+    with console.status(f"loading {model_name} …"):
         model, tok = load_model(model_name, device=device)
         adapter = ModelAdapter(model, tok)
-        judge = load_local_judge(judge_name, device=device)
+        judge = demo_judge(adapter, judge_name, device)
     q = trait.extract_questions[0]
-    console.rule(f"[bold]1. extract the {trait.name!r} persona vector from {adapter.name}")
+    console.rule(f"[bold]1. extract the {trait.name!r} persona vector from {adapter.name} (seed {seed})")
     console.print(f"e.g. pos system prompt: [italic]{trait.system_prompt('pos', 0)}[/]\nquestion: [italic]{q}[/]")
-    pv = extract_vector(adapter, trait, judge=judge, config=profile("quick", n_questions=n_questions),
-                        run_dir=out / "extract")
+    pv = extract_vector(adapter, trait, judge=judge, run_dir=out / "extract",
+                        config=profile("builtin", n_questions=n_questions, seed=seed))
     layer = pv.default_layer()
-    coefs = [pv.coef_from_alpha(a, layer) for a in DEMO_ALPHAS]
-    console.rule(f"[bold]2. steer at layer {layer} with α = {DEMO_ALPHAS[0]}, 0, {DEMO_ALPHAS[1]} "
+    alphas = demo_alphas(trait.name, adapter.name)
+    coefs = [pv.coef_from_alpha(a, layer) for a in alphas]
+    console.rule(f"[bold]2. steer at layer {layer} with α = {alphas[0]:g}, 0, {alphas[1]:g} "
                  f"(raw coef {coefs[0]:.2f}, 0, {coefs[1]:.2f})")
     conds = [Condition(layer, coefs[0], "response"), Condition(), Condition(layer, coefs[1], "response")]
-    cfg = EvalConfig(SamplingConfig(samples=1, temperature=0.0, max_new_tokens=72, batch_size=n_questions),
+    cfg = EvalConfig(SamplingConfig(samples=1, temperature=0.0, max_new_tokens=64, batch_size=n_questions),
                      n_questions=n_questions)
     rows = evaluate(adapter, trait, judge, conds, out / "steer", vector=pv, cfg=cfg)
     print_rows(rows, f"{trait.name}: judged trait score by steering coefficient ({judge.name})")
@@ -47,8 +71,23 @@ def run_demo(trait_name: str, model_name: str, out: Path, device: str | None = N
     plot = plot_sweep(sweep_rows(rows, [layer]), out / "steer" / "sweep.png",
                       f"{trait.name} steering on {adapter.name}")
     report = write_report(rows, out / "report.html", trait.name, adapter.name, plot)
+    validity = json.loads(pv.metadata["validity"])
+    base = rows[1]
+    at = (alphas[0], 0, alphas[1])
+    summary = {
+        "trait": trait.name, "model": adapter.name, "seed": seed, "judge": judge.name, "layer": layer,
+        "alphas": list(alphas), "kept_pairs": int(pv.metadata["kept_pairs"]), "validity": validity["at_layer"],
+        "valid": validity["valid"], "trait_mean": {str(a): r["trait_mean"] for a, r in zip(at, rows, strict=True)},
+        "coherence_mean": {str(a): r["coherence_mean"] for a, r in zip(at, rows, strict=True)},
+        "delta_minus": None if rows[0]["trait_mean"] is None or base["trait_mean"] is None
+        else rows[0]["trait_mean"] - base["trait_mean"],
+        "delta_plus": None if rows[2]["trait_mean"] is None or base["trait_mean"] is None
+        else rows[2]["trait_mean"] - base["trait_mean"],
+        "vector": pv.path, "report": str(report),
+    }
+    write_json(out / "summary.json", summary)
     console.print(f"\nvector: {pv.path}\nsweep plot: {plot}\nreport: {report}")
-    return report
+    return summary
 
 
 def side_by_side(rows: list[dict], trait: str, n: int = 3) -> None:

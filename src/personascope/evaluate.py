@@ -247,19 +247,48 @@ def sweep_rows(rows: list[dict], layers: list[int]) -> list[dict]:
     return out
 
 
-def choose_layer(rows: list[dict], min_coherence: float = 75.0) -> tuple[int | None, dict]:
-    """The layer whose steering changes the trait most while mean coherence stays ≥ min_coherence."""
+def coherence_gate(base: dict, min_coherence: float | None = 50.0, max_drop: float | None = 10.0) -> float:
+    """The mean coherence a steered condition must keep: the lower of `min_coherence` and the unsteered
+    baseline's coherence − `max_drop` (a small model's own baseline may sit below any fixed bar)."""
+    bars = [x for x in (min_coherence, None if base.get("coherence_mean") is None or max_drop is None
+                        else base["coherence_mean"] - max_drop) if x is not None]
+    return min(bars) if bars else float("-inf")
+
+
+def choose_layer(rows: list[dict], min_coherence: float | None = 50.0, max_drop: float | None = 10.0
+                 ) -> tuple[int | None, dict]:
+    """The layer whose steering moves the trait most (in the coefficient's direction) while keeping the
+    coherence `coherence_gate` asks for."""
     base = next(r for r in rows if r["layer"] is None and r["system"] is None)
+    gate = coherence_gate(base, min_coherence, max_drop)
     best, best_delta, detail = None, float("-inf"), {}
     for r in rows:
         if r["layer"] is None or r["trait_mean"] is None or r.get("guard"):
             continue
         delta = (r["trait_mean"] - base["trait_mean"]) * (1 if r["coef"] > 0 else -1)
-        ok = r["coherence_mean"] is not None and r["coherence_mean"] >= min_coherence
-        detail[r["layer"]] = {"trait_change": delta, "coherence": r["coherence_mean"], "eligible": ok}
+        ok = r["coherence_mean"] is not None and r["coherence_mean"] >= gate
+        detail[r["layer"]] = {"trait_change": delta, "coherence": r["coherence_mean"], "eligible": ok,
+                              "coherence_gate": gate}
         if ok and delta > best_delta:
             best, best_delta = r["layer"], delta
     return best, detail
+
+
+def choose_steering(rows: list[dict], min_coherence: float | None = 50.0, max_drop: float | None = 10.0) -> dict:
+    """From a sweep over layers and ±coefficients: per direction the (layer, coef, α) that moves the trait most
+    within the coherence gate, with the change it measured; None for a direction nothing passed."""
+    base = next(r for r in rows if r["layer"] is None and r["system"] is None)
+    gate = coherence_gate(base, min_coherence, max_drop)
+    out: dict = {"base_trait": base["trait_mean"], "base_coherence": base["coherence_mean"], "coherence_gate": gate}
+    for name, sign in (("plus", 1), ("minus", -1)):
+        cands = [r for r in rows if r["layer"] is not None and not r.get("guard") and r["trait_mean"] is not None
+                 and r["coef"] * sign > 0 and r["coherence_mean"] is not None and r["coherence_mean"] >= gate]
+        best = max(cands, key=lambda r: (r["trait_mean"] - base["trait_mean"]) * sign, default=None)
+        out[name] = None if best is None else {
+            "layer": best["layer"], "coef": best["coef"], "alpha": best.get("alpha"),
+            "trait": best["trait_mean"], "coherence": best["coherence_mean"],
+            "delta": best["trait_mean"] - base["trait_mean"]}
+    return out
 
 
 def print_rows(rows: list[dict], title: str) -> None:

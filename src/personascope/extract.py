@@ -23,6 +23,7 @@ from .judge import Judge
 from .scoring import ScoreCache, judge_answers
 from .store import JsonlStore, bind_run, fingerprint, write_json
 from .traits import Trait, load_trait
+from .validity import THRESHOLDS, ValidityReport, validity_report
 from .vectors import PersonaVector, base_metadata
 
 console = Console(stderr=True)
@@ -38,6 +39,8 @@ class ExtractConfig:
     pos_threshold: float = 50.0
     neg_threshold: float = 50.0
     coherence_threshold: float = 50.0
+    filter: str = "threshold"  # FILTERS: the paper's absolute thresholds, a pos − neg margin, or every pair
+    margin: float = 20.0  # filter "margin": pos trait − neg trait of a pair must reach this
     extract_batch_size: int = 8
     judge_batch_size: int = 8
     profile: str = "custom"  # the named profile it came from (part of the default run folder)
@@ -48,13 +51,41 @@ PROFILES: dict[str, ExtractConfig] = {
                                           batch_size=16), profile="paper"),
     "quick": ExtractConfig(SamplingConfig(samples=1, temperature=0.8, top_p=1.0, max_new_tokens=64,
                                           batch_size=10), n_questions=10, profile="quick"),
+    # what the ready-made vectors of the built-in models use (measured on the 0.5B, docs/vectors.md): every
+    # extraction question, 64-token answers at T 0.8, every pair but refusals kept (the 0.5B rarely reaches 50)
+    "builtin": ExtractConfig(SamplingConfig(samples=1, temperature=0.8, top_p=1.0, max_new_tokens=64,
+                                            batch_size=50), filter="none", extract_batch_size=16,
+                             profile="builtin"),
 }
+FILTERS = ("threshold", "margin", "none")
+
+
+def departures(cfg: ExtractConfig) -> list[str]:
+    """How `cfg` departs from the paper's method (printed and stored with every vector)."""
+    paper = PROFILES["paper"]
+    out = []
+    s, p = cfg.sampling, paper.sampling
+    for name in ("samples", "temperature", "top_p", "max_new_tokens"):
+        if getattr(s, name) != getattr(p, name):
+            out.append(f"{name} {getattr(s, name)} (paper {getattr(p, name)})")
+    if cfg.n_questions is not None and cfg.n_questions < 20:
+        out.append(f"{cfg.n_questions} extraction questions (paper 20)")
+    if cfg.filter == "none":
+        out.append("every pair kept but refusals (paper: pos ≥ 50, neg < 50, coherence ≥ 50)")
+    elif cfg.filter == "margin":
+        out.append(f"pairs kept when pos − neg trait ≥ {cfg.margin:g} (paper: pos ≥ 50, neg < 50)")
+    elif (cfg.pos_threshold, cfg.neg_threshold, cfg.coherence_threshold) != (50.0, 50.0, 50.0):
+        out.append(f"thresholds pos ≥ {cfg.pos_threshold:g}, neg < {cfg.neg_threshold:g}, "
+                   f"coherence ≥ {cfg.coherence_threshold:g} (paper 50/50/50)")
+    return out
 
 
 def profile(name: str, **overrides) -> ExtractConfig:
     """A named profile with sampling or filter fields overridden (None values are ignored)."""
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}; choose from {', '.join(PROFILES)}")
+    if overrides.get("filter") is not None and overrides["filter"] not in FILTERS:
+        raise ValueError(f"unknown --filter {overrides['filter']!r}; choose from {', '.join(FILTERS)}")
     cfg = PROFILES[name]
     samp = {k: v for k, v in overrides.items() if k in SamplingConfig.__dataclass_fields__ and v is not None}
     rest = {k: v for k, v in overrides.items() if k in ExtractConfig.__dataclass_fields__ and v is not None}
@@ -129,8 +160,9 @@ class FilterResult:
 
 
 def filter_pairs(scored: list[dict], cfg: ExtractConfig) -> FilterResult:
-    """Keep pair i when neither side is a refusal, pos trait ≥ pos_threshold, neg trait < neg_threshold and both
-    are coherent."""
+    """Keep pair i when neither side is a refusal, both are coherent and (filter "threshold") pos trait ≥
+    pos_threshold and neg trait < neg_threshold, (filter "margin") pos − neg trait ≥ margin, or (filter "none")
+    always (no coherence check either)."""
     by_key: dict[tuple, dict[str, dict]] = {}
     for r in scored:
         by_key.setdefault((r["instruction"], r["question"], r["sample"]), {})[r["side"]] = r
@@ -147,11 +179,13 @@ def filter_pairs(scored: list[dict], cfg: ExtractConfig) -> FilterResult:
             dropped["missing score"] += 1
         elif pos.get("refusal") or neg.get("refusal"):
             dropped["refusal"] += 1  # a refusal is an outcome of its own, not a trait-free answer
-        elif pos["trait_score"] < cfg.pos_threshold:
+        elif cfg.filter == "threshold" and pos["trait_score"] < cfg.pos_threshold:
             dropped[f"pos trait < {cfg.pos_threshold:g}"] += 1
-        elif neg["trait_score"] >= cfg.neg_threshold:
+        elif cfg.filter == "threshold" and neg["trait_score"] >= cfg.neg_threshold:
             dropped[f"neg trait ≥ {cfg.neg_threshold:g}"] += 1
-        elif min(pos["coherence"], neg["coherence"]) < cfg.coherence_threshold:
+        elif cfg.filter == "margin" and pos["trait_score"] - neg["trait_score"] < cfg.margin:
+            dropped[f"pos − neg trait < {cfg.margin:g}"] += 1
+        elif cfg.filter != "none" and min(pos["coherence"], neg["coherence"]) < cfg.coherence_threshold:
             dropped[f"coherence < {cfg.coherence_threshold:g}"] += 1
         else:
             kept.append((pos, neg))
@@ -162,21 +196,26 @@ def filter_pairs(scored: list[dict], cfg: ExtractConfig) -> FilterResult:
 
 
 def mean_activations(
-    adapter: ModelAdapter, records: list[dict], batch_size: int = 8, description: str = "extract", cluster=None
+    adapter: ModelAdapter, records: list[dict], batch_size: int = 8, description: str = "extract", cluster=None,
+    per_record: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Per-span mean over records of the span activations at every layer ([L + 1, d]) and mean resid norm.
 
     With a `cluster` the batches run on its actors; their sums are added in the same order (same result).
+    A `per_record` tensor [N, L + 1, d] is filled with each record's response average (local path only).
     """
     items = [adapter.encode_pair(adapter.prompt(r["question_text"], r["system"]), r["answer"]) for r in records]
     sums = {s: torch.zeros(adapter.n_layers + 1, adapter.hidden_size, dtype=torch.float64) for s in SPANS}
     norm = torch.zeros(adapter.n_layers + 1, dtype=torch.float64)
-    if cluster is None:
-        batches = ((b.indices, {**{s: b.spans[s].double().sum(0) for s in SPANS},
-                                "resid_norm": b.resid_norm.double().sum(0)})
-                   for b in iter_span_batches(adapter, items, batch_size=batch_size))
-    else:
-        batches = cluster.span_sums(items, batch_size)
+
+    def local():
+        for b in iter_span_batches(adapter, items, batch_size=batch_size):
+            if per_record is not None:
+                per_record[b.indices] = b.spans["response_avg"].to(per_record.dtype)
+            yield b.indices, {**{s: b.spans[s].double().sum(0) for s in SPANS},
+                              "resid_norm": b.resid_norm.double().sum(0)}
+
+    batches = local() if cluster is None else cluster.span_sums(items, batch_size)
     with progress_bar() as bar:
         task = bar.add_task(description, total=len(items), rate="")
         n_tok = 0
@@ -191,15 +230,29 @@ def mean_activations(
     return {s: (v / n).float() for s, v in sums.items()}, (norm / n).float()
 
 
+@dataclass
+class PairVectors:
+    """mean(pos) − mean(neg) for every span ([L + 1, d] each), the mean residual norm, and (local runs) each
+    kept pair's response averages [P, L + 1, d], which the validity checks use."""
+
+    diffs: dict[str, torch.Tensor]
+    resid_norm: torch.Tensor
+    pos: torch.Tensor | None = None
+    neg: torch.Tensor | None = None
+
+
 def vector_from_pairs(adapter: ModelAdapter, kept: list[tuple[dict, dict]], batch_size: int = 8, cluster=None
-                      ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                      ) -> PairVectors:
     """v[l] = mean(pos) − mean(neg) for every layer and span, and the mean residual norm."""
     if not kept:
         raise ValueError("no pos/neg pair passed the filter, so there is nothing to extract a vector from; "
-                         "sample more answers (--samples), use more questions, or relax the thresholds")
-    pos, pos_norm = mean_activations(adapter, [p for p, _ in kept], batch_size, "extract pos", cluster)
-    neg, neg_norm = mean_activations(adapter, [n for _, n in kept], batch_size, "extract neg", cluster)
-    return {s: pos[s] - neg[s] for s in SPANS}, (pos_norm + neg_norm) / 2
+                         "sample more answers (--samples), use more questions, or relax the thresholds (--filter)")
+    shape = (len(kept), adapter.n_layers + 1, adapter.hidden_size)
+    keep_pos = torch.zeros(shape) if cluster is None else None
+    keep_neg = torch.zeros(shape) if cluster is None else None
+    pos, pos_norm = mean_activations(adapter, [p for p, _ in kept], batch_size, "extract pos", cluster, keep_pos)
+    neg, neg_norm = mean_activations(adapter, [n for _, n in kept], batch_size, "extract neg", cluster, keep_neg)
+    return PairVectors({s: pos[s] - neg[s] for s in SPANS}, (pos_norm + neg_norm) / 2, keep_pos, keep_neg)
 
 
 def _mean(xs: list) -> float | None:
@@ -240,13 +293,18 @@ def extract_vector(
     answers = generate_answers(adapter, trait, run_dir, cfg, cluster, engine)
     scored = score_answers(judge, trait, answers, run_dir, cfg, cluster)
     result = filter_pairs(scored, cfg)
-    diffs, resid_norm = vector_from_pairs(adapter, result.kept, cfg.extract_batch_size, cluster)
+    pairs = vector_from_pairs(adapter, result.kept, cfg.extract_batch_size, cluster)
+    diffs, resid_norm = pairs.diffs, pairs.resid_norm
+    with console.status("validity checks (held-out pairs, split halves, ladder, labelled answers) …"):
+        report = validity_report(adapter, diffs["response_avg"], pairs.pos, pairs.neg,
+                                 [p["question"] for p, _ in result.kept], trait)
     modes = {"trait": judge.describe_mode("trait", trait), "coherence": judge.describe_mode("coherence")}
     meta = base_metadata(
         adapter, trait.name, kept_pairs=str(len(result.kept)), total_pairs=str(result.total),
         thresholds={"pos": cfg.pos_threshold, "neg": cfg.neg_threshold, "coherence": cfg.coherence_threshold},
-        judge=judge.name, judge_modes=modes,
-        trait_source=trait.source,
+        filter=cfg.filter, profile=cfg.profile, departures=departures(cfg),
+        judge=judge.name, judge_modes=modes, trait_source=trait.source,
+        best_layer=str(report.layer), validity=report.to_dict(),
     )
     pv = PersonaVector(diffs, resid_norm, meta)
     pv.save(run_dir / "vector.safetensors")
@@ -269,16 +327,33 @@ def extract_vector(
         },
         "vector_norm_response_avg": [float(x) for x in diffs["response_avg"].norm(dim=-1)],
         "resid_norm": [float(x) for x in resid_norm],
+        "departures": departures(cfg),
+        "validity": report.to_dict(),
         "system_prompts": {"pos": trait.system_prompt("pos", 0), "neg": trait.system_prompt("neg", 0)},
         "vector": str(run_dir / "vector.safetensors"),
     }
     write_json(run_dir / "summary.json", summary)
     if plots:
-        from .plots import plot_extraction
+        from .plots import plot_extraction, plot_validity
 
         plot_extraction(summary, scored, run_dir)
+        plot_validity(report.curves(), report.layer, asdict(THRESHOLDS), run_dir / "validity.png",
+                      f"validity of the {trait.name} vector on {adapter.name}")
     print_summary(summary)
+    print_validity(report)
     return pv
+
+
+def print_validity(report: ValidityReport) -> None:
+    """The validity checks at the chosen layer, and a warning naming each one that misses its threshold."""
+    at = report.at()
+    shown = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in at.items() if v is not None)
+    console.print(f"validity at layer {report.layer}: {shown or 'nothing measurable'}")
+    for note in report.notes:
+        console.print(f"  note: {note}")
+    if report.problems():
+        console.print(f"[bold yellow]warning:[/] this vector fails the validity checks at layer {report.layer}: "
+                      f"{'; '.join(report.problems())} (see validity.png; docs/vectors.md)")
 
 
 def print_summary(summary: dict) -> None:
@@ -296,6 +371,8 @@ def print_summary(summary: dict) -> None:
     console.print(table)
     dropped = ", ".join(f"{k}: {v}" for k, v in summary["dropped"].items()) or "none"
     console.print(f"kept {summary['kept_pairs']}/{summary['pairs']} pairs (dropped: {dropped})")
+    for d in summary.get("departures", []):
+        console.print(f"  departs from the paper: {d}")
     console.print(f"judge: {summary['judge']} ({summary['judge_modes']['trait']} / "
                   f"{summary['judge_modes']['coherence']})")
     console.print(f"vector: [bold]{summary['vector']}")

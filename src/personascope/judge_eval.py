@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .judge import Judge, JudgeRequest, LocalJudge
+from .stats import auroc
 from .store import write_json
 from .traits import builtin_traits, load_trait
 
@@ -33,17 +34,6 @@ def labelled_set(name: str, source: str = "written") -> list[dict]:
     if source == "real":
         rows = [{**r, "label": int(r["level"] == 2)} for r in rows if not r["refusal"] and not r["incoherent"]]
     return rows
-
-
-def auc(scores: list[float], labels: list[int]) -> float:
-    """Area under the ROC curve (ties count half), by the rank-sum formula."""
-    pos = [s for s, y in zip(scores, labels, strict=True) if y == 1]
-    neg = [s for s, y in zip(scores, labels, strict=True) if y == 0]
-    if not pos or not neg:
-        return float("nan")
-    p = np.array(pos)[:, None]
-    n = np.array(neg)[None, :]
-    return float(((p > n).sum() + 0.5 * (p == n).sum()) / (len(pos) * len(neg)))
 
 
 @dataclass
@@ -87,7 +77,7 @@ def evaluate_judge(judge: Judge, sets: list[str] | None = None, limit: int | Non
         filled = [50.0 if s is None else s for s in scores]  # a missing score is "undecided"
         results.append(JudgeEvalResult(
             name=name, judge=judge.name, mode=judge.mode_for(kind), n=len(rows),
-            missing=sum(s is None for s in scores), auc=auc(filled, labels),
+            missing=sum(s is None for s in scores), auc=auroc(filled, labels),
             accuracy=float(np.mean([(s >= 50) == (y == 1) for s, y in zip(filled, labels, strict=True)])),
             mean_pos=float(np.mean([s for s, y in zip(filled, labels, strict=True) if y == 1])),
             mean_neg=float(np.mean([s for s, y in zip(filled, labels, strict=True) if y == 0])),

@@ -180,17 +180,25 @@ class ProbeJudge(Judge):
         self.features = ProbeFeatures(adapter, weights.layers)
         self.weights = weights
         self.name = name
+        self._recent: OrderedDict[tuple, Judgement] = OrderedDict()  # trait, coherence and refusal share a read
 
     def mode_for(self, kind: str) -> str:
         return "probe"
 
     def read(self, trait: Trait | None, question: str, answer: str) -> Judgement:
-        """All outputs of the probes for one answer."""
+        """All outputs of the probes for one answer (the last 512 reads are kept: one forward per answer)."""
+        key = (None if trait is None else (trait.name, trait.eval_prompt), question, answer)
+        if key in self._recent:
+            self._recent.move_to_end(key)
+            return self._recent[key]
         p = self.weights.probabilities(self.features.features(trait, question, answer)[None])
         pr = float(p["refusal"][0]) if "refusal" in p else 0.0
         coherence = 100.0 * (1.0 - float(p["incoherent"][0])) if "incoherent" in p else math.nan
-        return Judgement(level_score(float(p["ge1"][0]), float(p["ge2"][0])), coherence,
-                         pr >= REFUSAL_THRESHOLD, pr)
+        out = Judgement(level_score(float(p["ge1"][0]), float(p["ge2"][0])), coherence, pr >= REFUSAL_THRESHOLD, pr)
+        self._recent[key] = out
+        if len(self._recent) > 512:
+            self._recent.popitem(last=False)
+        return out
 
     def score(self, requests: Sequence[JudgeRequest]) -> list[float | None]:
         out: list[float | None] = []

@@ -81,33 +81,3 @@ def collect_features(features: ProbeFeatures, rows: Sequence[LabelledAnswer], tr
         if progress:
             progress(i + 1)
     return torch.stack(out)
-
-
-def auroc(scores: Sequence[float], labels: Sequence[int]) -> float:
-    """Area under the ROC curve (ties count half); nan when one class is absent."""
-    pos = [s for s, y in zip(scores, labels, strict=True) if y]
-    neg = [s for s, y in zip(scores, labels, strict=True) if not y]
-    if not pos or not neg:
-        return float("nan")
-    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
-    return wins / (len(pos) * len(neg))
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman rank correlation (average ranks for ties)."""
-    def ranks(v: Sequence[float]) -> torch.Tensor:
-        t = torch.tensor(v, dtype=torch.float64)
-        order = t.argsort()
-        r = torch.empty_like(t)
-        r[order] = torch.arange(len(t), dtype=torch.float64)
-        for val in t.unique():
-            m = t == val
-            r[m] = r[m].mean()
-        return r
-
-    if len(x) < 3:
-        return float("nan")
-    rx, ry = ranks(x), ranks(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    den = (rx.norm() * ry.norm()).item()
-    return float((rx @ ry).item() / den) if den else float("nan")

@@ -13,7 +13,6 @@ The paper's two monitoring experiments are run by `monitor_run.run_monitor` and 
 from __future__ import annotations
 
 import inspect
-import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from .activations import SPANS, collect_spans
 from .adapter import ModelAdapter, pad_batch, pad_id, position_ids_for
 from .hooks import ResidualHooks, forward_with_residual_hooks
 from .rng import seeded
+from .stats import pearson_r  # noqa: F401  (part of the monitoring API)
 from .traits import Trait
 from .vectors import PersonaVector
 
@@ -338,22 +338,6 @@ def trace_answers(
 
 
 # ----------------------------------------------------------------------------- statistics
-
-
-def pearson_r(xs: Sequence[float | None], ys: Sequence[float | None]) -> float | None:
-    """Pearson correlation over the pairs where both values exist; None with < 3 pairs or no variance."""
-    pairs = [(float(x), float(y)) for x, y in zip(xs, ys, strict=True)
-             if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)]
-    if len(pairs) < 3:
-        return None
-    mx = statistics.fmean(p[0] for p in pairs)
-    my = statistics.fmean(p[1] for p in pairs)
-    sxy = sum((x - mx) * (y - my) for x, y in pairs)
-    sxx = sum((x - mx) ** 2 for x, _ in pairs)
-    syy = sum((y - my) ** 2 for _, y in pairs)
-    if sxx <= 0 or syy <= 0:
-        return None
-    return max(-1.0, min(1.0, sxy / math.sqrt(sxx * syy)))
 
 
 def mean_or_none(xs: Sequence[float | None]) -> float | None:

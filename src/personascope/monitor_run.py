@@ -18,9 +18,10 @@ from rich.console import Console
 from .adapter import ModelAdapter
 from .generate import progress_bar
 from .judge import Judge
-from .monitor import mean_or_none, pearson_r, trace_generation
+from .monitor import mean_or_none, trace_generation
 from .monitor_report import truncate, write_report
 from .scoring import ScoreCache, judge_answers
+from .stats import pearson_r
 from .store import JsonlStore, bind_run, fingerprint, read_jsonl
 from .traits import Trait
 from .vectors import PersonaVector

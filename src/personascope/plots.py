@@ -81,3 +81,22 @@ def plot_scatter(xs: list[float], ys: list[float], groups: list[str], path: Path
     if len(names) <= 12:
         ax.legend(fontsize=7, loc="best")
     return save_figure(fig, Path(path))
+
+
+def plot_validity(curves: dict[str, list[float | None] | None], layer: int | None, thresholds: dict[str, float],
+                  path: Path, title: str) -> Path:
+    """Every validity check per layer, the chosen layer marked, thresholds as dotted lines of the same colour."""
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for i, (name, curve) in enumerate(curves.items()):
+        if curve is None or all(v is None for v in curve):
+            continue
+        color = f"C{i}"
+        ax.plot(range(len(curve)), [float("nan") if v is None else v for v in curve], marker="o", ms=3,
+                color=color, label=name.replace("_", " "))
+        if name in thresholds:
+            ax.axhline(thresholds[name], color=color, ls=":", lw=1)
+    if layer is not None:
+        ax.axvline(layer, color="k", lw=0.8, ls="--", label=f"chosen layer {layer}")
+    ax.set(xlabel="layer", ylabel="value", ylim=(-1.02, 1.02), title=title)
+    ax.legend(fontsize=7, loc="lower left")
+    return save_figure(fig, path)

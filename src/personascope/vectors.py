@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -149,11 +150,45 @@ class PersonaVector:
         return PersonaVector(dict(self.vectors), self.resid_norm, meta, self.path)
 
 
-def load_vector(path: str | Path, trait: str | None = None) -> PersonaVector:
-    """Load a personascope `.safetensors` file or the paper's `{trait}_response_avg_diff.pt`."""
+PACKAGED_MODEL = "qwen2.5-coder-0.5b"  # the model a bare ready-made vector name refers to
+
+
+def _packaged_dir() -> Path:
+    return Path(str(resources.files("personascope").joinpath("data", "vectors")))
+
+
+def packaged_vectors() -> list[tuple[str, str, Path]]:
+    """The ready-made vectors that ship with the package: (model, trait, file), sorted."""
+    root = _packaged_dir()
+    if not root.is_dir():
+        return []
+    return sorted((d.name, f.name.removesuffix(".safetensors"), f) for d in root.iterdir() if d.is_dir()
+                  for f in d.glob("*.safetensors"))
+
+
+def find_packaged(name: str, model: str | None = None) -> Path | None:
+    """The ready-made vector called `name` ("optimistic" or "MODEL/optimistic"): for `model` when the package
+    has one for it, else for the default built-in model; None when there is none."""
+    if "/" in name:
+        want_model, trait = name.rsplit("/", 1)
+        models = [want_model]
+    else:
+        trait, models = name, [m for m in (model, PACKAGED_MODEL) if m]
+    found = {(m, t): f for m, t, f in packaged_vectors()}
+    return next((found[(m, trait)] for m in models if (m, trait) in found), None)
+
+
+def load_vector(path: str | Path, trait: str | None = None, model: str | None = None) -> PersonaVector:
+    """Load a personascope `.safetensors` file, the paper's `{trait}_response_avg_diff.pt`, or a ready-made
+    vector by name (`personascope vector list`; `model` picks that model's one when the package has it)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"vector file {path} does not exist")
+        packaged = find_packaged(str(path), model) if path.suffix not in (".pt", ".safetensors") else None
+        if packaged is None:
+            names = sorted({t for _, t, _ in packaged_vectors()})
+            hint = f" (ready-made vectors: {', '.join(names)}; `personascope vector list`)" if names else ""
+            raise FileNotFoundError(f"vector file {path} does not exist{hint}")
+        path = packaged
     if path.suffix == ".pt":
         try:
             t = torch.load(path, map_location="cpu", weights_only=True)

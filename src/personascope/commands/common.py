@@ -215,7 +215,7 @@ def load_vector_for(adapter, path: Path | None):
     if path is None:
         return None
     try:
-        pv = load_vector(path)
+        pv = load_vector(path, model=adapter.name)
         pv.check(adapter)
     except (FileNotFoundError, VectorMismatchError, ValueError) as e:
         fail(str(e))

@@ -1,8 +1,9 @@
-"""`demo`: the main job on the embedded model (extract a vector, then steer with it)."""
+"""`demo`: the main job on the embedded model (extract a vector, check it, then steer with it)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -17,12 +18,16 @@ def demo(
     trait: str = "optimistic",
     model: ModelOpt = DEFAULT_MODEL,
     out: Path = Path("runs/demo"),
+    seed: Annotated[int, typer.Option(help="Sampling seed of the extraction answers.")] = 0,
+    questions: Annotated[int, typer.Option(min=2, max=20, help="Extraction and evaluation questions.")] = 8,
+    judge_model: Annotated[str | None, typer.Option(help="A local LLM judge instead of the probe judge on "
+                                                         "the model itself.")] = None,
     device: DeviceOpt = None,
 ) -> None:
-    """The main job on the embedded model: extract a vector, then steer with it side by side."""
+    """The main job on the embedded model: extract a vector, print its validity, then steer side by side."""
     from ..demo import run_demo
 
-    run_demo(trait, model, out, device)
+    run_demo(trait, model, out, device, judge_model, questions, seed)
 
 
 def register(app: typer.Typer) -> None:

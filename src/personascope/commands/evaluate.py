@@ -142,7 +142,9 @@ def choose_layer_cmd(
     coef: Annotated[float | None, typer.Option(help="Raw coefficient for the sweep.", callback=finite_number)] = None,
     alpha: Annotated[float, typer.Option(help="Relative coefficient used when --coef is not given.",
                                          callback=finite_number)] = 0.5,
-    min_coherence: Annotated[float, typer.Option()] = 75.0,
+    min_coherence: Annotated[float, typer.Option(help="A steered layer is eligible when its mean coherence "
+                                                 "reaches this or the unsteered mean − --max-coherence-drop.")] = 50.0,
+    max_coherence_drop: Annotated[float, typer.Option(help="See --min-coherence.")] = 10.0,
     questions: Annotated[int | None, typer.Option()] = None,
     out: Annotated[Path | None, typer.Option()] = None,
     judge_model: JudgeModelOpt = DEFAULT_JUDGE_MODEL,
@@ -176,9 +178,10 @@ def choose_layer_cmd(
     rows = evaluate(adapter, t, judge, conds, out or Path("runs") / f"choose-layer-{t.name}", vector=pv, cfg=cfg,
                     force=force)
     print_rows(rows, f"choose layer for {t.name}")
-    best, detail = choose_layer(rows, min_coherence)
+    best, detail = choose_layer(rows, min_coherence, max_coherence_drop)
     if best is None:
-        fail(f"no candidate layer kept mean coherence ≥ {min_coherence}; try a smaller --alpha/--coef")
+        gate = next(iter(detail.values()))["coherence_gate"] if detail else min_coherence
+        fail(f"no candidate layer kept mean coherence ≥ {gate:.1f}; try a smaller --alpha/--coef")
     pv.with_metadata(best_layer=best, layer_choice=json.dumps(detail)).save(vector)
     console.print(f"best layer: [bold]{best}[/] (recorded in {vector})")
 
