@@ -81,9 +81,10 @@ def test_choose_layer_respects_coherence():
     ]
     best, detail = choose_layer(rows, 75, None)
     assert best == 8 and not detail[4]["eligible"]
-    # relative gate: a baseline at 45 lets layers down to 35 through, whatever the absolute bar
+    # relative gate: a baseline at 40 lets layers down to 30 through, whatever the absolute bar
     low = [{**r, "coherence_mean": r["coherence_mean"] - 50} for r in rows]
-    assert choose_layer(low, 75, 10)[0] == 4
+    best, detail = choose_layer(low, 75, 10)
+    assert best == 8 and detail[8]["coherence_gate"] == 30 and not detail[4]["eligible"]
     assert choose_layer(low, 75, None)[0] is None
 
 

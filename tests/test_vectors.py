@@ -115,3 +115,23 @@ def test_unreadable_vector_files_are_clear_errors(tmp_path, qwen_tiny):
     torch.save({"not": "a tensor"}, tmp_path / "dict.pt")
     with pytest.raises(VectorFileError, match="got dict"):
         load_vector(tmp_path / "dict.pt")
+
+
+def test_ready_made_vectors_by_name(tmp_path, monkeypatch):
+    import personascope.vectors as vec
+
+    pv = PersonaVector({"response_avg": torch.randn(3, 4)}, torch.ones(3), {"trait": "optimistic"})
+    pv.save(tmp_path / "qwen2.5-coder-0.5b" / "optimistic.safetensors")
+    pv.with_metadata(trait="evil").save(tmp_path / "other-model" / "evil.safetensors")
+    pv.save(tmp_path / "other-model" / "optimistic.safetensors")
+    monkeypatch.setattr(vec, "_packaged_dir", lambda: tmp_path)
+    assert [(m, t) for m, t, _ in vec.packaged_vectors()] == [
+        ("other-model", "evil"), ("other-model", "optimistic"), ("qwen2.5-coder-0.5b", "optimistic")]
+    assert load_vector("optimistic").path.endswith("qwen2.5-coder-0.5b/optimistic.safetensors")
+    assert load_vector("optimistic", model="other-model").path.endswith("other-model/optimistic.safetensors")
+    assert load_vector("other-model/evil").trait == "evil"
+    # evil exists only for other-model: a bare name for the default model is not found, and says what exists
+    with pytest.raises(FileNotFoundError, match="ready-made vectors: evil, optimistic"):
+        load_vector("evil")
+    with pytest.raises(FileNotFoundError, match="no-such.safetensors does not exist"):
+        load_vector("no-such.safetensors")

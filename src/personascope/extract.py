@@ -296,7 +296,7 @@ def extract_vector(
     pairs = vector_from_pairs(adapter, result.kept, cfg.extract_batch_size, cluster)
     diffs, resid_norm = pairs.diffs, pairs.resid_norm
     with console.status("validity checks (held-out pairs, split halves, ladder, labelled answers) …"):
-        report = validity_report(adapter, diffs["response_avg"], pairs.pos, pairs.neg,
+        report = validity_report(adapter if cluster is None else None, diffs["response_avg"], pairs.pos, pairs.neg,
                                  [p["question"] for p, _ in result.kept], trait)
     modes = {"trait": judge.describe_mode("trait", trait), "coherence": judge.describe_mode("coherence")}
     meta = base_metadata(

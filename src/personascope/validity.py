@@ -35,6 +35,7 @@ class Thresholds:
 
 
 THRESHOLDS = Thresholds()
+MIN_CLASS = 3  # answers each side of a label AUROC needs before it is reported
 Curve = list[float | None]
 
 
@@ -135,44 +136,74 @@ def split_half_cosine(pos: torch.Tensor, neg: torch.Tensor, questions: Sequence[
     return [_clean(x) for x in torch.nn.functional.cosine_similarity(a, b, dim=-1).tolist()]
 
 
-def ladder_spearman(adapter: ModelAdapter, vector: torch.Tensor, trait: Trait, n_questions: int = 10,
-                    batch_size: int = 16) -> tuple[Curve | None, int]:
-    """Per layer: Spearman between ladder rung and the last prompt token's projection, over rung × question.
+@dataclass
+class Probe:
+    """Activations that do not depend on the vector ([N, L, d]) with a per-row target, so many vectors can be
+    checked against one forward pass."""
 
-    `vector` is [L, d] (one row per layer). Uses the trait's evaluation questions (not the extraction ones).
-    None when the trait has no ladder.
-    """
+    acts: torch.Tensor
+    target: list[float]
+
+
+def _curve(stat, probe: Probe, vector: torch.Tensor) -> Curve:
+    proj = torch.einsum("nld,ld->nl", probe.acts, _unit(vector.float()))
+    return [_clean(stat(proj[:, j].tolist())) for j in range(proj.shape[1])]
+
+
+def ladder_probe(adapter: ModelAdapter, trait: Trait, n_questions: int = 10, batch_size: int = 16) -> Probe | None:
+    """Last-prompt-token activations of rung × question prompts of the trait's system-prompt ladder (its
+    evaluation questions, not the extraction ones), target = rung; None when the trait has no ladder."""
     try:
         ladder = load_ladder(trait.name)
     except TraitError:
-        return None, 0
+        return None
     questions = trait.eval_questions[:n_questions]
     prompts = [(rung, adapter.prompt(q, system)) for rung, system in enumerate(ladder) for q in questions]
     items: list[tuple[list[int], list[int]]] = [(adapter.encode_prompt(p), []) for _, p in prompts]
     spans, _ = collect_spans(adapter, items, batch_size=batch_size)
-    proj = torch.einsum("nld,ld->nl", spans["prompt_last"], _unit(vector.float()))
-    rungs = [float(r) for r, _ in prompts]
-    return [_clean(spearman(rungs, proj[:, j].tolist())) for j in range(proj.shape[1])], len(prompts)
+    return Probe(spans["prompt_last"], [float(r) for r, _ in prompts])
 
 
-def label_agreement(adapter: ModelAdapter, vector: torch.Tensor, trait: str, batch_size: int = 8
-                    ) -> tuple[Curve | None, Curve | None, int]:
-    """Per layer: AUROC (shown vs the rest) and Spearman (level vs projection) on the labelled real answers.
-
-    Each answer is read after its question alone (no system prompt), so the projection sees only the text.
-    Refusals and incoherent answers are left out. (None, None, 0) when the package has no labels for `trait`.
-    """
+def label_probe(adapter: ModelAdapter, trait: str, batch_size: int = 8) -> Probe | None:
+    """Response averages of the labelled real answers of `trait` (refusals and incoherent ones left out), each
+    read after its question alone (no system prompt, so only the text counts), target = level 0/1/2."""
     rows = [r for r in load_real_set([trait]) if not r.refusal and not r.incoherent and r.level is not None]
     if len(rows) < 3:
-        return None, None, 0
+        return None
     items = [adapter.encode_pair(adapter.prompt(r.question), r.answer) for r in rows]
     spans, _ = collect_spans(adapter, items, batch_size=batch_size)
-    proj = torch.einsum("nld,ld->nl", spans["response_avg"], _unit(vector.float()))
-    levels = [float(r.level) for r in rows if r.level is not None]
-    shown = [int(r.level == 2) for r in rows]
-    au = [_clean(auroc(proj[:, j].tolist(), shown)) for j in range(proj.shape[1])]
-    sp = [_clean(spearman(levels, proj[:, j].tolist())) for j in range(proj.shape[1])]
-    return au, sp, len(rows)
+    return Probe(spans["response_avg"], [float(r.level) for r in rows if r.level is not None])
+
+
+def ladder_curve(probe: Probe, vector: torch.Tensor) -> Curve:
+    """Per layer: Spearman between ladder rung and the last prompt token's projection on `vector` [L, d]."""
+    return _curve(lambda p: spearman(probe.target, p), probe, vector)
+
+
+def label_curves(probe: Probe, vector: torch.Tensor) -> tuple[Curve | None, Curve | None]:
+    """Per layer: AUROC (shown vs the rest, when each side has MIN_CLASS answers) and Spearman (level vs
+    projection, when two levels occur) on the labelled answers."""
+    shown = [int(t == 2) for t in probe.target]
+    au = (_curve(lambda p: auroc(p, shown), probe, vector)
+          if MIN_CLASS <= sum(shown) <= len(shown) - MIN_CLASS else None)
+    sp = _curve(lambda p: spearman(probe.target, p), probe, vector) if len(set(probe.target)) > 1 else None
+    return au, sp
+
+
+def ladder_spearman(adapter: ModelAdapter, vector: torch.Tensor, trait: Trait, n_questions: int = 10
+                    ) -> tuple[Curve | None, int]:
+    """`ladder_curve` on a fresh `ladder_probe`, and the number of prompts (None, 0 without a ladder)."""
+    probe = ladder_probe(adapter, trait, n_questions)
+    return (None, 0) if probe is None else (ladder_curve(probe, vector), len(probe.target))
+
+
+def label_agreement(adapter: ModelAdapter, vector: torch.Tensor, trait: str) -> tuple[Curve | None, Curve | None, int]:
+    """`label_curves` on a fresh `label_probe`, and the number of answers ((None, None, 0) without labels)."""
+    probe = label_probe(adapter, trait)
+    if probe is None:
+        return None, None, 0
+    au, sp = label_curves(probe, vector)
+    return au, sp, len(probe.target)
 
 
 def choose_layer(report: ValidityReport) -> int:
@@ -223,7 +254,8 @@ def validity_report(adapter: ModelAdapter | None, vector: torch.Tensor, pos: tor
         if ladder is None:
             notes.append(f"no system-prompt ladder for {trait.name!r}: prompt separation not measured")
         if label_au is None:
-            notes.append(f"no labelled real answers for {trait.name!r}: label agreement not measured")
+            notes.append(f"label AUROC not measured: the package has fewer than {MIN_CLASS} labelled real answers "
+                         f"of {trait.name!r} that show the trait (or that do not)")
     report = ValidityReport(list(range(n_layers)), held, stab, ladder, label_au, label_sp, None, counts, notes)
     report.layer = choose_layer(report) if layer is None else layer
     return report

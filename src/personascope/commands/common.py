@@ -22,7 +22,8 @@ JudgeModelOpt = Annotated[str, typer.Option("--judge-model", help="Local judge m
                                                                    "--judge-url).")]
 JudgeModeOpt = Annotated[str | None, typer.Option("--judge-mode", help="Trait scoring mode of a local judge: "
                                                   "contrastive, binary, 0_100 or fewshot.")]
-ProfileOpt = Annotated[str, typer.Option(help="quick (CPU-sized) or paper (the paper's counts).")]
+ProfileOpt = Annotated[str, typer.Option(help="quick (CPU-sized), builtin (the ready-made vectors' settings) "
+                                               "or paper (the paper's counts).")]
 JudgeUrlOpt = Annotated[str | None, typer.Option("--judge-url", help="OpenAI-compatible base URL of an API judge "
                                                  "(--judge-model then names the API model).")]
 

@@ -58,6 +58,10 @@ def extract(
     pos_threshold: Annotated[float | None, typer.Option()] = None,
     neg_threshold: Annotated[float | None, typer.Option()] = None,
     coherence_threshold: Annotated[float | None, typer.Option()] = None,
+    filter: Annotated[str | None, typer.Option(help="Which pairs build the vector: threshold (the paper's pos ≥ "
+                                               "50, neg < 50, coherence ≥ 50), margin (pos − neg ≥ --margin) "
+                                               "or none (every pair but refusals).")] = None,
+    margin: Annotated[float | None, typer.Option(help="Trait-score margin for --filter margin.")] = None,
     judge_model: JudgeModelOpt = DEFAULT_JUDGE_MODEL,
     judge_mode: JudgeModeOpt = None,
     judge_url: JudgeUrlOpt = None,
@@ -83,7 +87,7 @@ def extract(
     cfg = make_profile(profile, samples=samples, n_questions=questions, max_new_tokens=max_new_tokens,
                        temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed,
                        pos_threshold=pos_threshold, neg_threshold=neg_threshold,
-                       coherence_threshold=coherence_threshold)
+                       coherence_threshold=coherence_threshold, filter=filter, margin=margin)
     with cluster_session(model, device, ray, workers, gpus_per_worker, None if judge_url else judge_model,
                          judge_mode) as cluster:
         adapter = driver_model(cluster, model, device)
