@@ -135,3 +135,28 @@ def test_ready_made_vectors_by_name(tmp_path, monkeypatch):
         load_vector("evil")
     with pytest.raises(FileNotFoundError, match="no-such.safetensors does not exist"):
         load_vector("no-such.safetensors")
+
+
+def test_vector_list_and_info_show_validity_and_steering(tmp_path, monkeypatch):
+    import json
+
+    import personascope.vectors as vec
+    from personascope.validity import ValidityReport
+
+    rep = ValidityReport([0, 1, 2], [0.5, 0.97, 0.9], [0.1, 0.95, 0.9], [0.0, 0.85, 0.2], None, None, 1)
+    steering = {"alpha_plus": 1.0, "alpha_minus": -1.0, "delta_plus": 31.0, "delta_minus": -18.0}
+    pv = PersonaVector({"response_avg": torch.randn(3, 4)}, torch.ones(3),
+                       {"trait": "optimistic", "best_layer": "1", "validity": json.dumps(rep.to_dict()),
+                        "steering": json.dumps(steering)})
+    pv.save(tmp_path / "qwen2.5-coder-0.5b" / "optimistic.safetensors")
+    import personascope.commands.common as common
+
+    monkeypatch.setattr(vec, "_packaged_dir", lambda: tmp_path)
+    monkeypatch.setattr(common.console, "width", 250)
+    res = CliRunner().invoke(app, ["vector", "list"])
+    assert res.exit_code == 0, res.output
+    row = next(line for line in res.output.splitlines() if "optimistic" in line)
+    assert "0.97" in row and "0.95" in row and "-18 / +31" in row and "yes" in row
+    res = CliRunner().invoke(app, ["vector", "info", "optimistic"])
+    assert res.exit_code == 0, res.output
+    assert "valid at layer 1" in res.output and "1 ←" in res.output
