@@ -3,7 +3,7 @@
 Each seed re-samples the extraction answers (so the vector, its chosen layer and its validity change) and the
 steering step runs greedy at the ready-made vector's α. Writes experiments/results/demo/seeds.{md,json}.
 
-    python experiments/demo_seeds.py [--seeds 0 1 2] [--trait optimistic] [--questions 8]
+    python experiments/demo_seeds.py [--seeds 0 1 2] [--trait optimistic] [--questions 6]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     ap.add_argument("--trait", default="optimistic")
     ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--questions", type=int, default=8)
+    ap.add_argument("--questions", type=int, default=6)
     args = ap.parse_args()
     runs = []
     for seed in args.seeds:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from personascope.activations import collect_spans
-from personascope.adapter import ModelAdapter
+from personascope.adapter import ModelAdapter, pad_batch, pad_id
 from personascope.extract import PROFILES, filter_pairs, score_answers
+from personascope.hooks import forward_with_residual_hooks
 from personascope.judge_probe import ProbeJudge, ProbeWeights, probe_weights_path
 from personascope.models import load_model
 from personascope.store import read_jsonl, write_json
@@ -43,13 +43,32 @@ LENGTHS = (16, 32, 64)
 METRICS = ("held_out_auroc", "split_half_cosine", "ladder_spearman", "label_auroc", "label_spearman")
 
 
-def response_averages(adapter: ModelAdapter, answers: list[dict], n_tokens: int) -> torch.Tensor:
-    """[N, L + 1, d] response averages over each answer's first `n_tokens` tokens, read as in extraction."""
-    items = []
-    for r in answers:
-        p, a = adapter.encode_pair(adapter.prompt(r["question_text"], r["system"]), r["answer"])
-        items.append((p, a[:n_tokens]))
-    return collect_spans(adapter, items, batch_size=16)[0]["response_avg"]
+@torch.no_grad()
+def response_averages(adapter: ModelAdapter, answers: list[dict], lengths: tuple[int, ...] = LENGTHS,
+                      batch_size: int = 16) -> dict[int, torch.Tensor]:
+    """{n: [N, L + 1, d]} response averages over each answer's first n tokens, read as in extraction, from one
+    forward per batch (a causal model's first n positions do not depend on what follows them)."""
+    items = [adapter.encode_pair(adapter.prompt(r["question_text"], r["system"]), r["answer"]) for r in answers]
+    n_layers = adapter.n_layers + 1
+    out = {n: torch.zeros(len(items), n_layers, adapter.hidden_size) for n in lengths}
+    order = sorted(range(len(items)), key=lambda i: sum(map(len, items[i])))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        ids, mask = pad_batch([items[i][0] + items[i][1] for i in idx], pad_id(adapter.tokenizer), "right")
+        masks = {}
+        for n in lengths:
+            m = torch.zeros(ids.shape)
+            for row, i in enumerate(idx):
+                p, a = len(items[i][0]), len(items[i][1])
+                m[row, p:p + min(n, a)] = 1
+            masks[n] = m / m.sum(1, keepdim=True).clamp(min=1)
+
+        def reduce(slot: int, h: torch.Tensor, idx=idx, masks=masks) -> None:
+            for n, m in masks.items():
+                out[n][idx, slot] = torch.einsum("bt,btd->bd", m, h.float().cpu())
+
+        forward_with_residual_hooks(adapter, list(range(n_layers)), reduce, ids, mask)
+    return out
 
 
 def check(pos, neg, qs, ladder, labels) -> dict:
@@ -68,7 +87,7 @@ def trait_variants(adapter, judge, name: str, model: str) -> dict:
     answers = list(read_jsonl(run / "answers.jsonl"))
     scored = score_answers(judge, trait, answers, run, cfg)
     index = {(r["side"], r["instruction"], r["question"], r["sample"]): i for i, r in enumerate(scored)}
-    acts = {n: response_averages(adapter, scored, n) for n in LENGTHS}
+    acts = response_averages(adapter, scored)
     ladder, labels = ladder_probe(adapter, trait), label_probe(adapter, name)
     out = {}
 

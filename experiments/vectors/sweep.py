@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--model", default="qwen2.5-coder-0.5b")
     ap.add_argument("--traits", nargs="*", default=builtin_traits())
     ap.add_argument("--alphas", nargs="*", type=float, default=[-1.0, -0.5, 0.5, 1.0])
-    ap.add_argument("--questions", type=int, default=10)
+    ap.add_argument("--questions", type=int, default=6)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()

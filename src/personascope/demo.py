@@ -44,7 +44,7 @@ def demo_alphas(trait: str, model: str) -> tuple[float, float]:
 
 
 def run_demo(trait_name: str, model_name: str, out: Path, device: str | None = None,
-             judge_name: str | None = None, n_questions: int = 8, seed: int = 0) -> dict:
+             judge_name: str | None = None, n_questions: int = 6, seed: int = 0) -> dict:
     """Extract `trait_name` on the model (`builtin` profile, `n_questions` questions, `seed`), print its
     validity, then answer evaluation questions at −α, 0, +α; returns the demo's summary (also summary.json)."""
     trait = load_trait(trait_name)

@@ -19,7 +19,7 @@ def demo(
     model: ModelOpt = DEFAULT_MODEL,
     out: Path = Path("runs/demo"),
     seed: Annotated[int, typer.Option(help="Sampling seed of the extraction answers.")] = 0,
-    questions: Annotated[int, typer.Option(min=2, max=20, help="Extraction and evaluation questions.")] = 8,
+    questions: Annotated[int, typer.Option(min=2, max=20, help="Extraction and evaluation questions.")] = 6,
     judge_model: Annotated[str | None, typer.Option(help="A local LLM judge instead of the probe judge on "
                                                          "the model itself.")] = None,
     device: DeviceOpt = None,
