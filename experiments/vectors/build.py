@@ -3,7 +3,8 @@
 Stages per trait, each resumable (run folders under runs/<trait>-<model>-builtin/):
 1. answers under the pos/neg instructions (the `builtin` extraction profile),
 2. the probe judge on every answer (refusals drop a pair), the vector and its validity report,
-then `experiments/vectors/sweep.py` measures steering and copies the vectors into the package.
+then `experiments/vectors/sweep.py` measures steering and copies the vectors into the package. On 2 CPU cores
+stage 1 takes about 8 min per trait and stage 2 about 5.
 
     python experiments/vectors/build.py [--model qwen2.5-coder-0.5b] [--traits optimistic evil ...]
 """
