@@ -9,6 +9,7 @@ steering step runs greedy at the ready-made vector's α. Writes experiments/resu
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
@@ -33,10 +34,15 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=6)
     args = ap.parse_args()
     runs = []
-    for seed in args.seeds:
+    for seed in args.seeds:  # a seed whose run finished before is read back, not rerun (seeds may run in parallel)
+        done = ROOT / "runs" / f"demo-seed{seed}" / "seed.json"
+        if done.exists():
+            runs.append(json.loads(done.read_text()))
+            continue
         t0 = time.time()
-        s = run_demo(args.trait, args.model, ROOT / "runs" / f"demo-seed{seed}", n_questions=args.questions, seed=seed)
+        s = run_demo(args.trait, args.model, done.parent, n_questions=args.questions, seed=seed)
         runs.append({**s, "seconds": time.time() - t0})
+        write_json(done, runs[-1])
     OUT.mkdir(parents=True, exist_ok=True)
     write_json(OUT / "seeds.json", runs)
     lines = [f"# `personascope demo` over {len(runs)} seeds ({args.trait}, {args.model}, {args.questions} questions)",

@@ -68,8 +68,7 @@ def main() -> None:
     axes[0][0].legend(fontsize=6, loc="lower left")
     fig.suptitle(f"validity of the ready-made vectors on {args.model} (dashed: chosen layer)")
     png = save_figure(fig, ROOT / "docs" / f"vectors-validity-{args.model}.png")
-    rel = png.relative_to(ROOT / "experiments" / "results" / "vectors", walk_up=True)
-    lines += ["", f"![validity per layer]({rel})"]
+    lines += ["", f"![validity per layer](../../../docs/{png.name})"]
     out = ROOT / "experiments" / "results" / "vectors" / f"report-{args.model}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
