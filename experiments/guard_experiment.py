@@ -32,6 +32,7 @@ from personascope.guard_calibrate import GuardCalibration, calibrate_guard, pool
 from personascope.models import DEFAULT_JUDGE_MODEL, load_model
 from personascope.plots import plt, save_figure
 from personascope.scoring import ScoreCache, judge_answers
+from personascope.stats import bootstrap_ci
 from personascope.store import JsonlStore, write_json
 from personascope.traits import Trait, load_trait
 from personascope.vectors import PersonaVector, VectorMismatchError, load_vector
@@ -94,7 +95,8 @@ def generate(adapter: ModelAdapter, store: JsonlStore, cond: Condition, pv: Pers
     cfg = SamplingConfig(samples=1, temperature=0.0, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     with hooks:
         run_generation(adapter, jobs, lambda j: adapter.prompt(j["question_text"], j["system"]),
-                       lambda j: store.key(j) in store, store.append, cfg, f"{jobs[0]['set']} {cond.key}", annotate)
+                       lambda j: store.key(j) in store, store.append, cfg, f"{jobs[0]['set']} {cond.key}",
+                       annotate=annotate)
     return [store.get(store.key(j)) for j in jobs]
 
 
@@ -156,6 +158,7 @@ def run(args) -> dict:
         scored = judge_answers(judge, trait, answers, scores, description=f"judge {cond.key}")
         row = {"name": name, "condition": cond.key, "coef": cond.coef, "alpha": pv.alpha_from_coef(cond.coef, layer),
                "trait": mean([r["trait_score"] for r in scored]), "coherence": mean([r["coherence"] for r in scored]),
+               "trait_scores": [r["trait_score"] for r in scored],
                "touched_eliciting": mean([r.get("guard_touched") for r in answers])}
         if neutral_too:
             plain = generate(adapter, store, Condition(), pv, neutral, args)
@@ -188,6 +191,7 @@ def run(args) -> dict:
         eq["reached"] = reached
         guard_row["equal_constant"] = eq["condition"]
         rows.append(eq)
+    add_intervals(rows)
     result = {"model": args.model, "vector": str(args.vector), "trait": trait.name, "layer": layer,
               "calibration": json.loads(cal.to_json()), "judge": judge.name, "n_eliciting": len(eliciting),
               "n_neutral": len(neutral), "n_mc": len(mc), "max_new_tokens": args.max_new_tokens, "rows": rows,
@@ -196,6 +200,16 @@ def run(args) -> dict:
     plot(rows, out / "guard.png", f"{trait.name} guard on {args.model}, layer {layer}")
     (out / "report.md").write_text(report(result))
     return result
+
+
+def add_intervals(rows: list[dict]) -> None:
+    """Bootstrap 95 % intervals over the eliciting prompts: each row's mean trait, and its reduction from no guard
+    (paired by prompt)."""
+    base = rows[0]["trait_scores"]
+    for row in rows:
+        pairs = [(b, x) for b, x in zip(base, row["trait_scores"], strict=True) if b is not None and x is not None]
+        row["trait_ci"] = bootstrap_ci(pairs, lambda ps: mean([x for _, x in ps]))
+        row["reduction_ci"] = bootstrap_ci(pairs, lambda ps: mean([b - x for b, x in ps]))
 
 
 def targets(rows: list[dict], cond_alpha: float) -> dict:
@@ -211,7 +225,8 @@ def targets(rows: list[dict], cond_alpha: float) -> dict:
             cred = base["trait"] - const["trait"]
         eq = next((r for r in rows if r["condition"] == g.get("equal_constant")), None)
         out[key] = {
-            "trait_reduction": red, "constant_reduction_same_alpha": cred,
+            "trait_reduction": red, "trait_reduction_ci": g.get("reduction_ci"), "constant_reduction_same_alpha": cred,
+            "constant_reduction_ci": None if const is None else const.get("reduction_ci"),
             "half_of_constant": None if red is None or cred is None or cred <= 0 else red >= cred / 2,
             "neutral_unchanged": None if g.get("neutral_changed") is None else 1 - g["neutral_changed"],
             "neutral_90pct_unchanged": None if g.get("neutral_changed") is None else g["neutral_changed"] <= 0.10,
@@ -228,6 +243,10 @@ def fmt(x, spec: str = ".1f") -> str:
     return "—" if x is None else format(x, spec)
 
 
+def ci(interval) -> str:
+    return "" if not interval else f" [{interval[0]:.1f}, {interval[1]:.1f}]"
+
+
 def report(res: dict) -> str:
     cal = res["calibration"]
     lines = [
@@ -240,18 +259,23 @@ def report(res: dict) -> str:
         f"{res['n_mc']} built-in multiple-choice questions. Greedy, ≤ {res['max_new_tokens']} new tokens; judge "
         f"{res['judge']}. Produced by `experiments/guard_experiment.py`.",
         "",
-        "| condition | α | trait (eliciting) | coherence | guard tokens/answer (eliciting) | neutral answers changed "
-        "| guard tokens/answer (neutral) | capability |",
-        "|---|---|---|---|---|---|---|---|",
+        "Brackets: bootstrap 95 % intervals over the eliciting prompts (the reduction paired by prompt).",
+        "",
+        "| condition | α | trait (eliciting) | reduction | coherence | guard tokens/answer (eliciting) "
+        "| neutral answers changed | guard tokens/answer (neutral) | capability |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
-        lines.append(f"| {r['name']} | {fmt(r['alpha'], '.3g')} | {fmt(r['trait'])} | {fmt(r['coherence'])} | "
+        red = None if r["trait"] is None or res["rows"][0]["trait"] is None else res["rows"][0]["trait"] - r["trait"]
+        lines.append(f"| {r['name']} | {fmt(r['alpha'], '.3g')} | {fmt(r['trait'])}{ci(r.get('trait_ci'))} | "
+                     f"{fmt(red)}{ci(r.get('reduction_ci'))} | {fmt(r['coherence'])} | "
                      f"{fmt(r['touched_eliciting'])} | {fmt(r.get('neutral_changed'), '.0%')} | "
                      f"{fmt(r.get('touched_neutral'))} | {fmt(r.get('capability'), '.3f')} |")
     lines += ["", "## Targets (as measured)", ""]
     for key, t in res["targets"].items():
-        lines.append(f"- **{key}**: trait reduction {fmt(t['trait_reduction'])} vs constant steering at the same α "
-                     f"{fmt(t['constant_reduction_same_alpha'])} (≥ half: {t['half_of_constant']}); neutral answers "
+        lines.append(f"- **{key}**: trait reduction {fmt(t['trait_reduction'])}{ci(t.get('trait_reduction_ci'))} vs "
+                     f"constant steering at the same α {fmt(t['constant_reduction_same_alpha'])}"
+                     f"{ci(t.get('constant_reduction_ci'))} (≥ half: {t['half_of_constant']}); neutral answers "
                      f"unchanged {fmt(t['neutral_unchanged'], '.0%')} (≥ 90 %: {t['neutral_90pct_unchanged']}); "
                      f"capability Δ {fmt(t['capability_delta'], '+.3f')} (within 0.01: {t['capability_within_0.01']}); "
                      f"constant steering at equal trait reduction: neutral unchanged "

@@ -137,6 +137,30 @@ def test_pearson_r_known_values():
                                                                 abs=1e-6)
 
 
+def test_condition_means_r_and_its_bootstrap_interval():
+    from personascope.monitor_run import analyse, condition_means_r
+
+    # 4 conditions x 6 questions; projection and trait both rise with the condition, plus per-question noise
+    recs = [{"experiment": "system", "condition": c, "label": str(c), "system": None, "n_shots": 0, "question": q,
+             "prompt_projection": [0.0, c + 0.3 * ((q * 7) % 5)], "trait_score": 20.0 * c + 5.0 * ((q * 3) % 4),
+             "coherence": 80.0} for c in range(4) for q in range(6)]
+    means = [(sum(r["prompt_projection"][1] for r in recs if r["condition"] == c) / 6,
+              sum(r["trait_score"] for r in recs if r["condition"] == c) / 6) for c in range(4)]
+    want = pearson_r([m[0] for m in means], [m[1] for m in means])
+    assert condition_means_r(recs, range(6), 1) == pytest.approx(want)
+    # repeating a question weighs it twice
+    twice = condition_means_r(recs, [0, 0, 1], 1)
+    sub = [r for r in recs if r["question"] in (0, 1)] + [r for r in recs if r["question"] == 0]
+    m2 = [(sum(r["prompt_projection"][1] for r in sub if r["condition"] == c),
+           sum(r["trait_score"] for r in sub if r["condition"] == c)) for c in range(4)]
+    assert twice == pytest.approx(pearson_r([m[0] for m in m2], [m[1] for m in m2]))
+    res = analyse(recs, "system", 1, 1)
+    lo, hi = res["r_condition_means_ci"]
+    assert lo <= res["r_condition_means"] <= hi and hi - lo < 0.2
+    lo, hi = res["r_ci"]
+    assert lo <= res["r"] <= hi < 1.0
+
+
 def _extraction_run(run_dir: Path, trait) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     answers, scores = [], []
@@ -212,7 +236,7 @@ def test_watch_with_piped_stdin_prints_meter_and_exits(tmp_path):
         [sys.executable, "-m", "personascope.cli", "watch", "--model", str(model_dir), "--vector",
          str(tmp_path / "v.safetensors"), "--layer", "2", "--threshold", "-1000", "--max-new-tokens", "6",
          "--temperature", "0", "--device", "cpu", "--save-html", str(html)],
-        input="hello there\nhow are you?\n/quit\nnever read\n", capture_output=True, text=True, timeout=120, env=env,
+        input="hello there\nhow are you?\n/quit\nnever read\n", capture_output=True, text=True, timeout=300, env=env,
     )
     assert proc.returncode == 0, proc.stderr + proc.stdout
     out = proc.stdout

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -25,10 +28,33 @@ class SamplingConfig:
     seed: int = 0
 
 
+class LoggedProgress(Progress):
+    """A rich Progress that, when stderr is not a terminal (a log file, nohup), also writes a plain line per task
+    at most every `every` seconds: rich alone shows nothing there until the stage ends."""
+
+    def __init__(self, *columns: Any, every: float = 30.0, **kw: Any) -> None:
+        super().__init__(*columns, **kw)
+        self.every = every
+        self._logged: dict[Any, float] = {}
+        self._plain = not sys.stderr.isatty()
+
+    def update(self, task_id: Any, **kw: Any) -> None:  # type: ignore[override]
+        super().update(task_id, **kw)
+        if not self._plain:
+            return
+        now = time.monotonic()
+        if now - self._logged.setdefault(task_id, now) >= self.every:
+            self._logged[task_id] = now
+            t = self._tasks[task_id]
+            total = "?" if t.total is None else f"{t.total:.0f}"
+            print(f"{t.description}: {t.completed:.0f}/{total} {t.fields.get('rate', '')} ({t.elapsed or 0:.0f} s)",
+                  file=sys.stderr, flush=True)
+
+
 def progress_bar(**kw) -> Progress:
-    """The rich progress bar used by every long stage."""
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), transient=False, **kw)
+    """The rich progress bar used by every long stage (with plain progress lines in logs)."""
+    return LoggedProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                          TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), transient=False, **kw)
 
 
 class ExponentialSampler(LogitsProcessor):

@@ -55,7 +55,7 @@ def plot_monitor(exps: dict[str, dict], records: list[dict], layer: int, path: P
             slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
             ax.plot([min(xs), max(xs)], [my + slope * (min(xs) - mx), my + slope * (max(xs) - mx)], "k--", lw=1)
         paper = res.get("paper_r")
-        r_txt = "n/a" if res["r"] is None else f"{res['r']:.3f}"
+        r_txt = with_ci(res["r"], res.get("r_ci"))
         ax.set_title(f"{res['title']}: r = {r_txt} (paper: {'n/a' if paper is None else paper})", fontsize=10)
         ax.set_xlabel(f"projection of last prompt token on v̂ (layer {layer})")
         ax.set_ylabel("judged trait score")
@@ -139,16 +139,23 @@ def write_report(out: Path, trait: Trait, adapter: ModelAdapter, judge: Judge, v
     return files
 
 
+def with_ci(x: float | None, ci: Sequence[float] | None) -> str:
+    """'0.812 [0.70, 0.90]' (bootstrap 95 % interval), or 'n/a'."""
+    if x is None:
+        return "n/a"
+    return f"{x:.3f}" + ("" if not ci else f" [{ci[0]:.2f}, {ci[1]:.2f}]")
+
+
 def print_result(result: MonitorResult) -> None:
     def f(x: float | None) -> str:
         return "n/a" if x is None else f"{x:.3f}"
 
     table = Table(title=f"monitoring {result.trait} on {result.model} (layer {result.layer})")
-    for col in ("experiment", "n scored", "r", "r (condition means)", "paper r"):
+    for col in ("experiment", "n scored", "r (responses)", "r (condition means)", "paper r"):
         table.add_column(col)
     for res in result.experiments.values():
-        table.add_row(res["title"], f"{res['n_scored']}/{res['n']}", f(res["r"]), f(res["r_condition_means"]),
-                      f(res.get("paper_r")))
+        table.add_row(res["title"], f"{res['n_scored']}/{res['n']}", with_ci(res["r"], res.get("r_ci")),
+                      with_ci(res["r_condition_means"], res.get("r_condition_means_ci")), f(res.get("paper_r")))
     console.print(table)
     for res in result.experiments.values():
         ct = Table(title=res["title"])

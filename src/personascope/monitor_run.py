@@ -21,7 +21,7 @@ from .judge import Judge
 from .monitor import mean_or_none, trace_generation
 from .monitor_report import truncate, write_report
 from .scoring import ScoreCache, judge_answers
-from .stats import pearson_r
+from .stats import bootstrap_ci, pearson_r
 from .store import JsonlStore, bind_run, fingerprint, read_jsonl
 from .traits import Trait
 from .vectors import PersonaVector
@@ -200,10 +200,30 @@ def analyse(records: list[dict], experiment: str, layer: int, n_layers: int) -> 
     return {
         "experiment": experiment, "title": EXPERIMENT_TITLES[experiment], "n": len(recs),
         "n_scored": sum(y is not None for y in ys), "r": pearson_r(xs, ys),
+        "r_ci": bootstrap_ci(recs, lambda rs: pearson_r([r["prompt_projection"][layer] for r in rs],
+                                                        [r["trait_score"] for r in rs])),
         "r_condition_means": pearson_r([c["projection_mean"] for c in rows], [c["trait_mean"] for c in rows]),
+        "r_condition_means_ci": bootstrap_ci(sorted({r["question"] for r in recs}),
+                                             lambda qs: condition_means_r(recs, qs, layer)),
         "r_by_layer": [pearson_r([r["prompt_projection"][la] for r in recs], ys) for la in range(n_layers + 1)],
         "conditions": rows,
     }
+
+
+def condition_means_r(recs: list[dict], questions: Sequence[int], layer: int) -> float | None:
+    """Pearson r over condition means, the means taken over `questions` (repeats count again: a bootstrap draw)."""
+    by_q: dict[int, list[dict]] = {}
+    for r in recs:
+        by_q.setdefault(r["question"], []).append(r)
+    cells: dict[int, tuple[list[float], list[float]]] = {}
+    for q in questions:
+        for r in by_q.get(q, []):
+            if r["trait_score"] is not None:
+                xs, ys = cells.setdefault(r["condition"], ([], []))
+                xs.append(r["prompt_projection"][layer])
+                ys.append(r["trait_score"])
+    means = [(sum(xs) / len(xs), sum(ys) / len(ys)) for xs, ys in cells.values() if xs]
+    return pearson_r([m[0] for m in means], [m[1] for m in means])
 
 
 def paper_r(trait: str, experiment: str) -> float | None:
