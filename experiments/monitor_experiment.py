@@ -11,7 +11,8 @@ generates with a live trace (resumable, in `--work`), judges, and gives Pearson 
 over condition means, each with a bootstrap 95 % interval, and r at every layer. This script collects the
 traits into `--out`: report.md (beside the paper's r), r_by_layer.png, scatter-TRAIT.png, results.json.
 
-Time on 2 CPU cores (0.5B subject, probe judge): about 25 min per trait for the ladder and 25 for many-shot.
+Time on 2 CPU cores (0.5B subject, probe judge, 48 tokens, shots cut to 160 characters): 26–41 min per trait for
+both experiments (2026-12-02, sharing the cores with other runs), about a third of it the ladder.
 `--judge-url` takes an OpenAI-compatible judge; `--model` any local path or built-in name (a GPU: `--device`).
 """
 
@@ -40,7 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="qwen2.5-coder-0.5b", help="built-in short name or local path")
-    p.add_argument("--traits", default="humorous,optimistic,evil", help="comma-separated built-in traits")
+    p.add_argument("--traits", default="humorous,optimistic,evil",
+                   help="comma-separated built-in traits; TRAIT:system runs only the ladder for that trait")
     p.add_argument("--vectors-dir", type=Path, default=None,
                    help="folder with TRAIT.safetensors (default: the package's ready-made vectors for --model)")
     p.add_argument("--runs", type=Path, default=ROOT / "runs", help="where the extraction runs lie (shot examples)")
@@ -67,8 +69,13 @@ def model_tag(model: str) -> str:
     return Path(model).name if Path(model).exists() else model
 
 
-def run_trait(adapter: ModelAdapter, judge, trait_name: str, args) -> dict:
-    """One trait's monitoring run (resumable); returns its summary for the report."""
+def run_trait(adapter: ModelAdapter, judge, spec: str, args) -> dict:
+    """One trait's monitoring run (resumable); returns its summary for the report. `spec`: TRAIT or
+    TRAIT:EXPERIMENT (only that experiment for it)."""
+    trait_name, _, only = spec.partition(":")
+    experiments = (only,) if only else args.experiments
+    if not set(experiments) <= {"system", "shots"}:
+        sys.exit(f"error: --traits {spec!r}: the experiment after ':' must be system or shots")
     trait = load_trait(trait_name)
     tag = model_tag(args.model)
     source = args.vectors_dir / f"{trait_name}.safetensors" if args.vectors_dir else Path(trait_name)
@@ -78,7 +85,7 @@ def run_trait(adapter: ModelAdapter, judge, trait_name: str, args) -> dict:
     except (FileNotFoundError, VectorMismatchError, ValueError) as e:
         sys.exit(f"error: {e}")
     pool = None
-    if "shots" in args.experiments:
+    if "shots" in experiments:
         run_dir = args.runs / f"{trait_name}-{tag}-builtin"
         try:
             pool = load_shot_pool(run_dir / "answers.jsonl", run_dir / "scores.jsonl", trait.eval_questions)
@@ -86,7 +93,7 @@ def run_trait(adapter: ModelAdapter, judge, trait_name: str, args) -> dict:
             sys.exit(f"error: {e}; build it with experiments/vectors/build.py --traits {trait_name}")
     cfg = replace(MONITOR_PROFILES["quick"], n_questions=args.questions, samples=args.samples,
                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, judge_batch_size=args.batch_size,
-                  shot_chars=args.shot_chars or None, experiments=args.experiments)
+                  shot_chars=args.shot_chars or None, experiments=experiments)
     res = run_monitor(adapter, trait, judge, pv, args.work / f"{trait_name}-{tag}", cfg, shot_pool=pool,
                       screenshot=False)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -149,7 +156,8 @@ def report(results: list[dict], args, seconds: float) -> str:
         for r in res["experiments"].values():
             tm = [c["trait_mean"] for c in r["conditions"] if c["trait_mean"] is not None]
             span = f"{min(tm):.0f}–{max(tm):.0f}" if tm else "—"
-            lines.append(f"| {res['trait']} | {res['layer']} | {r['title']} | {r['n_scored']} | "
+            lines.append(f"| {res['trait']} | {res['layer']} | {r['title']} | {r['n_scored']} "
+                         f"({r.get('n_refusals', 0)} refusals out) | "
                          f"{fmt(r['r_condition_means'], r.get('r_condition_means_ci'))} | {fmt(r['r'], r.get('r_ci'))} "
                          f"| {fmt(r.get('paper_r'))} | {span} |")
     lines += ["", "![r by layer](r_by_layer.png)", ""]

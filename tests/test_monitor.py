@@ -138,7 +138,7 @@ def test_pearson_r_known_values():
 
 
 def test_condition_means_r_and_its_bootstrap_interval():
-    from personascope.monitor_run import analyse, condition_means_r
+    from personascope.monitor_run import analyse, condition_means_r, drop_refusals
 
     # 4 conditions x 6 questions; projection and trait both rise with the condition, plus per-question noise
     recs = [{"experiment": "system", "condition": c, "label": str(c), "system": None, "n_shots": 0, "question": q,
@@ -155,6 +155,12 @@ def test_condition_means_r_and_its_bootstrap_interval():
            sum(r["trait_score"] for r in sub if r["condition"] == c)) for c in range(4)]
     assert twice == pytest.approx(pearson_r([m[0] for m in m2], [m[1] for m in m2]))
     res = analyse(recs, "system", 1, 1)
+    assert res["n_refusals"] == 0 and res["n_scored"] == 24
+    refused = drop_refusals([{**recs[0], "refusal": True}] + recs[1:])
+    assert refused[0]["trait_score"] is None and refused[0]["refused_score"] == recs[0]["trait_score"]
+    assert refused[1:] == recs[1:]
+    res_r = analyse(refused, "system", 1, 1)
+    assert res_r["n_refusals"] == 1 and res_r["n_scored"] == 23
     lo, hi = res["r_condition_means_ci"]
     assert lo <= res["r_condition_means"] <= hi and hi - lo < 0.2
     lo, hi = res["r_ci"]

@@ -181,6 +181,13 @@ def generate_traced(adapter: ModelAdapter, jobs: list[dict], store: JsonlStore, 
     return made
 
 
+def drop_refusals(records: list[dict]) -> list[dict]:
+    """Refusals keep their record but lose `trait_score` (kept as `refused_score`): they are reported and left out
+    of r, as the paper's rubric does, rather than counted as answers without the trait."""
+    return [{**r, "trait_score": None, "refused_score": r.get("trait_score")} if r.get("refusal") else r
+            for r in records]
+
+
 def analyse(records: list[dict], experiment: str, layer: int, n_layers: int) -> dict:
     """Pearson r (overall, within each condition, over condition means, per layer) and per-condition means."""
     recs = [r for r in records if r["experiment"] == experiment]
@@ -199,7 +206,8 @@ def analyse(records: list[dict], experiment: str, layer: int, n_layers: int) -> 
     ys = [r["trait_score"] for r in recs]
     return {
         "experiment": experiment, "title": EXPERIMENT_TITLES[experiment], "n": len(recs),
-        "n_scored": sum(y is not None for y in ys), "r": pearson_r(xs, ys),
+        "n_scored": sum(y is not None for y in ys), "n_refusals": sum(bool(r.get("refusal")) for r in recs),
+        "r": pearson_r(xs, ys),
         "r_ci": bootstrap_ci(recs, lambda rs: pearson_r([r["prompt_projection"][layer] for r in rs],
                                                         [r["trait_score"] for r in rs])),
         "r_condition_means": pearson_r([c["projection_mean"] for c in rows], [c["trait_mean"] for c in rows]),
@@ -302,6 +310,7 @@ def run_monitor(
     answers = [store.record_for(j) for j in jobs]
     scored = judge_answers(judge, trait, answers, ScoreCache(out / "scores.jsonl"), cfg.judge_batch_size,
                            description="judge answers")
+    scored = drop_refusals(scored)
     exps = {e: analyse(scored, e, layer, adapter.n_layers) for e in ("system", "shots")
             if any(r["experiment"] == e for r in scored)}
     for e, res in exps.items():
