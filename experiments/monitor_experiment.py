@@ -140,7 +140,8 @@ def report(results: list[dict], args, seconds: float) -> str:
     lines = [
         f"# Monitoring on {model_tag(args.model)}: last-prompt-token projection vs judged trait",
         "",
-        f"Produced by `experiments/monitor_experiment.py` ({seconds / 60:.0f} min on this machine). "
+        f"Produced by `experiments/monitor_experiment.py` (this invocation {seconds / 60:.0f} min, resuming from the "
+        "answers cached in --work; a whole run takes 26–41 min per trait on 2 CPU cores). "
         f"{args.questions} evaluation questions × {args.samples} sample(s) per condition, temperature 1, "
         f"≤ {args.max_new_tokens} new tokens; system-prompt ladder of 9 rungs (suppressing → eliciting) and "
         f"0/5/10/15/20-shot prompts (in-context answers cut to {args.shot_chars} characters); judge "
