@@ -32,7 +32,7 @@ from personascope.guard_calibrate import GuardCalibration, calibrate_guard, pool
 from personascope.models import DEFAULT_JUDGE_MODEL, load_model
 from personascope.plots import plt, save_figure
 from personascope.scoring import ScoreCache, judge_answers
-from personascope.stats import bootstrap_ci
+from personascope.stats import bootstrap_ci, format_ci
 from personascope.store import JsonlStore, write_json
 from personascope.traits import Trait, load_trait
 from personascope.vectors import PersonaVector, VectorMismatchError, load_vector
@@ -243,10 +243,6 @@ def fmt(x, spec: str = ".1f") -> str:
     return "—" if x is None else format(x, spec)
 
 
-def ci(interval) -> str:
-    return "" if not interval else f" [{interval[0]:.1f}, {interval[1]:.1f}]"
-
-
 def report(res: dict) -> str:
     cal = res["calibration"]
     lines = [
@@ -267,15 +263,16 @@ def report(res: dict) -> str:
     ]
     for r in res["rows"]:
         red = None if r["trait"] is None or res["rows"][0]["trait"] is None else res["rows"][0]["trait"] - r["trait"]
-        lines.append(f"| {r['name']} | {fmt(r['alpha'], '.3g')} | {fmt(r['trait'])}{ci(r.get('trait_ci'))} | "
-                     f"{fmt(red)}{ci(r.get('reduction_ci'))} | {fmt(r['coherence'])} | "
+        lines.append(f"| {r['name']} | {fmt(r['alpha'], '.3g')} | {fmt(r['trait'])}{format_ci(r.get('trait_ci'), 1)} | "
+                     f"{fmt(red)}{format_ci(r.get('reduction_ci'), 1)} | {fmt(r['coherence'])} | "
                      f"{fmt(r['touched_eliciting'])} | {fmt(r.get('neutral_changed'), '.0%')} | "
                      f"{fmt(r.get('touched_neutral'))} | {fmt(r.get('capability'), '.3f')} |")
     lines += ["", "## Targets (as measured)", ""]
     for key, t in res["targets"].items():
-        lines.append(f"- **{key}**: trait reduction {fmt(t['trait_reduction'])}{ci(t.get('trait_reduction_ci'))} vs "
-                     f"constant steering at the same α {fmt(t['constant_reduction_same_alpha'])}"
-                     f"{ci(t.get('constant_reduction_ci'))} (≥ half: {t['half_of_constant']}); neutral answers "
+        lines.append(f"- **{key}**: trait reduction {fmt(t['trait_reduction'])}"
+                     f"{format_ci(t.get('trait_reduction_ci'), 1)} vs constant steering at the same α "
+                     f"{fmt(t['constant_reduction_same_alpha'])}{format_ci(t.get('constant_reduction_ci'), 1)} "
+                     f"(≥ half: {t['half_of_constant']}); neutral answers "
                      f"unchanged {fmt(t['neutral_unchanged'], '.0%')} (≥ 90 %: {t['neutral_90pct_unchanged']}); "
                      f"capability Δ {fmt(t['capability_delta'], '+.3f')} (within 0.01: {t['capability_within_0.01']}); "
                      f"constant steering at equal trait reduction: neutral unchanged "

@@ -31,6 +31,7 @@ from personascope.api_judge import make_judge
 from personascope.models import DEFAULT_JUDGE_MODEL, load_model
 from personascope.monitor_run import MONITOR_PROFILES, load_shot_pool, run_monitor
 from personascope.plots import plt, save_figure
+from personascope.stats import format_ci
 from personascope.store import write_json
 from personascope.traits import load_trait
 from personascope.vectors import VectorMismatchError, load_vector
@@ -133,7 +134,7 @@ def examples(records: list[dict], n: int = 2) -> list[dict]:
 def fmt(x: float | None, ci=None) -> str:
     if x is None:
         return "—"
-    return f"{x:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+    return f"{x:.2f}" + format_ci(ci)
 
 
 def report(results: list[dict], args, seconds: float) -> str:

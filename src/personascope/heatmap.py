@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .stats import format_ci
+
 LOW = (33, 102, 172)  # RdBu blue
 HIGH = (178, 24, 43)  # RdBu red
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -131,17 +133,15 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
-def _ci(ci: Sequence[float] | None) -> str:
-    return "" if not ci else f" [{ci[0]:.2f}, {ci[1]:.2f}]"
-
-
 def report_html(path: str | Path, summary: dict, items: Sequence[HeatmapItem]) -> Path:
     """The monitoring report: r next to the paper's, the plots, per-condition tables and example heat maps."""
     exps = summary["experiments"]
     e = html.escape
     rows = "".join(
-        f"<tr><td>{e(res['title'])}</td><td>{res['n_scored']}/{res['n']}</td><td><b>{_fmt(res['r'])}</b>{_ci(res.get('r_ci'))}</td>"
-        f"<td>{_fmt(res['r_condition_means'])}{_ci(res.get('r_condition_means_ci'))}</td><td>{_fmt(res.get('paper_r'))}</td></tr>"
+        f"<tr><td>{e(res['title'])}</td><td>{res['n_scored']}/{res['n']}</td>"
+        f"<td><b>{_fmt(res['r'])}</b>{format_ci(res.get('r_ci'))}</td>"
+        f"<td>{_fmt(res['r_condition_means'])}{format_ci(res.get('r_condition_means_ci'))}</td>"
+        f"<td>{_fmt(res.get('paper_r'))}</td></tr>"
         for res in exps.values())
     body = [
         f"<p>model <b>{e(summary['model'])}</b> · vector <code>{e(str(summary['vector']))}</code> · layer "

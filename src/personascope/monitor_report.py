@@ -15,6 +15,7 @@ from rich.table import Table
 from .adapter import ModelAdapter
 from .judge import Judge
 from .plots import save_figure
+from .stats import format_ci
 from .store import write_json
 from .traits import Trait
 from .vectors import PersonaVector
@@ -143,7 +144,7 @@ def with_ci(x: float | None, ci: Sequence[float] | None) -> str:
     """'0.812 [0.70, 0.90]' (bootstrap 95 % interval), or 'n/a'."""
     if x is None:
         return "n/a"
-    return f"{x:.3f}" + ("" if not ci else f" [{ci[0]:.2f}, {ci[1]:.2f}]")
+    return f"{x:.3f}" + format_ci(ci)
 
 
 def print_result(result: MonitorResult) -> None:

@@ -63,6 +63,11 @@ def pearson_r(xs: Sequence[float | None], ys: Sequence[float | None]) -> float |
     return max(-1.0, min(1.0, sxy / math.sqrt(sxx * syy)))
 
 
+def format_ci(ci: Sequence[float] | None, digits: int = 2) -> str:
+    """' [lo, hi]' for an interval (as bootstrap_ci returns it), '' when there is none."""
+    return "" if not ci else f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
 def bootstrap_ci(rows: Sequence, stat: Callable[[list], float | None], n: int = 1000, seed: int = 0,
                  level: float = 0.95) -> tuple[float, float] | None:
     """Percentile bootstrap interval of `stat` over resampled `rows` (own RNG; None if too few finite values)."""
