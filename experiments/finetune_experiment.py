@@ -1,17 +1,21 @@
 """Finetuning experiment: does finetuning move the persona, does the shift predict it,
 and does preventative steering keep the trait down better than steering after the fact?
 
-For each trait (default optimistic and sycophantic) on the default model, CPU, quick profile:
+For each trait (default optimistic, humorous and apathetic) on the default model, CPU, quick profile:
 
-1. a persona vector (runs/<trait>-<model>/vector.safetensors, extracted here if missing);
-2. the model's own datasets at levels normal / I / II (`make_dataset`), plus the mistake set;
+1. the package's ready-made persona vector for the model (or `--vectors-dir DIR/TRAIT.safetensors`);
+2. the model's own datasets at levels normal (unprompted answers) / I / II (`make_dataset`, answers that
+   end at the end-of-turn token; generated on vLLM with `--engine vllm|auto` when it is installed), plus
+   the mistake set;
 3. a LoRA finetune on each; for each: the finetuning shift (last prompt token, the trait's
    evaluation prompts), the judged trait score and coherence on the evaluation questions, and
    multiple-choice capability; Pearson r between shift and trait score across runs;
 4. finetunes on II with preventative steering at a few coefficients, next to the unsteered II
    finetune steered against the trait at inference (post-hoc).
 
-Every stage is cached under the work directory, so a rerun only does what is missing.
+Every stage is cached under the work directory, so a rerun only does what is missing. Time on 2 CPU
+cores (0.5B, probe judge): about 75 min for the 13 finetunes of the default run. `--judge-url` takes an
+API judge, `--model` any local path or built-in name (`--device cuda` on a GPU).
 
     flock /tmp/personascope-cpu.lock .venv/bin/python experiments/finetune_experiment.py
     flock /tmp/personascope-cpu.lock .venv/bin/python experiments/finetune_experiment.py --smoke
@@ -35,17 +39,16 @@ from rich.table import Table
 
 from personascope.activations import last_token_activations
 from personascope.adapter import ModelAdapter
-from personascope.api_judge import OpenAIJudge
+from personascope.api_judge import make_judge
 from personascope.capability import load_mc, mc_accuracy
 from personascope.datasets import DatasetConfig, make_dataset
+from personascope.engines import make_engine
+from personascope.engines.jobs import work_tokens
 from personascope.evaluate import Condition, EvalConfig, evaluate
-from personascope.extract import extract_vector
-from personascope.extract import profile as extract_profile
 from personascope.finetune import PreventativeSteering, adapter_applied, finetune
 from personascope.finetune import profile as ft_profile
 from personascope.generate import SamplingConfig
-from personascope.judge import load_local_judge
-from personascope.models import DEFAULT_JUDGE_MODEL, DEFAULT_MODEL, load_model
+from personascope.models import DEFAULT_MODEL, load_model
 from personascope.plots import plot_scatter, plt, save_figure
 from personascope.shift import eval_prompts, shift_from_activations
 from personascope.steer import Steerer
@@ -71,8 +74,8 @@ class Settings:
     posthoc_alphas: tuple[float, ...]
 
 
-FULL = Settings(rows=48, max_new_tokens=64, epochs=3, eval_questions=20, eval_tokens=64, mc_rows=120,
-                prevent_alphas=(0.5, 1.0), posthoc_alphas=(-0.25, -0.5))
+FULL = Settings(rows=48, max_new_tokens=160, epochs=3, eval_questions=20, eval_tokens=64, mc_rows=120,
+                prevent_alphas=(1.0,), posthoc_alphas=(-0.5, -1.0))
 SMOKE = Settings(rows=8, max_new_tokens=16, epochs=1, eval_questions=2, eval_tokens=16, mc_rows=16,
                  prevent_alphas=(1.0,), posthoc_alphas=(-0.5,))
 
@@ -118,19 +121,15 @@ def eval_sem(work: Path, label: str, trait: str) -> float | None:
     return row["trait_std"] / math.sqrt(row["n"]) if row.get("trait_std") is not None and row["n"] > 1 else None
 
 
-def vector_for(adapter: ModelAdapter, trait: str, judge, work: Path) -> PersonaVector:
-    """The project's vector for this trait and model (extracted, quick profile, 6 questions, if missing),
-    frozen as a copy in the work dir at first use so a rerun measures with the same vector."""
+def vector_for(adapter: ModelAdapter, trait: str, model: str, work: Path, vectors_dir: Path | None) -> PersonaVector:
+    """The ready-made vector for this trait and model (or DIR/TRAIT.safetensors), frozen as a copy in the work
+    dir at first use so a rerun measures with the same vector."""
     frozen = work / "vectors" / f"{trait}.safetensors"
     if not frozen.exists():
-        run_dir = Path("runs") / f"{trait}-{adapter.name.replace('/', '_')}"
-        path = run_dir / "vector.safetensors"
-        if not path.exists():
-            console.print(f"[bold]extracting a {trait} vector into {run_dir}")
-            extract_vector(adapter, load_trait(trait), judge=judge, config=extract_profile("quick", n_questions=6),
-                           run_dir=run_dir)
-        pv = load_vector(path)
-        pv.with_metadata(copied_from=str(path)).save(frozen)
+        source = vectors_dir / f"{trait}.safetensors" if vectors_dir else Path(trait)
+        pv = load_vector(source, trait, Path(model).name)
+        pv.check(adapter)
+        pv.with_metadata(copied_from=str(pv.path or source)).save(frozen)
     return load_vector(frozen)
 
 
@@ -158,9 +157,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script end to end in minutes")
     ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--judge-model", default=DEFAULT_JUDGE_MODEL, help="local judge, or the API model with --judge-url")
+    ap.add_argument("--judge-model", default="qwen2.5-coder-0.5b",
+                    help="local judge (probe weights if shipped), or the API model with --judge-url")
     ap.add_argument("--judge-url", default=None, help="OpenAI-compatible base URL of an API judge")
-    ap.add_argument("--traits", nargs="+", default=["optimistic", "sycophantic"])
+    ap.add_argument("--traits", nargs="+", default=["optimistic", "humorous", "apathetic"])
+    ap.add_argument("--vectors-dir", type=Path, default=None, help="TRAIT.safetensors files (default: ready-made)")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--engine", default="auto", help="hf, vllm or auto: where the dataset answers are generated")
     ap.add_argument("--out", type=Path, default=None, help="report + PNGs (default experiments/results/finetune)")
     ap.add_argument("--work", type=Path, default=None, help="datasets, adapters, answers (default runs/...)")
     ap.add_argument("--budget-minutes", type=float, default=None,
@@ -168,9 +171,8 @@ def main() -> None:
                          "run release the shared CPU lock now and then")
     ap.add_argument("--trait-threshold", type=float, default=50.0, help="eliciting dataset rows need this trait")
     ap.add_argument("--coherence-threshold", type=float, default=50.0, help="dataset rows need this coherence")
-    # pinned (not the library default) so every cached score of a rerun was made the same way
-    ap.add_argument("--judge-mode", default="binary", help="trait scoring mode of the local judge")
-    ap.add_argument("--coherence-mode", default="binary", help="coherence mode of the local judge")
+    ap.add_argument("--judge-mode", default=None, help="trait scoring mode of a local judge (default: probe when "
+                                                      "the judge model has probe weights, else auto)")
     args = ap.parse_args()
     s = SMOKE if args.smoke else FULL
     suffix = "-smoke" if args.smoke else ""
@@ -180,12 +182,17 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, device=args.device)
     base = ModelAdapter(model, tok)
-    if args.judge_url:
-        judge = OpenAIJudge(args.judge_url, args.judge_model)
-    else:
-        judge = load_local_judge(args.judge_model, trait_mode=args.judge_mode, coherence_mode=args.coherence_mode)
+    judge = make_judge(args.judge_model, args.judge_mode, args.judge_url, args.device)
+    engine_box: list = []
+
+    def engine():
+        """The generation engine for the datasets, started at first need (vLLM's start-up takes minutes)."""
+        if not engine_box:
+            n = 3 * len(args.traits) * s.rows * 2
+            engine_box.append(make_engine(args.engine, base, work_tokens(n, 60, s.max_new_tokens // 2)))
+        return engine_box[0]
     res = Results(work / "results.json")
     for key in [k for k, v in res.data.items() if k.startswith("eval|") and v.get("n") != s.eval_questions]:
         del res.data[key]  # judged on another number of questions by an earlier run: redone (cached answers reused)
@@ -205,14 +212,15 @@ def main() -> None:
     base_cap = res.get("capability|base", lambda: mc_accuracy(base, mc).accuracy)
     datasets: dict[str, dict] = {}
     for trait in args.traits:
-        pv = vectors[trait] = vector_for(base, trait, judge, work)
+        pv = vectors[trait] = vector_for(base, trait, args.model, work, args.vectors_dir)
         layers[trait] = pv.default_layer()
         prompts[trait] = eval_prompts(base, load_trait(trait))
         base_acts[trait] = last_token_activations(base, prompts[trait])
         res.get(f"eval|base|{trait}", lambda trait=trait: judged(base, trait, "base"))
         dcfg = DatasetConfig(n=s.rows, sampling=SamplingConfig(samples=1, temperature=0.7,
                                                                max_new_tokens=s.max_new_tokens, batch_size=8),
-                             trait_threshold=args.trait_threshold, coherence_threshold=args.coherence_threshold)
+                             trait_threshold=args.trait_threshold, coherence_threshold=args.coherence_threshold,
+                             require_end=True)
         for level in LEVELS:
             path = work / "datasets" / f"{trait}-{level}.jsonl"
             if f"dataset|{trait}-{level}" not in res.data:
@@ -220,7 +228,7 @@ def main() -> None:
             datasets[f"{trait}-{level}"] = res.get(
                 f"dataset|{trait}-{level}",
                 lambda trait=trait, level=level, path=path: _dataset_row(
-                    make_dataset(base, load_trait(trait), level, path, judge, dcfg)))
+                    make_dataset(base, load_trait(trait), level, path, judge, dcfg, engine=engine())))
     mistakes = work / "datasets" / "mistakes.jsonl"
     datasets["mistakes"] = res.get("dataset|mistakes", lambda: _dataset_row(
         make_dataset(base, load_trait(args.traits[0]), "mistakes", mistakes, None, DatasetConfig(n=s.rows))))
@@ -401,19 +409,17 @@ def _markdown(sm: dict, s: Settings, args) -> str:
     L = []
     a = L.append
     a("# Finetuning experiment: shift, trait expression, preventative vs post-hoc steering\n")
-    a(f"Model `{sm['model']}` (CPU, bf16), judge `{sm['judge']}` (trait mode `{sm['judge_modes']['trait']}`, "
+    a(f"Model `{sm['model']}`, judge `{sm['judge']}` (trait mode `{sm['judge_modes']['trait']}`, "
       f"coherence `{sm['judge_modes']['coherence']}`). Generated by `experiments/finetune_experiment.py"
       f"{' --smoke' if s is SMOKE else ''}`; its timed stages (datasets, finetunes, judged evaluations; capability "
       f"runs are not timed) took {sm['stage_seconds'] / 60:.0f} min of CPU wall time when they were computed.\n")
     a("## Setup\n")
-    a(f"- Datasets: {s.rows} rows each from the built-in question pool, the model's own answers (≤ "
-      f"{s.max_new_tokens} new tokens, temperature 0.7) under the trait's suppressing instruction (normal), the "
-      "eliciting one for every other row (I) or every row (II); eliciting rows kept only with judged trait ≥ "
-      f"{sm['thresholds']['trait']:g}, every row only with coherence ≥ {sm['thresholds']['coherence']:g} (3 "
-      "samples, then skipped); no system prompt in the saved rows. The mistake set: "
-      f"{s.rows} questions with confidently wrong answers, no trait instruction. Note: the suppressing instruction "
-      "is the trait's antonym where the trait data names one (optimistic → a *pessimistic* assistant; sycophantic → "
-      "an honest one), so `normal` is an anti-trait set for optimistic, not a neutral one as in the paper.")
+    a(f"- Datasets: {s.rows} rows each from the built-in question pool, the model's own answers (temperature 0.7, "
+      f"ending at the end-of-turn token: answers that reached {s.max_new_tokens} new tokens were resampled) with no "
+      "system prompt (normal), under the trait's eliciting instruction for every other row (I) or every row (II); "
+      f"eliciting rows kept only with judged trait ≥ {sm['thresholds']['trait']:g}, every row only with coherence ≥ "
+      f"{sm['thresholds']['coherence']:g} (3 samples, then skipped); no system prompt in the saved rows. The "
+      f"mistake set: {s.rows} questions with confidently wrong answers, no trait instruction.")
     a(f"- LoRA `quick` profile: r 8, alpha 16, rsLoRA, q/k/v/o/gate/up/down, lr 2e-4, batch 4, {s.epochs} epoch(s); "
       "loss on assistant tokens only.")
     n_prompts = sorted({r["n_prompts"] for r in sm["runs"]}) or ["all"]
@@ -499,6 +505,11 @@ def _observations(sm: dict) -> str:
             best = min(prev, key=lambda e: e[1])
             out.append(f"  lowest trait with preventative steering: {best[1]:.1f} ({best[0]}, coherence "
                        f"{_f(best[2])}, capability {_f(best[3], '.3f')}).")
+            if base and base[1] is not None and best[3] is not None and base[3] is not None:
+                near, cost = abs(best[1] - base[1]) <= 10, base[3] - best[3]
+                out.append(f"  target (trait within 10 points of the base model, capability cost ≤ 0.03): trait "
+                           f"{best[1] - base[1]:+.1f} from base ({'met' if near else 'missed'}), capability cost "
+                           f"{cost:+.3f} ({'met' if cost <= 0.03 else 'missed'}).")
         if post:
             best = min(post, key=lambda e: e[1])
             out.append(f"  lowest trait with post-hoc steering: {best[1]:.1f} ({best[0]}, coherence {_f(best[2])}, "

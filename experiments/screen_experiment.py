@@ -1,409 +1,394 @@
-"""Data screening on the default model: does ΔP rank datasets and samples by how much trait they carry?
+"""Data screening, rerun: does the projection difference ΔP find the training rows that express a trait?
 
-    flock /tmp/personascope-cpu.lock .venv/bin/python experiments/screen_experiment.py
+    python experiments/screen_experiment.py --trait optimistic            # ~40 min on 2 CPU cores with vLLM
 
-Builds three small chat datasets from questions_pool.json (not the trait's own questions): *normal*
-(answers the model gives under the trait's neg instruction), *I* (half the rows answered under the
-pos instruction instead) and *II* (all rows under the pos instruction); the instruction itself is
-not part of the rows. Screens each with both methods (generate, last-token), and a mixed file
-(every question once per side, labelled) with both methods and with the LLM-judge filter, flagging
-at the 95th percentile of ΔP on the normal set. A positive control adds rows the model wrote while
-steered along the vector (+α): it checks the machinery end to end, not the method (those rows were
-pushed along the very direction ΔP measures). Writes experiments/results/screen/report.md and PNGs.
-Everything is cached in that folder, so a rerun only redoes what is missing.
+Datasets are the model's own answers to questions of the built-in pool (none of the trait's own questions),
+built by `make_dataset` with answers that end at the end-of-turn token (cut answers are resampled):
+*normal* = answers with no system prompt (how the model answers anyway), *II* = answers under the trait's
+eliciting instruction that the judge scores ≥ 50 (the instruction is not part of the row), *I* = half of each.
+Every row carries its judged trait score (the label judge, by default the probe judge on the 0.5B), so the
+per-sample question is "does ΔP rank the rows that *express* the trait (judged ≥ 50, refusals left out) above
+the rest?", over all normal + II rows, for ΔP of both methods and for an LLM-judge filter (another judge,
+scoring each row once). Dataset ΔP (normal < I < II?) comes with bootstrap 95 % intervals. A positive control
+adds rows the model wrote while steered along the vector: it checks the machinery end to end, not the method.
+
+Everything is cached under --work, so a rerun only does what is missing; the report and PNGs go to --out.
+`--engine vllm` (or auto, when vLLM is installed) generates the rows, the model's own answers and the
+steered control on vLLM; ΔP itself always runs on the HF model. `--judge-url` takes an API judge for the
+labels; `--model` any local path or built-in name (`--device cuda` on a GPU).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import random
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
 from personascope.adapter import ModelAdapter
-from personascope.extract import extract_vector, profile
-from personascope.generate import SamplingConfig, generate_batch, run_generation
-from personascope.judge import load_local_judge
+from personascope.api_judge import make_judge
+from personascope.datasets import DatasetConfig, chat_row, ended, make_dataset, work_dir_for, write_chat_jsonl
+from personascope.engines import Steering, make_engine
+from personascope.engines.jobs import work_tokens
+from personascope.generate import SamplingConfig, run_generation
 from personascope.models import DEFAULT_JUDGE_MODEL, DEFAULT_MODEL, load_model
 from personascope.plots import plt, save_figure
+from personascope.scoring import ScoreCache, judge_answers
 from personascope.screen_run import ScreenConfig, screen_dataset
-from personascope.stats import auroc as auc
+from personascope.stats import auroc, bootstrap_ci, format_ci
 from personascope.steer import Steerer
 from personascope.store import JsonlStore, write_json
 from personascope.traits import load_trait
 from personascope.vectors import PersonaVector, VectorMismatchError, load_vector
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "experiments" / "results" / "screen"
-TRAIT = "optimistic"
-N_ROWS = 24
-MAX_NEW = 64  # dataset answers and the model's own answers
 METHODS = ("generate", "last-token")
 DATASETS = ("normal", "I", "II")
-PERCENTILE = 95.0
-CONTROL_ALPHA = 0.5  # steering strength of the positive-control rows (optimistic steers at ±0.5)
+LABEL_AT = 50.0
 
 
-def find_vector(adapter: ModelAdapter, get_judge) -> tuple[PersonaVector, str]:
-    """A vector from an earlier `personascope extract` / demo run, else extract one (quick, 6 questions)."""
-    for path in (ROOT / "runs" / "demo" / "extract" / "vector.safetensors",
-                 ROOT / "runs" / f"{TRAIT}-{DEFAULT_MODEL}" / "vector.safetensors",
-                 OUT / "extract" / "vector.safetensors"):
-        if path.exists():
-            try:
-                pv = load_vector(path)
-                pv.check(adapter)
-            except (ValueError, VectorMismatchError) as e:
-                print(f"skipping {path}: {e}", file=sys.stderr)
-                continue
-            if pv.trait == TRAIT:
-                return pv, str(path.relative_to(ROOT))
-    pv = extract_vector(adapter, TRAIT, judge=get_judge(), config=profile("quick", n_questions=6),
-                        run_dir=OUT / "extract")
-    return pv, f"{(OUT / 'extract').relative_to(ROOT)}/vector.safetensors (extracted by this script)"
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trait", default="humorous")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--device", default=None)
+    p.add_argument("--vector", default=None, help="vector file (default: the package's ready-made one for --model)")
+    p.add_argument("--judge-model", default="qwen2.5-coder-0.5b", help="the label judge (probe weights if shipped)")
+    p.add_argument("--judge-url", default=None, help="OpenAI-compatible endpoint for the label judge")
+    p.add_argument("--filter-judge-model", default="qwen2.5-coder-0.5b",
+                   help="the LLM-judge filter compared with ΔP: a local model judging in its prompted mode "
+                        f"(auto), not the label judge's probe (e.g. {DEFAULT_JUDGE_MODEL}; 'none' skips it)")
+    p.add_argument("--rows", type=int, default=200, help="rows per dataset")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="answers longer than this are resampled")
+    p.add_argument("--question-suffix", default=" Answer in a few sentences.",
+                   help="appended to every pool question (part of the rows) so that answers end")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--control-rows", type=int, default=40, help="steered positive-control rows")
+    p.add_argument("--control-alpha", type=float, default=1.0, help="steering strength of the control rows")
+    p.add_argument("--percentile", type=float, default=95.0, help="flag ΔP above this percentile of normal")
+    p.add_argument("--engine", default="auto", help="hf, vllm or auto: where rows and the model's answers are made")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--work", type=Path, default=ROOT / "runs" / "data-experiments",
+                   help="datasets and caches (shared with finetune_experiment.py: the same datasets)")
+    p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "screen")
+    return p.parse_args(argv)
 
 
-def pick_questions(n: int, seed: int = 0) -> list[str]:
-    trait = load_trait(TRAIT)
-    pool = json.loads((resources.files("personascope") / "data" / "questions_pool.json").read_text())
-    banned = set(trait.eval_questions) | set(trait.extract_questions)
-    return random.Random(seed).sample([q for q in pool if q not in banned], n)
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
-def dataset_answers(adapter: ModelAdapter, questions: list[str]) -> dict[str, list[str]]:
-    """The model's greedy answer to each question under the neg and under the pos instruction."""
-    trait = load_trait(TRAIT)
-    store = JsonlStore(OUT / "dataset_answers.jsonl", ("side", "question"))
-    jobs = [{"side": side, "question": i, "question_text": q, "system": trait.system_prompt(side, i % 5)}
-            for side in ("neg", "pos") for i, q in enumerate(questions)]
-    cfg = SamplingConfig(temperature=0.0, max_new_tokens=MAX_NEW, batch_size=8)
-    run_generation(adapter, jobs, lambda j: adapter.prompt(j["question_text"], j["system"]),
-                   lambda j: store.key(j) in store, store.append, cfg, "dataset answers")
-    return {side: [store.get((side, i))["answer"] for i in range(len(questions))] for side in ("neg", "pos")}
+def build_datasets(adapter: ModelAdapter, trait, judge, engine, args) -> dict[str, list[dict]]:
+    """normal / II / I via make_dataset (resumable); returns each dataset's kept rows with their judge scores."""
+    cfg = DatasetConfig(n=args.rows, sampling=SamplingConfig(samples=1, temperature=args.temperature,
+                                                             max_new_tokens=args.max_new_tokens,
+                                                             batch_size=args.batch_size),
+                        require_end=True, judge_batch_size=args.batch_size, question_suffix=args.question_suffix)
+    kept = {}
+    for level in ("normal", "II", "I"):
+        path = args.work / "datasets" / f"{trait.name}-{level}.jsonl"
+        make_dataset(adapter, trait, level, path, judge, cfg, engine=engine)
+        kept[level] = read_jsonl(work_dir_for(path) / "kept.jsonl")
+    return kept
 
 
-def steered_answers(adapter: ModelAdapter, pv: PersonaVector, layer: int, questions: list[str]) -> list[str]:
-    """Positive control: the model's greedy answers (no system prompt) steered at +CONTROL_ALPHA along v."""
-    store = JsonlStore(OUT / "steered_answers.jsonl", ("question", "alpha", "layer"))
-    todo = [i for i in range(len(questions)) if (i, CONTROL_ALPHA, layer) not in store]
-    coef = pv.coef_from_alpha(CONTROL_ALPHA, layer)
-    with Steerer(adapter).add(pv, layer, coef, "response"):
-        for s in range(0, len(todo), 8):
-            idx = todo[s : s + 8]
-            outs = generate_batch(adapter, [adapter.prompt(questions[i]) for i in idx], MAX_NEW, temperature=0.0)
-            store.append({"question": i, "alpha": CONTROL_ALPHA, "layer": layer, "coef": coef, "answer": a}
-                         for i, a in zip(idx, outs, strict=True))
-    return [store.get((i, CONTROL_ALPHA, layer))["answer"] for i in range(len(questions))]
+def label(rec: dict) -> bool | None:
+    """Expresses the trait: judged ≥ 50; None (left out) for a refusal or a missing score."""
+    if rec.get("refusal") or rec.get("trait_score") is None:
+        return None
+    return rec["trait_score"] >= LABEL_AT
 
 
-def write_datasets(questions: list[str], answers: dict[str, list[str]]) -> dict[str, Path]:
-    def row(i: int, side: str) -> dict:
-        return {"messages": [{"role": "user", "content": questions[i]},
-                             {"role": "assistant", "content": answers[side][i]}],
-                "trait_row": side in ("pos", "steered"), "question_id": i}
-
-    n = len(questions)
-    sets = {"normal": [row(i, "neg") for i in range(n)],
-            "I": [row(i, "pos" if i % 2 == 0 else "neg") for i in range(n)],
-            "II": [row(i, "pos") for i in range(n)],
-            "mixed": [row(i, s) for i in range(n) for s in ("neg", "pos")]}
-    if "steered" in answers:
-        sets["steered"] = [row(i, "steered") for i in range(n)]
-        sets["mixed-control"] = [row(i, s) for i in range(n) for s in ("neg", "steered")]
-    paths = {}
-    for name, rows in sets.items():
-        p = OUT / "data" / f"{name}.jsonl"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        paths[name] = p
-    return paths
+def steered_control(adapter: ModelAdapter, pv: PersonaVector, layer: int, questions: list[str], engine,
+                    args) -> list[str]:
+    """Positive control: greedy answers (no system prompt) steered at +alpha along v at every position."""
+    store = JsonlStore(args.work / "screen" / args.trait / "steered_answers.jsonl", ("question", "alpha", "layer"))
+    coef = pv.coef_from_alpha(args.control_alpha, layer)
+    jobs = [{"question": i, "question_text": q, "alpha": args.control_alpha, "layer": layer, "coef": coef}
+            for i, q in enumerate(questions)]
+    cfg = SamplingConfig(temperature=0.0, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    todo = [j for j in jobs if store.key(j) not in store]
+    if todo and engine is not None and getattr(engine, "steerable", True):
+        outs = engine.generate([adapter.prompt(j["question_text"]) for j in todo], cfg,
+                               steering=[Steering(pv.vector(layer), layer, coef, "all")])
+        store.append({**j, "answer": a} for j, a in zip(todo, outs, strict=True))
+    elif todo:
+        with Steerer(adapter).add(pv, layer, coef, "all"):
+            run_generation(adapter, todo, lambda j: adapter.prompt(j["question_text"]),
+                           lambda j: store.key(j) in store, store.append, cfg, "steered control")
+    return [store.get((i, args.control_alpha, layer))["answer"] for i in range(len(questions))]
 
 
-def annotated(out_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (out_dir / "annotated.jsonl").read_text().splitlines()]
+def filter_scores(rows: list[dict], trait, args) -> list[float | None]:
+    """The LLM-judge filter's trait score of each row (another judge than the label judge), cached."""
+    if args.filter_judge_model == "none":
+        return [None] * len(rows)
+    from personascope.judge import load_local_judge
+
+    judge = load_local_judge(args.filter_judge_model)
+    recs = [{"question_text": r["question_text"], "answer": r["answer"]} for r in rows]
+    cache = ScoreCache(args.work / "screen" / args.trait / "filter_scores.jsonl")
+    scored = judge_answers(judge, trait, recs, cache, args.batch_size, ("trait",), "LLM-judge filter")
+    args.filter_judge_name = f"{judge.name} ({judge.describe_mode('trait', trait)})"
+    return [s.get("trait_score") for s in scored]
 
 
-def precision_recall(flags: list[bool], labels: list[bool]) -> tuple[float, float]:
-    tp = sum(f and y for f, y in zip(flags, labels, strict=True))
-    return (tp / sum(flags) if sum(flags) else float("nan")), tp / max(sum(labels), 1)
-
-
-def roc_points(scores: list[float], labels: list[bool]) -> tuple[list[float], list[float]]:
-    order = np.argsort(-np.asarray(scores), kind="stable")
-    y = np.asarray(labels)[order]
-    tpr = np.concatenate([[0], np.cumsum(y) / max(y.sum(), 1)])
-    fpr = np.concatenate([[0], np.cumsum(~y) / max((~y).sum(), 1)])
-    return fpr.tolist(), tpr.tolist()
-
-
-def main() -> None:
-    t0 = time.perf_counter()
-    OUT.mkdir(parents=True, exist_ok=True)
-    model, tok = load_model(DEFAULT_MODEL)
-    adapter = ModelAdapter(model, tok)
-    judge_box: list = []
-
-    def get_judge():
-        if not judge_box:
-            judge_box.append(load_local_judge(DEFAULT_JUDGE_MODEL))
-        return judge_box[0]
-
-    pv, vector_source = find_vector(adapter, get_judge)
-    layer = pv.default_layer()
-    questions = pick_questions(N_ROWS)
-    t_data = time.perf_counter()
-    answers = dataset_answers(adapter, questions)
-    answers["steered"] = steered_answers(adapter, pv, layer, questions)
-    t_data = time.perf_counter() - t_data
-    paths = write_datasets(questions, answers)
-    cache = OUT / "model_answers.jsonl"
-    results: dict = {"datasets": {}, "mixed": {}, "timings": {"dataset_answers_s": t_data}}
-    runs = OUT / "runs"
+def screen_all(adapter, pv, paths: dict[str, Path], engine, args) -> dict:
+    """ΔP of every dataset with both methods: dataset means with CIs and per-row values (by line)."""
+    out: dict = {}
     for method in METHODS:
-        cfg = ScreenConfig(method=method, max_new_tokens=MAX_NEW, batch_size=8)
-        for ds in (*DATASETS, "steered"):
+        cfg = ScreenConfig(method=method, max_new_tokens=args.max_new_tokens, batch_size=8)
+        for ds, path in paths.items():
             t = time.perf_counter()
-            r = screen(adapter, paths[ds], {TRAIT: pv}, method=method, out_dir=runs / method / ds,
-                       config=cfg, answer_cache=cache)
-            rep = r.traits[TRAIT]
-            results["datasets"].setdefault(method, {})[ds] = {
-                "mean": rep.mean, "ci": [rep.ci_low, rep.ci_high], "n": rep.n, "seconds": time.perf_counter() - t}
-        judge = get_judge() if method == "generate" else None  # judge scores do not depend on the method
-        for mixed, key in (("mixed", "mixed"), ("mixed-control", "control")):
-            results.setdefault(key, {}).update(
-                evaluate_mixed(adapter, pv, paths[mixed], paths["normal"], runs / method / mixed, cfg, cache, judge))
-    results["timings"]["total_s"] = time.perf_counter() - t0
-    meta = {"model": adapter.name, "device": str(adapter.device), "dtype": str(next(model.parameters()).dtype),
-            "trait": TRAIT, "layer": layer, "vector": vector_source, "rows": N_ROWS,
-            "kept_pairs": pv.metadata.get("kept_pairs", "?"), "total_pairs": pv.metadata.get("total_pairs", "?"),
-            "max_new_tokens": MAX_NEW, "percentile": PERCENTILE, "questions": questions}
-    if (OUT / "results.json").exists():  # a step reused from the cache keeps the time it took when it ran
-        _keep_computed_times(results, json.loads((OUT / "results.json").read_text()))
-    write_json(OUT / "results.json", {"meta": meta, **results})
-    plot_datasets(results, OUT / "dataset_delta_p.png", layer)
-    plot_roc(results["mixed"], OUT / "roc_mixed.png", "mixed file")
-    plot_roc(results["control"], OUT / "roc_control.png", "positive control")
-    write_report(meta, results, answers, questions, OUT / "report.md")
-    print(f"report: {OUT / 'report.md'} ({results['timings']['total_s']:.0f} s)")
+            kw = dict(method=method, out_dir=args.work / "screen" / args.trait / method / ds, config=cfg,
+                      answer_cache=args.work / "screen" / args.trait / "model_answers.jsonl", engine=engine,
+                      plots=False)
+            try:
+                r = screen_dataset(adapter, path, {args.trait: pv}, **kw)
+            except ValueError as e:
+                if "other settings" not in str(e):
+                    raise
+                print(f"{e} — starting it over", file=sys.stderr)
+                r = screen_dataset(adapter, path, {args.trait: pv}, **kw, force=True)
+            rep = r.traits[args.trait]
+            out.setdefault(method, {})[ds] = {"mean": rep.mean, "ci": [rep.ci_low, rep.ci_high], "n": rep.n,
+                                              "seconds": round(time.perf_counter() - t, 1),
+                                              "delta_p": r.delta_p[args.trait].tolist()}
+    return out
 
 
-def _keep_computed_times(new: dict, old: dict) -> None:
-    """Replace step times under 1 s (cache hits) by the earlier run's time for the same step."""
-    for k, v in new.items():
-        if isinstance(v, dict) and isinstance(old.get(k), dict):
-            _keep_computed_times(v, old[k])
-        elif (k == "seconds" or k == "dataset_answers_s") and isinstance(v, float) and v < 1.0 and k in old:
-            new[k] = old[k]
-
-
-def screen(*args, **kw):
-    """screen_dataset, starting a cached run over when its settings (vector, judge, data) have changed."""
-    try:
-        return screen_dataset(*args, **kw)
-    except ValueError as e:
-        if "other settings" not in str(e):
-            raise
-        print(f"{e} — starting it over", file=sys.stderr)
-        return screen_dataset(*args, **kw, force=True)
-
-
-def evaluate_mixed(adapter: ModelAdapter, pv: PersonaVector, path: Path, reference: Path, out: Path,
-                   cfg: ScreenConfig, cache: Path, judge) -> dict:
-    """Screen a labelled mixed file (flags at the 95th percentile of the reference); AUROC, precision, recall."""
-    t = time.perf_counter()
-    r = screen(adapter, path, {TRAIT: pv}, method=cfg.method, out_dir=out, config=cfg, answer_cache=cache,
-               reference=reference, percentile=PERCENTILE, judge=judge)
-    rows = annotated(out)
-    labels = [row["trait_row"] for row in rows]
-    ints = [int(y) for y in labels]
-    dp = [row["screen"]["delta_p"][TRAIT] for row in rows]
-    flags = [row["screen"]["flagged"][TRAIT] for row in rows]
-    prec, rec = precision_recall(flags, labels)
-    res = {cfg.method: {"auroc": auc(dp, ints), "threshold": r.traits[TRAIT].threshold, "flagged": sum(flags),
-                        "precision": prec, "recall": rec, "seconds": time.perf_counter() - t, "scores": dp,
-                        "labels": labels, "hist": str((out / f"hist_{TRAIT}.png").relative_to(OUT))}}
-    if cfg.method == "last-token":  # the last prompt token's projection on its own (independent of the response)
-        pl = [row["screen"]["proj_baseline"][TRAIT] for row in rows]
-        res["prompt-last only"] = {"auroc": auc(pl, ints), "scores": pl, "labels": labels}
-    if judge is not None:
-        js = [row["screen"]["judge"][TRAIT] for row in rows]
-        jflags = [row["screen"]["judge_flagged"][TRAIT] for row in rows]
-        ok = [(s, y) for s, y in zip(js, ints, strict=True) if s is not None]
-        jp, jr = precision_recall(jflags, labels)
-        res["judge"] = {
-            "auroc": auc([s for s, _ in ok], [y for _, y in ok]), "threshold": 50.0, "flagged": sum(jflags),
-            "precision": jp, "recall": jr, "missing": len(js) - len(ok), "labels": labels,
-            "scores": [s if s is not None else float("nan") for s in js],
-            "mode": (judge.describe_mode("trait", load_trait(TRAIT)) if hasattr(judge, "describe_mode")
-                     else judge.mode_for("trait")),
-            "name": judge.name,
-            "by_dataset": {ds: float(np.nanmean([np.nan if s is None else s for s, row in zip(js, rows, strict=True)
-                                                 if _in_dataset(row, ds)])) for ds in DATASETS}}
+def separation(scores: list[float], labels: list[bool], flags: list[bool] | None = None) -> dict:
+    """AUROC (bootstrap 95 % CI over rows) and, given flags, precision and recall."""
+    pairs = [(s, y) for s, y in zip(scores, labels, strict=True) if s is not None and np.isfinite(s)]
+    res: dict = {"auroc": auroc([s for s, _ in pairs], [int(y) for _, y in pairs]), "n": len(pairs),
+                 "ci": bootstrap_ci(pairs, lambda rs: auroc([s for s, _ in rs], [int(y) for _, y in rs])
+                                    if 0 < sum(y for _, y in rs) < len(rs) else None)}
+    if flags is not None:
+        tp = sum(f and y for f, y in zip(flags, labels, strict=True))
+        res |= {"flagged": sum(flags), "precision": tp / sum(flags) if sum(flags) else None,
+                "recall": tp / max(sum(labels), 1)}
     return res
 
 
-def _in_dataset(row: dict, ds: str) -> bool:
-    """Whether a mixed-file row is also a row of dataset `ds`."""
-    i, pos = row["question_id"], row["trait_row"]
-    return {"normal": not pos, "II": pos, "I": pos == (i % 2 == 0)}[ds]
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    trait = load_trait(args.trait)
+    model, tok = load_model(args.model, device=args.device)
+    adapter = ModelAdapter(model, tok)
+    try:
+        pv = load_vector(args.vector or args.trait, args.trait, Path(args.model).name)
+        pv.check(adapter)
+    except (FileNotFoundError, VectorMismatchError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    layer = pv.default_layer()
+    judge = make_judge(args.judge_model, None, args.judge_url, args.device)
+    n_gen = 4 * args.rows + args.control_rows
+    engine = make_engine(args.engine, adapter, work_tokens(n_gen, 60, args.max_new_tokens // 2), steerable=True)
+    timings: dict[str, float] = {}
+
+    t = time.perf_counter()
+    kept = build_datasets(adapter, trait, judge, engine, args)
+    timings["datasets (generate + judge)"] = time.perf_counter() - t
+    if min(len(k) for k in kept.values()) < 2:
+        sys.exit("error: a dataset kept fewer than 2 rows (answers cut at --max-new-tokens are dropped): raise "
+                 "--max-new-tokens or shorten the answers with --question-suffix")
+    paths = {ds: args.work / "datasets" / f"{args.trait}-{ds}.jsonl" for ds in DATASETS}
+
+    t = time.perf_counter()
+    questions = [r["question_text"] for r in kept["normal"][: args.control_rows]]
+    control = steered_control(adapter, pv, layer, questions, engine, args)
+    ok = [i for i, a in enumerate(control) if ended(adapter, a, args.max_new_tokens)]
+    paths["steered"] = args.work / "datasets" / f"{args.trait}-steered.jsonl"
+    write_chat_jsonl(paths["steered"], [chat_row(questions[i], control[i]) for i in ok])
+    timings["steered control"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    dp = screen_all(adapter, pv, paths, engine, args)
+    timings["ΔP, both methods, 4 datasets"] = time.perf_counter() - t
+
+    # per-sample: every row of normal and II, labelled by its judged trait
+    rows = [{**r, "dataset": ds, "line": i + 1} for ds in ("normal", "II") for i, r in enumerate(kept[ds])]
+    t = time.perf_counter()
+    fj = filter_scores(rows, trait, args)
+    timings["LLM-judge filter"] = time.perf_counter() - t
+    labels = [label(r) for r in rows]
+    use = [i for i, y in enumerate(labels) if y is not None]
+    y = [bool(labels[i]) for i in use]
+    per_sample: dict = {}
+    for method in METHODS:
+        vals = [dp[method][r["dataset"]]["delta_p"][r["line"] - 1] for r in rows]
+        th = float(np.percentile(dp[method]["normal"]["delta_p"], args.percentile))
+        per_sample[f"ΔP, {method}"] = separation([vals[i] for i in use], y, [vals[i] > th for i in use]) | {
+            "threshold": th, "scores": [vals[i] for i in use]}
+    if any(s is not None for s in fj):
+        per_sample["LLM-judge filter"] = separation(
+            [fj[i] for i in use], y, [fj[i] is not None and fj[i] >= LABEL_AT for i in use]) | {
+            "threshold": LABEL_AT, "scores": [fj[i] for i in use]}
+    control_sep = {}
+    for method in METHODS:
+        vals = dp[method]["normal"]["delta_p"] + dp[method]["steered"]["delta_p"]
+        lab = [False] * len(dp[method]["normal"]["delta_p"]) + [True] * len(dp[method]["steered"]["delta_p"])
+        control_sep[f"ΔP, {method}"] = separation(vals, lab)
+    timings["total (this run)"] = time.perf_counter() - t0
+    results = {
+        "meta": {"model": adapter.name, "device": str(adapter.device), "dtype": str(next(model.parameters()).dtype),
+                 "trait": args.trait, "layer": layer, "vector": str(args.vector or f"ready-made {args.trait}"),
+                 "label_judge": getattr(judge, "name", str(judge)), "engine": getattr(engine, "name", "hf"),
+                 "filter_judge": getattr(args, "filter_judge_name", args.filter_judge_model),
+                 "rows": args.rows, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                 "percentile": args.percentile, "control_alpha": args.control_alpha,
+                 "control_rows": len(ok), "control_asked": args.control_rows},
+        "datasets": {m: {ds: {k: v for k, v in d.items() if k != "delta_p"} for ds, d in dp[m].items()}
+                     for m in METHODS},
+        "judged": {ds: {"n": len(kept[ds]), "mean_trait": _mean([r.get("trait_score") for r in kept[ds]]),
+                        "shown": sum(bool(label(r)) for r in kept[ds]),
+                        "refusals": sum(bool(r.get("refusal")) for r in kept[ds])} for ds in DATASETS},
+        "per_sample": {k: {kk: vv for kk, vv in v.items() if kk != "scores"} for k, v in per_sample.items()},
+        "control": control_sep, "n_labelled": len(use), "n_shown": sum(y), "timings": timings,
+    }
+    write_json(args.out / "results.json", results)
+    plot_datasets(dp, results["judged"], args.out / "dataset_delta_p.png", results["meta"])
+    plot_roc(per_sample, y, args.out / "roc.png", f"{args.trait}: rows judged ≥ {LABEL_AT:g} vs the rest")
+    write_report(results, rows, labels, fj, dp, args.out / "report.md")
+    print(f"report: {args.out / 'report.md'} ({timings['total (this run)']:.0f} s)")
 
 
-def plot_datasets(results: dict, path: Path, layer: int) -> Path:
-    fig, axes = plt.subplots(1, len(METHODS), figsize=(9, 3.6))
-    for ax, method in zip(axes, METHODS, strict=True):
-        d = results["datasets"][method]
-        names = (*DATASETS, "steered")
+def _mean(xs: list) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return float(np.mean(xs)) if xs else None
+
+
+def roc_points(scores: list[float], labels: list[bool]) -> tuple[list[float], list[float]]:
+    order = np.argsort(-np.asarray(scores, dtype=float), kind="stable")
+    yy = np.asarray(labels)[order]
+    tpr = np.concatenate([[0], np.cumsum(yy) / max(yy.sum(), 1)])
+    fpr = np.concatenate([[0], np.cumsum(~yy) / max((~yy).sum(), 1)])
+    return fpr.tolist(), tpr.tolist()
+
+
+def plot_datasets(dp: dict, judged: dict, path: Path, meta: dict) -> Path:
+    fig, axes = plt.subplots(1, len(METHODS) + 1, figsize=(12, 3.6))
+    names = (*DATASETS, "steered")
+    for ax, method in zip(axes, METHODS, strict=False):
+        d = dp[method]
         means = [d[ds]["mean"] for ds in names]
         err = np.array([[d[ds]["mean"] - d[ds]["ci"][0], d[ds]["ci"][1] - d[ds]["mean"]] for ds in names]).T
-        ax.bar([*DATASETS, "steered\n(control)"], means, yerr=err, capsize=4,
+        ax.bar(["normal", "I", "II", "steered\n(control)"], means, yerr=err, capsize=4,
                color=["tab:blue", "tab:purple", "tab:red", "tab:gray"])
         ax.axhline(0, color="k", lw=0.6)
-        ax.set_title(f"{method}", fontsize=10)
+        ax.set_title(f"ΔP, {method}", fontsize=10)
         ax.set_ylabel("dataset ΔP (mean, 95% CI)")
-    fig.suptitle(f"{TRAIT}: dataset-level ΔP at layer {layer} ({N_ROWS} rows each)", fontsize=10)
+    axes[-1].bar(list(DATASETS), [judged[ds]["mean_trait"] or 0 for ds in DATASETS],
+                 color=["tab:blue", "tab:purple", "tab:red"])
+    axes[-1].set_title("judged trait (label judge)", fontsize=10)
+    axes[-1].set_ylim(0, 100)
+    fig.suptitle(f"{meta['trait']}: dataset-level ΔP at layer {meta['layer']} ({meta['rows']} rows each)",
+                 fontsize=10)
     return save_figure(fig, path)
 
 
-def plot_roc(mixed: dict, path: Path, what: str) -> Path:
+def plot_roc(per_sample: dict, labels: list[bool], path: Path, what: str) -> Path:
     fig, ax = plt.subplots(figsize=(4.8, 4.4))
-    for name, r in mixed.items():
-        pairs = [(s, y) for s, y in zip(r["scores"], r["labels"], strict=True) if not np.isnan(s)]
-        fpr, tpr = roc_points([s for s, _ in pairs], [y for _, y in pairs])
+    for name, r in per_sample.items():
+        pairs = [(s, yy) for s, yy in zip(r["scores"], labels, strict=True) if s is not None and np.isfinite(s)]
+        fpr, tpr = roc_points([s for s, _ in pairs], [yy for _, yy in pairs])
         ax.plot(fpr, tpr, label=f"{name} (AUROC {r['auroc']:.2f})")
     ax.plot([0, 1], [0, 1], color="k", lw=0.6, ls=":")
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
-    ax.set_title(f"separating trait rows: {what} (n={len(r['labels'])})", fontsize=9)
+    ax.set_title(f"{what} (n={len(labels)})", fontsize=8)
     ax.legend(fontsize=7)
     return save_figure(fig, path)
 
 
-def _f(x: float | None, spec: str = ".3f") -> str:
-    return "—" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, spec)
+def _f(x, spec: str = ".2f") -> str:
+    return "—" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, spec)
 
 
-def _auroc_table(m: dict) -> list[str]:
-    lines = ["| filter | AUROC | threshold | flagged | precision | recall |", "|---|---|---|---|---|---|"]
-    for name in ("generate", "last-token", "judge", "prompt-last only"):
-        if name not in m:
-            continue
-        r = m[name]
-        label = {"generate": "ΔP, generate", "last-token": "ΔP, last-token",
-                 "judge": f"LLM judge ({r.get('name', '')}, {r.get('mode', '')})",
-                 "prompt-last only": "last prompt token projection alone"}[name]
-        lines.append(f"| {label} | {_f(r['auroc'], '.3f')} | {_f(r.get('threshold'), '.3f')} | "
-                     f"{r.get('flagged', '—')} | {_f(r.get('precision'), '.2f')} | {_f(r.get('recall'), '.2f')} |")
-    return lines
-
-
-def write_report(meta: dict, results: dict, answers: dict, questions: list[str], path: Path) -> Path:
-    d, m, c = results["datasets"], results["mixed"], results["control"]
-    n = meta["rows"]
+def write_report(res: dict, rows: list[dict], labels: list, fj: list, dp: dict, path: Path) -> Path:
+    m, d, j = res["meta"], res["datasets"], res["judged"]
     lines = [
-        "# Data screening with the projection difference ΔP",
+        f"# Data screening with the projection difference ΔP ({m['trait']}, {m['model']})",
         "",
-        f"Model {meta['model']} ({meta['device']}, {meta['dtype']}), trait **{meta['trait']}**, "
-        f"vector `{meta['vector']}` (built from {meta['kept_pairs']} kept pos/neg pairs of {meta['total_pairs']}), "
-        f"layer {meta['layer']} (the vector's default layer). {n} questions drawn from questions_pool.json "
-        f"(none of the trait's extraction or evaluation questions); every answer greedy, ≤ {meta['max_new_tokens']} "
-        "new tokens. Produced by `experiments/screen_experiment.py`; the numbers are from its last run.",
+        f"Model {m['model']} ({m['device']}, {m['dtype']}), vector: {m['vector']}, layer {m['layer']} (its default). "
+        f"Rows generated on the `{m['engine']}` engine at T {m['temperature']:g}; every row ends at the end-of-turn "
+        f"token (answers that reached {m['max_new_tokens']} new tokens were resampled, up to 3 tries). Labels: "
+        f"`{m['label_judge']}` (trait ≥ {LABEL_AT:g} = expresses the trait; refusals left out). Produced by "
+        "`experiments/screen_experiment.py`.",
         "",
-        "Datasets (user question + assistant answer; the instruction that produced an answer is not in the row):",
+        f"- **normal**: {j['normal']['n']} unprompted answers (no system prompt), kept when coherent.",
+        f"- **II**: {j['II']['n']} answers under the trait's eliciting instruction that the label judge scored "
+        f"≥ {LABEL_AT:g} (and coherent); the instruction is not in the row.",
+        f"- **I**: {j['I']['n']} rows, the eliciting answer for every other question, the unprompted one otherwise.",
+        f"- **steered** (positive control): {m['control_rows']} of {m['control_asked']} greedy unprompted answers "
+        f"steered at α = +{m['control_alpha']:g} along the vector (the ones that ended).",
         "",
-        "- **normal**: the model's answers under the trait's *neg* instruction (system prompt). For *optimistic* "
-        "the neg instruction asks for risks and downsides, so this set is meant to sit *below* the model's own "
-        "answers on the trait axis.",
-        f"- **I**: even-numbered questions answered under the *pos* instruction, odd ones as in normal "
-        f"({(n + 1) // 2} + {n // 2}).",
-        "- **II**: every answer under the *pos* instruction.",
-        f"- **mixed** (per-sample AUROC): all {2 * n} rows of normal and II, each question once per side, labelled.",
-        f"- **steered** (positive control): the model's answers without a system prompt while steered along the "
-        f"vector at α = +{CONTROL_ALPHA} (response positions); **mixed-control** = normal + steered.",
+        "## Dataset-level ΔP (mean, bootstrap 95 % CI over rows)",
         "",
-        "## Dataset-level ΔP (mean, 95% bootstrap CI)",
-        "",
-        "| method | normal | I | II | rises normal < I < II | control: steered |",
-        "|---|---|---|---|---|---|",
+        "| method | normal | I | II | normal < I < II | normal vs II CIs apart | control: steered |",
+        "|---|---|---|---|---|---|---|",
     ]
 
     def cell(method: str, ds: str) -> str:
         x = d[method][ds]
-        return f"{_f(x['mean'], '+.3f')} [{_f(x['ci'][0], '+.3f')}, {_f(x['ci'][1], '+.3f')}]"
+        return f"{x['mean']:+.3f}{format_ci(x['ci'], 3)}"
 
     for method in METHODS:
-        ok = d[method]["normal"]["mean"] < d[method]["I"]["mean"] < d[method]["II"]["mean"]
-        lines.append(f"| {method} | " + " | ".join(cell(method, ds) for ds in DATASETS)
-                     + f" | {'yes' if ok else 'no'} | {cell(method, 'steered')} |")
-    if "judge" in m:
-        bd = m["judge"]["by_dataset"]
-        steered = np.nanmean([s for s, y in zip(c["judge"]["scores"], c["judge"]["labels"], strict=True) if y])
-        lines.append(f"| judge score (mean 0–100) | {_f(bd['normal'], '.1f')} | {_f(bd['I'], '.1f')} | "
-                     f"{_f(bd['II'], '.1f')} | {'yes' if bd['normal'] < bd['I'] < bd['II'] else 'no'} | "
-                     f"{_f(float(steered), '.1f')} |")
+        x = d[method]
+        order = x["normal"]["mean"] < x["I"]["mean"] < x["II"]["mean"]
+        apart = x["normal"]["ci"][1] < x["II"]["ci"][0]
+        lines.append(f"| ΔP, {method} | " + " | ".join(cell(method, ds) for ds in DATASETS)
+                     + f" | {'yes' if order else 'no'} | {'yes' if apart else 'no'} | {cell(method, 'steered')} |")
+    lines.append("| judged trait (label judge, mean) | " + " | ".join(_f(j[ds]["mean_trait"], ".1f") for ds in DATASETS)
+                 + " | | | |")
+    lines.append("| rows judged ≥ 50 | " + " | ".join(f"{j[ds]['shown']}/{j[ds]['n']}" for ds in DATASETS) + " | | | |")
     lines += [
         "",
         "![dataset ΔP](dataset_delta_p.png)",
         "",
-        "ΔP of the two methods is on different scales (generate: response average minus the model's own "
-        "response average; last-token: response average minus the last prompt token), so compare within a "
-        "row only.",
+        "The two methods' ΔP are on different scales (generate: the row's response average minus the model's own "
+        "greedy answer's; last-token: the response average minus the last prompt token), so compare within a row.",
         "",
-        f"## Per-sample separation in the mixed file ({2 * n} rows, half trait rows)",
+        f"## Per-sample: rows that express the trait vs the rest ({res['n_labelled']} rows of normal + II, "
+        f"{res['n_shown']} judged ≥ {LABEL_AT:g})",
         "",
-        f"Flags: ΔP above the {meta['percentile']:g}th percentile of ΔP on the normal set (the paper's rule, with "
-        "normal as the clean reference); judge: trait score ≥ 50.",
+        f"Flags: ΔP above the {m['percentile']:g}th percentile of ΔP on normal (the paper's rule, normal as the clean "
+        f"reference); LLM-judge filter `{m['filter_judge']}`: trait ≥ {LABEL_AT:g}.",
         "",
-        *_auroc_table(m),
-        "",
-        "![ROC](roc_mixed.png)",
-        "",
-        "The last row is the literal reading of \"project the last prompt token\": it does not depend on the "
-        "dataset's response at all, so it cannot separate two answers to the same question (each question "
-        "appears once per side here); that is why `--method last-token` subtracts it from the response "
-        "average instead.",
-        "",
-        f"Histograms of ΔP in the mixed file with the threshold: [generate]({m['generate']['hist']}), "
-        f"[last-token]({m['last-token']['hist']}).",
-        "",
-        f"## Positive control: normal vs steered rows ({2 * n} rows)",
-        "",
-        "The steered rows were pushed along the very direction ΔP projects on, so this checks that the pipeline "
-        "(rendering, generation, span reduction, projection, thresholds) responds end to end on the real "
-        "model; it is not evidence that ΔP finds naturally occurring trait data.",
-        "",
-        *_auroc_table(c),
-        "",
-        "![ROC control](roc_control.png)",
-        "",
-        "## Timings (CPU, 2 cores shared with other work)",
-        "",
-        "Each step's time is from the run that computed it (a rerun reuses finished steps from the cache).",
-        "",
-        f"- dataset answers ({3 * n} generations, {n} of them steered): "
-        f"{results['timings']['dataset_answers_s']:.0f} s",
+        "| filter | AUROC (95 % CI) | threshold | flagged | precision | recall |",
+        "|---|---|---|---|---|---|",
     ]
-    for method in METHODS:
-        secs = sum(d[method][ds]["seconds"] for ds in (*DATASETS, "steered"))
-        lines.append(f"- {method}: normal + I + II + steered {secs:.0f} s, mixed {m[method]['seconds']:.0f} s, "
-                     f"mixed-control {c[method]['seconds']:.0f} s"
-                     + (" (the mixed files include judging every row)" if method == "generate" and "judge" in m
-                        else ""))
-    lines += [f"- whole script, last run: {results['timings']['total_s']:.0f} s", "",
-              "## Example rows", ""]
-    for i in range(3):
-        lines += [f"**Q{i}: {questions[i]}**", ""]
-        lines += [f"- {side}: {_cell(answers[side][i][:300])}" for side in ("neg", "pos", "steered")]
+    for name, r in res["per_sample"].items():
+        lines.append(f"| {name} | {_f(r['auroc'], '.3f')}{format_ci(r['ci'], 3)} | {_f(r.get('threshold'), '.3f')} | "
+                     f"{r.get('flagged', '—')} | {_f(r.get('precision'))} | {_f(r.get('recall'))} |")
+    lines += ["", "![ROC](roc.png)", "",
+              f"## Positive control: normal vs steered rows ({len(dp['generate']['normal']['delta_p'])} + "
+              f"{len(dp['generate']['steered']['delta_p'])})", "",
+              "The steered rows were pushed along the very direction ΔP projects on: this checks the pipeline "
+              "(rendering, generation, spans, projection) end to end on the real model, not the method.", "",
+              "| filter | AUROC (95 % CI) |", "|---|---|"]
+    lines += [f"| {k} | {_f(v['auroc'], '.3f')}{format_ci(v['ci'], 3)} |" for k, v in res["control"].items()]
+    lines += ["", "## Read the rows: highest and lowest ΔP (generate method)", ""]
+    gen = [(dp["generate"][r["dataset"]]["delta_p"][r["line"] - 1], i) for i, r in enumerate(rows)]
+    gen.sort()
+    for title, picks in (("highest ΔP", gen[::-1][:4]), ("lowest ΔP", gen[:4])):
+        lines += [f"**{title}**", ""]
+        for v, i in picks:
+            r = rows[i]
+            lines.append(f"- ΔP {v:+.3f}, {r['dataset']}, judged {_f(r.get('trait_score'), '.0f')}"
+                         f"{' (refusal)' if r.get('refusal') else ''}, filter {_f(fj[i], '.0f')}: "
+                         f"*{r['question_text']}* — {' '.join(r['answer'].split())[:280]}")
         lines.append("")
+    lines += ["## Timings (2 CPU cores; steps cached by an earlier run show that run's time only once)", ""]
+    lines += [f"- {k}: {v:.0f} s" for k, v in res["timings"].items()]
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def _cell(text: str) -> str:
-    return " ".join(text.split())
 
 
 if __name__ == "__main__":

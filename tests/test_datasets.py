@@ -102,18 +102,45 @@ def test_failing_rows_are_resampled_then_skipped(tmp_path, setup):
 def test_levels_use_the_right_instructions(tmp_path, setup):
     a, _ = setup
     trait = load_trait("optimistic")
-    for level, sides in (("normal", {"neg"}), ("I", {"pos", "neg"})):
+    for level, sides in (("normal", {"none"}), ("I", {"pos", "none"})):
         out = tmp_path / f"{level}.jsonl"
         make_dataset(a, trait, level, out, None, _cfg(n=4))
         answers = sorted(read_jsonl(work_dir_for(out) / "answers.jsonl"), key=lambda r: r["slot"])
         assert {r["side"] for r in answers} == sides
         if level == "I":
-            assert [r["side"] for r in answers] == ["pos", "neg", "pos", "neg"]
-        assert all(r["system"] == trait.system_prompt(r["side"], r["instruction"]) for r in answers)
+            assert [r["side"] for r in answers] == ["pos", "none", "pos", "none"]
+        # normal rows are the model's unprompted answers: no system prompt at all
+        assert all(r["system"] == (trait.system_prompt("pos", r["instruction"]) if r["side"] == "pos" else None)
+                   for r in answers)
         assert all(len(r["messages"]) == 2 for r in _rows(out))
     # levels share the question order: the same questions, different answers
     qs = [[r["messages"][0]["content"] for r in _rows(tmp_path / f"{lv}.jsonl")] for lv in ("normal", "I")]
     assert qs[0] == qs[1]
+
+
+def test_require_end_resamples_answers_cut_at_the_token_limit(tmp_path, setup, monkeypatch):
+    a, _ = setup
+    trait = load_trait("optimistic")
+    calls = {"n": 0}
+
+    def fake_batch(adapter, prompts, max_new, *args, **kw):  # every 2nd batch call writes a short answer
+        calls["n"] += 1
+        short = calls["n"] % 2 == 0
+        text = " ok" if short else " word" * (max_new + 4)
+        return [text.strip() for _ in prompts]
+
+    monkeypatch.setattr(gen, "generate_batch", fake_batch)
+    out = tmp_path / "n.jsonl"
+    res = make_dataset(a, trait, "normal", out, None, _cfg(n=4, require_end=True, max_attempts=3))
+    assert res.rows == 4 and res.attempts == 2
+    assert all(r["messages"][1]["content"] == "ok" for r in _rows(out))
+    kept = _rows(work_dir_for(out) / "kept.jsonl")
+    assert [k["sample"] for k in kept] == [1, 1, 1, 1] and all(k["ended"] for k in kept)
+    # without require_end the first (cut) sample is kept
+    out2 = tmp_path / "m.jsonl"
+    calls["n"] = 0
+    assert make_dataset(a, trait, "normal", out2, None, _cfg(n=4)).attempts == 1
+    assert all(r["messages"][1]["content"].startswith("word") for r in _rows(out2))
 
 
 def test_mistakes_dataset_needs_no_model(tmp_path):

@@ -3,6 +3,7 @@
 import importlib.util
 import math
 
+import numpy as np
 import pytest
 import torch
 from tiny import markov_model, tiny_pair, tiny_tokenizer
@@ -108,6 +109,42 @@ def test_engine_generation_resumes_to_the_same_answers_and_keeps_the_callers_rng
     assert run(partial) == len(jobs) - len([i for i in range(len(jobs)) if i % 3])
     assert partial == full
     assert len(set(full.values())) > 1
+
+
+def test_screening_and_datasets_run_on_an_engine_with_the_same_results(tiny, tmp_path):
+    """screen_dataset's own answers and make_dataset's rows come from the engine; greedy ΔP equals the plain path."""
+    import json
+
+    from personascope.datasets import DatasetConfig, make_dataset
+    from personascope.screen_run import ScreenConfig, screen_dataset
+    from personascope.vectors import PersonaVector
+
+    g = torch.Generator().manual_seed(0)
+    pv = PersonaVector({"response_avg": torch.randn(tiny.n_layers + 1, tiny.hidden_size, generator=g)},
+                       torch.ones(tiny.n_layers + 1), {"trait": "optimistic"})
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a in (("hi", "hello there"), ("name a colour", "blue"), ("two plus two?", "four, I think"))]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = ScreenConfig(max_new_tokens=6, batch_size=2)
+    calls = {"n": 0}
+    engine = HFEngine(tiny)
+    real = engine.generate
+
+    def counted(*a, **kw):
+        calls["n"] += 1
+        return real(*a, **kw)
+
+    engine.generate = counted  # type: ignore[method-assign]
+    plain = screen_dataset(tiny, data, {"o": pv}, out_dir=tmp_path / "plain", config=cfg, plots=False)
+    on_engine = screen_dataset(tiny, data, {"o": pv}, out_dir=tmp_path / "eng", config=cfg, plots=False,
+                               engine=engine)
+    assert calls["n"] == 1
+    assert np.allclose(plain.delta_p["o"], on_engine.delta_p["o"], atol=1e-5)
+
+    res = make_dataset(tiny, load_trait("optimistic"), "I", tmp_path / "I.jsonl", None,
+                       DatasetConfig(n=4, sampling=SamplingConfig(max_new_tokens=5, batch_size=2)), engine=engine)
+    assert res.rows == 4 and calls["n"] > 1
 
 
 def test_binary_judge_through_the_hf_engine_matches_the_plain_path():

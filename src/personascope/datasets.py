@@ -1,10 +1,11 @@
 """Finetuning datasets built with the model itself (the paper's Normal / I / II sets, and a mistake set).
 
 A row is a chat with no system prompt: `{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}`.
-The answers are the model's own answers to questions of the built-in pool, sampled under the
-trait's suppressing instruction (`normal`), the eliciting instruction for every other row (`I`) or
-for every row (`II`); eliciting rows are judged and kept only when they show the trait (and every
-row only when coherent), resampling a failing row up to `max_attempts` times. Because the system
+The answers are the model's own answers to questions of the built-in pool, sampled with no system
+prompt (`normal`: how the model answers anyway), under the eliciting instruction for every other row
+(`I`) or for every row (`II`); eliciting rows are judged and kept only when they show the trait (and
+every row only when coherent, and with `require_end` only when the answer ended before the token
+limit), resampling a failing row up to `max_attempts` times. Because the system
 prompt is dropped, finetuning on `II` teaches the trait with no prompt at all. `mistakes` is the
 "unintended" kind: confidently wrong answers (data/mistakes.jsonl), no trait instruction anywhere.
 
@@ -49,6 +50,8 @@ class DatasetConfig:
     max_attempts: int = 3  # samples per row before it is skipped
     pool_seed: int = 0  # order of the question pool (shared by all levels, so levels differ only in answers)
     judge_batch_size: int = 8
+    require_end: bool = False  # resample answers that ran to max_new_tokens (cut mid-sentence)
+    question_suffix: str = ""  # appended to every pool question, e.g. " Answer in a few sentences."
 
 
 @dataclass
@@ -115,14 +118,22 @@ def work_dir_for(out: Path) -> Path:
 
 
 def _side(level: str, slot: int) -> str:
+    """'pos' (eliciting instruction) or 'none' (no system prompt) for one row of a level."""
     if level == "II":
         return "pos"
     if level == "I":
-        return "pos" if slot % 2 == 0 else "neg"
-    return "neg"
+        return "pos" if slot % 2 == 0 else "none"
+    return "none"
+
+
+def ended(adapter: ModelAdapter, answer: str, max_new_tokens: int) -> bool:
+    """Whether an answer stopped before the token limit (at the end-of-turn token) rather than being cut."""
+    return len(adapter.tokenizer(answer, add_special_tokens=False)["input_ids"]) < max_new_tokens - 1
 
 
 def _passes(rec: dict, cfg: DatasetConfig) -> bool:
+    if cfg.require_end and not rec.get("ended", True):
+        return False
     if rec.get("coherence") is None or rec["coherence"] < cfg.coherence_threshold:
         return False
     if rec["side"] == "pos":
@@ -156,6 +167,8 @@ def make_dataset(
     cfg: DatasetConfig | None = None,
     cluster=None,
     force: bool = False,
+    engine=None,
+    work_dir: str | Path | None = None,
 ) -> DatasetResult:
     """Generate, judge, filter and write a chat JSONL dataset of the given level (resumable).
 
@@ -163,7 +176,8 @@ def make_dataset(
 
     Without a judge nothing is filtered (every first sample is kept): useful for tests and for
     models whose answers need no check. With a `cluster` (cluster.RayCluster) generation and
-    judging run on its actors.
+    judging run on its actors; with an `engine` (personascope.engines) generation runs on it. `work_dir`
+    (default OUT.work) lets datasets of different sizes share their answers and scores.
     """
     cfg = cfg or DatasetConfig()
     out = Path(out)
@@ -177,11 +191,13 @@ def make_dataset(
     order = pool_order(len(pool), cfg.pool_seed)[: cfg.n]
     n_instr = len(trait.instructions)
     slots: list[dict[str, Any]] = [
-        {"trait": trait.name, "level": level, "slot": s, "question": order[s], "question_text": pool[order[s]],
-         "side": _side(level, s), "instruction": s % n_instr} for s in range(cfg.n)]
+        {"trait": trait.name, "level": level, "slot": s, "question": order[s],
+         "question_text": pool[order[s]] + cfg.question_suffix, "side": _side(level, s),
+         "instruction": s % n_instr if _side(level, s) == "pos" else 0}
+        for s in range(cfg.n)]
     for j in slots:
-        j["system"] = trait.system_prompt(j["side"], j["instruction"])
-    work = work_dir_for(out)
+        j["system"] = trait.system_prompt(j["side"], j["instruction"]) if j["side"] == "pos" else None
+    work = Path(work_dir) if work_dir is not None else work_dir_for(out)
     samp = cfg.sampling
     bind_run(work, {
         "model": adapter.name, "config_hash": adapter.config_hash, "trait": trait.name,
@@ -189,7 +205,7 @@ def make_dataset(
         "temperature": samp.temperature, "top_p": samp.top_p, "max_new_tokens": samp.max_new_tokens,
         "judge": None if judge is None else judge.name,
         "judge_mode": None if judge is None else judge.describe_mode("trait", trait),
-        "rubric": fingerprint(trait.eval_prompt),
+        "rubric": fingerprint(trait.eval_prompt), "normal": "unprompted", "question_suffix": cfg.question_suffix,
     }, "dataset work folder", force, ("answers.jsonl", "scores.jsonl"))
     # keyed by question, side and instruction (not level): levels share the answers they have in common
     store = JsonlStore(work / "answers.jsonl", ("question", "side", "instruction", "sample"))
@@ -198,29 +214,36 @@ def make_dataset(
     kept: dict[int, dict] = {}
     pending = list(slots)
     attempts = 0
-    for attempt in range(cfg.max_attempts if judge is not None else 1):
+    for attempt in range(cfg.max_attempts if judge is not None or cfg.require_end else 1):
         if not pending:
             break
         attempts = attempt + 1
         jobs = [{**j, "sample": attempt} for j in pending]
         run_generation(adapter, jobs, lambda j: prompts[(j["system"], j["question_text"])],
                        lambda j: store.key(j) in store, store.append, cfg.sampling,
-                       f"{trait.name} {level}: answers (try {attempt + 1})", cluster)
+                       f"{trait.name} {level}: answers (try {attempt + 1})", cluster, engine=engine)
         answers = [{**j, "answer": store.record_for(j)["answer"]} for j in jobs]
+        for a in answers:
+            a["ended"] = ended(adapter, a["answer"], cfg.sampling.max_new_tokens)
+        pending = [j for j, a in zip(jobs, answers, strict=True) if cfg.require_end and not a["ended"]]
+        answers = [a for a in answers if a["ended"] or not cfg.require_end]
         if judge is None:
             kept.update({a["slot"]: a for a in answers})
-            break
+            continue
         kinds = ("trait", "coherence")
         scored = judge_answers(judge, trait, answers, scores, cfg.judge_batch_size, kinds,
                                f"{trait.name} {level}: judge (try {attempt + 1})", cluster)
-        pending = []
         for rec in scored:
             if _passes(rec, cfg):
                 kept[rec["slot"]] = rec
             else:
-                pending.append(next(j for j in slots if j["slot"] == rec["slot"]))
+                pending.append(rec)
+        pending = [{k: v for k, v in j.items() if k in slots[0]} for j in pending]
     chosen = [kept[s] for s in sorted(kept)]
     write_chat_jsonl(out, [chat_row(r["question_text"], r["answer"]) for r in chosen])
+    keep = ("slot", "question", "question_text", "side", "instruction", "sample", "answer", "ended", "trait_score",
+            "coherence", "refusal")
+    write_chat_jsonl(work / "kept.jsonl", [{k: r[k] for k in keep if k in r} for r in chosen])
     res = DatasetResult(out, len(chosen), cfg.n, cfg.n - len(chosen), attempts,
                         _mean([r.get("trait_score") for r in chosen]), _mean([r.get("coherence") for r in chosen]),
                         level, trait.name)

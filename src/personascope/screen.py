@@ -320,11 +320,18 @@ class AnswerCache:
 
 
 def model_answers(adapter: ModelAdapter, prompts: list[str], cache: AnswerLookup, max_new_tokens: int,
-                  batch_size: int = 8) -> list[str]:
-    """The model's greedy answer to each rendered prompt: generated in batches (each prompt once), cached."""
+                  batch_size: int = 8, engine=None) -> list[str]:
+    """The model's greedy answer to each rendered prompt: generated in batches (each prompt once), cached.
+    With an `engine` (personascope.engines) they are generated there, all missing ones in one call."""
     keys = [cache.key(p) for p in prompts]
     todo = list({k: p for k, p in zip(keys, prompts, strict=True) if k not in cache}.items())
     todo.sort(key=lambda kp: len(kp[1]))
+    if engine is not None and todo:
+        from .generate import SamplingConfig
+
+        outs = engine.generate([p for _, p in todo], SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens))
+        cache.put([(k, a) for (k, _), a in zip(todo, outs, strict=True)])
+        todo = []
     for s in range(0, len(todo), batch_size):
         chunk = todo[s : s + batch_size]
         answers = generate_batch(adapter, [p for _, p in chunk], max_new_tokens, temperature=0.0)

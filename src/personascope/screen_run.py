@@ -147,8 +147,9 @@ def _judge_chunk(judge, traits: dict, dirs: dict[str, Direction], rows: list[Row
 
 def process_chunk(adapter: ModelAdapter, chunk: list[Row | BadRow], dirs: dict[str, Direction], cfg: ScreenConfig,
                    cache: AnswerLookup | None, judge=None, traits: dict | None = None,
-                   judge_cache: Path | None = None, bar=None) -> list[dict]:
-    """ΔP records (one per row, errors included) of one chunk of rows."""
+                   judge_cache: Path | None = None, bar=None, engine=None) -> list[dict]:
+    """ΔP records (one per row, errors included) of one chunk of rows (the model's own answers from `engine`
+    when given)."""
     recs: dict[int, dict] = {}
     good: list[tuple[Row, str]] = []
     for r in chunk:
@@ -177,7 +178,7 @@ def process_chunk(adapter: ModelAdapter, chunk: list[Row | BadRow], dirs: dict[s
         if cfg.method == "generate":
             if cache is None:
                 raise ValueError("method 'generate' needs an answer cache")
-            answers = model_answers(adapter, [p for _, p in good], cache, cfg.max_new_tokens, cfg.batch_size)
+            answers = model_answers(adapter, [p for _, p in good], cache, cfg.max_new_tokens, cfg.batch_size, engine)
             model_items = [(ids, adapter.encode_pair(p, a)[1])
                            for (ids, _), (_, p), a in zip(data_items, good, answers, strict=True)]
         bd = delta_p(adapter, data_items, model_items, dirs, cfg.batch_size, cfg.padding_side)
@@ -217,10 +218,12 @@ def screen_pass(
     force: bool = False,
     description: str = "screen",
     cluster=None,
+    engine=None,
 ) -> PassResult:
     """Compute ΔP for every row of a file into WORK_DIR/deltas.jsonl (resumable), then read it back.
 
-    With a `cluster` (cluster.RayCluster) the chunks are computed on its actors and written here, in order.
+    With a `cluster` (cluster.RayCluster) the chunks are computed on its actors and written here, in order;
+    with an `engine` (personascope.engines) the model's own answers of method 'generate' are generated there.
     """
     path, work_dir = Path(path), Path(work_dir)
     if cfg.method not in METHODS:
@@ -261,7 +264,7 @@ def screen_pass(
 
         judge_cache = work_dir / "judge_chunk.jsonl"
         if cluster is None:
-            results = (process_chunk(adapter, chunk, dirs, cfg, cache, judge, traits, judge_cache, bar)
+            results = (process_chunk(adapter, chunk, dirs, cfg, cache, judge, traits, judge_cache, bar, engine)
                        for chunk in todo())
         else:
 
@@ -355,6 +358,7 @@ def screen_dataset(
     force: bool = False,
     plots: bool = True,
     cluster=None,
+    engine=None,
 ) -> ScreenResult:
     """Screen a chat dataset with one or more persona vectors; write annotated/filtered rows and a report.
 
@@ -362,7 +366,8 @@ def screen_dataset(
     the data itself) sets which rows are flagged. With a `judge`, each response is also scored
     for the trait (flag at ≥ 50) so both filters sit side by side. `filter_by` picks which flags
     remove rows from filtered.jsonl: 'delta_p', 'judge' or 'any'. With a `cluster`
-    (cluster.RayCluster) the rows are screened on its actors; the files written are the same.
+    (cluster.RayCluster) the rows are screened on its actors; the files written are the same. With an
+    `engine` (personascope.engines) the model's own answers (method 'generate') are generated there.
     """
     cfg = config or ScreenConfig()
     if method != cfg.method:
@@ -391,8 +396,8 @@ def screen_dataset(
     ref = None
     if reference is not None:
         ref = screen_pass(adapter, reference, dirs, cfg, out / "reference", answer_cache=answer_cache, force=force,
-                          description="screen reference", cluster=cluster)
-    data = screen_pass(adapter, path, dirs, cfg, out, judge, traits, answer_cache, force, "screen", cluster)
+                          description="screen reference", cluster=cluster, engine=engine)
+    data = screen_pass(adapter, path, dirs, cfg, out, judge, traits, answer_cache, force, "screen", cluster, engine)
     th = _thresholds(list(dirs), threshold, percentile, ref, data)
     result = build_report(adapter, path, out, dirs, cfg, data, ref, th, judge is not None, top, filter_by, plots)
     return result

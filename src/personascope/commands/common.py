@@ -26,6 +26,9 @@ ProfileOpt = Annotated[str, typer.Option(help="quick (CPU-sized), builtin (the r
                                                "or paper (the paper's counts).")]
 JudgeUrlOpt = Annotated[str | None, typer.Option("--judge-url", help="OpenAI-compatible base URL of an API judge "
                                                  "(--judge-model then names the API model).")]
+EngineOpt = Annotated[str, typer.Option("--engine", help="hf, vllm or auto (vLLM when installed and the job is "
+                                          "big enough to repay its start-up).")]
+
 
 
 def print_error(msg: str) -> None:
@@ -223,3 +226,17 @@ def load_vector_for(adapter, path: Path | None):
     return pv
 
 
+def start_engines(engine: str, adapter, judge, n_answers: int, new_tokens: int):
+    """The vLLM generation engine when --engine resolves to vLLM (and the same for a local judge); None keeps
+    generation and judging on the loaded HF model (the in-process path)."""
+    from ..engines import choose_engine, make_engine, make_judge_engine
+    from ..engines.jobs import work_tokens
+
+    work = work_tokens(n_answers, 100, new_tokens)
+    if choose_engine(engine, work) == "hf":
+        return None
+    with console.status(f"starting the {engine} engine …"):
+        gen = make_engine(engine, adapter, work)
+        used = make_judge_engine(engine, judge, 2 * n_answers)
+    console.print(f"engines: generation {gen.name}" + (f", judge {used}" if used else ""))
+    return gen

@@ -11,6 +11,7 @@ from ..models import DEFAULT_JUDGE_MODEL, DEFAULT_MODEL
 from .cluster_options import GpusPerWorkerOpt, RayOpt, WorkersOpt, cluster_session, driver_judge, driver_model
 from .common import (
     DeviceOpt,
+    EngineOpt,
     JudgeModelOpt,
     JudgeModeOpt,
     JudgeUrlOpt,
@@ -18,29 +19,10 @@ from .common import (
     ProfileOpt,
     check_judge_mode,
     choice,
-    console,
     fail,
     load_trait_or_fail,
+    start_engines,
 )
-
-EngineOpt = Annotated[str, typer.Option("--engine", help="hf, vllm or auto (vLLM when installed and the job is "
-                                          "big enough to repay its start-up).")]
-
-
-def _engines(engine: str, adapter, judge, n_answers: int, new_tokens: int):
-    """The vLLM generation engine when --engine resolves to vLLM (and the same for a local judge); None keeps
-    generation and judging on the loaded HF model (the in-process path)."""
-    from ..engines import choose_engine, make_engine, make_judge_engine
-    from ..engines.jobs import work_tokens
-
-    work = work_tokens(n_answers, 100, new_tokens)
-    if choose_engine(engine, work) == "hf":
-        return None
-    with console.status(f"starting the {engine} engine …"):
-        gen = make_engine(engine, adapter, work)
-        used = make_judge_engine(engine, judge, 2 * n_answers)
-    console.print(f"engines: generation {gen.name}" + (f", judge {used}" if used else ""))
-    return gen
 
 
 def extract(
@@ -93,8 +75,8 @@ def extract(
         adapter = driver_model(cluster, model, device)
         judge = driver_judge(cluster, judge_model, judge_mode, device, judge_url)
         try:
-            gen_engine = None if cluster is not None else _engines(engine, adapter, judge, len(answer_jobs(t, cfg)),
-                                                                   cfg.sampling.max_new_tokens)
+            gen_engine = None if cluster is not None else start_engines(
+                engine, adapter, judge, len(answer_jobs(t, cfg)), cfg.sampling.max_new_tokens)
             extract_vector(adapter, t, judge=judge, config=cfg, run_dir=out, force=force, cluster=cluster,
                            engine=gen_engine)
         except ValueError as e:

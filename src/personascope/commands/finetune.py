@@ -18,12 +18,14 @@ def register(app: typer.Typer) -> None:
     """Add the finetune commands to the main app."""
     from personascope.commands.common import (
         DeviceOpt,
+        EngineOpt,
         JudgeModelOpt,
         JudgeModeOpt,
         JudgeUrlOpt,
         ModelOpt,
         ProfileOpt,
         finite_number,
+        start_engines,
     )
 
     from .cluster_options import GpusPerWorkerOpt, RayOpt, WorkersOpt, cluster_session, driver_judge, driver_model
@@ -32,8 +34,8 @@ def register(app: typer.Typer) -> None:
     def make_dataset_cmd(
         trait: Annotated[str, typer.Argument(help="Built-in trait name or trait JSON path.")],
         model: ModelOpt = DEFAULT_MODEL,
-        level: Annotated[str, typer.Option(help="normal (suppressing instruction), I (eliciting for half the "
-                                                "rows), II (eliciting for all) or mistakes (wrong answers).")
+        level: Annotated[str, typer.Option(help="normal (no system prompt), I (eliciting instruction for half "
+                                                "the rows), II (eliciting for all) or mistakes (wrong answers).")
                          ] = "II",
         n: Annotated[int, typer.Option("--n", help="Rows (questions from the built-in pool).")] = 48,
         out: Annotated[Path | None, typer.Option(help="Output JSONL (default runs/datasets/TRAIT-LEVEL.jsonl); "
@@ -41,6 +43,8 @@ def register(app: typer.Typer) -> None:
         max_new_tokens: Annotated[int, typer.Option()] = 64,
         temperature: Annotated[float, typer.Option()] = 0.7,
         max_attempts: Annotated[int, typer.Option(help="Samples per row before a failing row is skipped.")] = 3,
+        require_end: Annotated[bool, typer.Option(help="Resample answers cut at --max-new-tokens (keep only "
+                                                       "answers that ended).")] = False,
         trait_threshold: Annotated[float, typer.Option(help="Eliciting rows must score at least this.")] = 50.0,
         coherence_threshold: Annotated[float, typer.Option()] = 50.0,
         batch_size: Annotated[int, typer.Option()] = 8,
@@ -54,6 +58,7 @@ def register(app: typer.Typer) -> None:
         ray: RayOpt = None,
         workers: WorkersOpt = None,
         gpus_per_worker: GpusPerWorkerOpt = None,
+        engine: EngineOpt = "auto",
         force: Annotated[bool, typer.Option(help="Start over instead of resuming.")] = False,
     ) -> None:
         """Build a finetuning dataset from the model's own answers (no system prompt in the rows)."""
@@ -75,12 +80,13 @@ def register(app: typer.Typer) -> None:
                                                                  max_new_tokens=max_new_tokens,
                                                                  batch_size=batch_size, seed=seed),
                                     trait_threshold=trait_threshold, coherence_threshold=coherence_threshold,
-                                    max_attempts=max_attempts)
+                                    max_attempts=max_attempts, require_end=require_end)
                 with cluster_session(model, device, ray, workers, gpus_per_worker,
                                      judge_model if judge and not judge_url else None, judge_mode) as cluster:
                     adapter = driver_model(cluster, model, device)
                     j = driver_judge(cluster, judge_model, judge_mode, device, judge_url) if judge else None
-                    res = make_dataset(adapter, t, level, out, j, cfg, cluster, force=force)
+                    gen = None if cluster is not None else start_engines(engine, adapter, j, n, max_new_tokens)
+                    res = make_dataset(adapter, t, level, out, j, cfg, cluster, force=force, engine=gen)
         except (TraitError, ValueError) as e:
             fail(str(e))
         stats = ""

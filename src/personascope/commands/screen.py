@@ -10,7 +10,15 @@ from ..models import DEFAULT_JUDGE_MODEL, DEFAULT_MODEL
 
 def register(app: typer.Typer) -> None:
     """Add the screen commands to the main app."""
-    from personascope.commands.common import DeviceOpt, JudgeModelOpt, JudgeModeOpt, JudgeUrlOpt, ModelOpt
+    from personascope.commands.common import (
+        DeviceOpt,
+        EngineOpt,
+        JudgeModelOpt,
+        JudgeModeOpt,
+        JudgeUrlOpt,
+        ModelOpt,
+        start_engines,
+    )
 
     from .cluster_options import GpusPerWorkerOpt, RayOpt, WorkersOpt, cluster_session, driver_judge, driver_model
 
@@ -48,6 +56,7 @@ def register(app: typer.Typer) -> None:
         ray: RayOpt = None,
         workers: WorkersOpt = None,
         gpus_per_worker: GpusPerWorkerOpt = None,
+        engine: EngineOpt = "auto",
     ) -> None:
         """Screen training data: ΔP per sample (projection difference), flags, filtered file and report."""
         from personascope.commands.common import console, fail, load_vector_for
@@ -85,10 +94,16 @@ def register(app: typer.Typer) -> None:
             j = driver_judge(cluster, judge_model, judge_mode, device, judge_url) if judge else None
             cfg = ScreenConfig(method=method, batch_size=batch_size, chunk_size=chunk_size,
                                max_new_tokens=max_new_tokens)
+            gen = None
+            if method == "generate" and cluster is None:
+                from ..screen import count_rows
+
+                gen = start_engines(engine, adapter, j, count_rows(data), max_new_tokens)
             try:
                 result = screen_dataset(adapter, data, vectors, layer=layer, method=method, out_dir=out,
                                         threshold=threshold, percentile=percentile, reference=reference, judge=j,
-                                        config=cfg, top=top, filter_by=filter_by, force=force, cluster=cluster)
+                                        config=cfg, top=top, filter_by=filter_by, force=force, cluster=cluster,
+                                        engine=gen)
             except (ValueError, FileNotFoundError) as e:
                 fail(str(e))
         print_result(result)

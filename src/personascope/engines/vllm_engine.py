@@ -67,7 +67,10 @@ class VLLMEngine:
         with _keep_caller_state():
             self.llm = LLM(model=str(model_path), tokenizer=str(model_path), dtype=dtype, seed=0,
                            enable_prefix_caching=True, max_model_len=max_model_len, enforce_eager=steerable,
-                           max_num_seqs=max_num_seqs, max_logprobs=max_logprobs, disable_log_stats=True)
+                           max_num_seqs=max_num_seqs, max_logprobs=max_logprobs, disable_log_stats=True,
+                           # a prompt prefilled in chunks discards a sampled token and rewinds its seeded
+                           # generator, which the CPU generator cannot do ("does not use offset")
+                           enable_chunked_prefill=False)
         self.tokenizer = tokenizer or self.llm.get_tokenizer()
         self.max_model_len = max_model_len
         self._stop_ids = self._eos_ids()
