@@ -1,7 +1,7 @@
 """Finetuning experiment: does finetuning move the persona, does the shift predict it,
 and does preventative steering keep the trait down better than steering after the fact?
 
-For each trait (default optimistic, humorous and apathetic) on the default model, CPU, quick profile:
+For each trait (default optimistic, apathetic and humorous) on the default model, CPU, quick profile:
 
 1. the package's ready-made persona vector for the model (or `--vectors-dir DIR/TRAIT.safetensors`);
 2. the model's own datasets at levels normal (unprompted answers) / I / II (`make_dataset`, answers that
@@ -74,9 +74,9 @@ class Settings:
     posthoc_alphas: tuple[float, ...]
 
 
-FULL = Settings(rows=48, max_new_tokens=160, epochs=3, eval_questions=20, eval_tokens=64, mc_rows=120,
-                prevent_alphas=(1.0,), posthoc_alphas=(-0.5, -1.0))
-SMOKE = Settings(rows=8, max_new_tokens=16, epochs=1, eval_questions=2, eval_tokens=16, mc_rows=16,
+FULL = Settings(rows=32, max_new_tokens=128, epochs=2, eval_questions=20, eval_tokens=64, mc_rows=120,
+                prevent_alphas=(1.0,), posthoc_alphas=(-1.0,))
+SMOKE = Settings(rows=8, max_new_tokens=64, epochs=1, eval_questions=2, eval_tokens=16, mc_rows=16,
                  prevent_alphas=(1.0,), posthoc_alphas=(-0.5,))
 
 
@@ -160,12 +160,16 @@ def main() -> None:
     ap.add_argument("--judge-model", default="qwen2.5-coder-0.5b",
                     help="local judge (probe weights if shipped), or the API model with --judge-url")
     ap.add_argument("--judge-url", default=None, help="OpenAI-compatible base URL of an API judge")
-    ap.add_argument("--traits", nargs="+", default=["optimistic", "humorous", "apathetic"])
+    ap.add_argument("--traits", nargs="+", default=["optimistic", "apathetic", "humorous"])
     ap.add_argument("--vectors-dir", type=Path, default=None, help="TRAIT.safetensors files (default: ready-made)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--engine", default="auto", help="hf, vllm or auto: where the dataset answers are generated")
     ap.add_argument("--out", type=Path, default=None, help="report + PNGs (default experiments/results/finetune)")
-    ap.add_argument("--work", type=Path, default=None, help="datasets, adapters, answers (default runs/...)")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="datasets, adapters, answers (default runs/data-experiments, shared with "
+                         "screen_experiment.py: a trait screened there reuses its answers here)")
+    ap.add_argument("--question-suffix", default=" Answer in a few sentences.",
+                    help="appended to every pool question of the datasets (as in screen_experiment.py)")
     ap.add_argument("--budget-minutes", type=float, default=None,
                     help="stop (exit 3) before starting a new finetune after this long; rerun to continue. Lets a long "
                          "run release the shared CPU lock now and then")
@@ -177,7 +181,7 @@ def main() -> None:
     s = SMOKE if args.smoke else FULL
     suffix = "-smoke" if args.smoke else ""
     out = args.out or Path("experiments/results") / f"finetune{suffix}"
-    work = args.work or Path("runs") / f"finetune-experiment{suffix}"
+    work = args.work or Path("runs") / f"data-experiments{suffix}"
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -193,7 +197,7 @@ def main() -> None:
             n = 3 * len(args.traits) * s.rows * 2
             engine_box.append(make_engine(args.engine, base, work_tokens(n, 60, s.max_new_tokens // 2)))
         return engine_box[0]
-    res = Results(work / "results.json")
+    res = Results(work / "finetune" / "results.json")
     for key in [k for k, v in res.data.items() if k.startswith("eval|") and v.get("n") != s.eval_questions]:
         del res.data[key]  # judged on another number of questions by an earlier run: redone (cached answers reused)
     mc = load_mc()[: s.mc_rows]
@@ -203,7 +207,7 @@ def main() -> None:
 
     def judged(adapter: ModelAdapter, trait: str, label: str, cond: Condition | None = None, pv=None) -> dict:
         cond = cond or Condition(label=label)
-        row = evaluate(adapter, load_trait(trait), judge, [cond], work / "eval" / label / trait, vector=pv,
+        row = evaluate(adapter, load_trait(trait), judge, [cond], work / "finetune" / "eval" / label / trait, vector=pv,
                        cfg=ecfg)[0]
         return {"trait_score": row["trait_mean"], "coherence": row["coherence_mean"], "n": row["n"]}
 
@@ -212,7 +216,7 @@ def main() -> None:
     base_cap = res.get("capability|base", lambda: mc_accuracy(base, mc).accuracy)
     datasets: dict[str, dict] = {}
     for trait in args.traits:
-        pv = vectors[trait] = vector_for(base, trait, args.model, work, args.vectors_dir)
+        pv = vectors[trait] = vector_for(base, trait, args.model, work / "finetune", args.vectors_dir)
         layers[trait] = pv.default_layer()
         prompts[trait] = eval_prompts(base, load_trait(trait))
         base_acts[trait] = last_token_activations(base, prompts[trait])
@@ -220,22 +224,24 @@ def main() -> None:
         dcfg = DatasetConfig(n=s.rows, sampling=SamplingConfig(samples=1, temperature=0.7,
                                                                max_new_tokens=s.max_new_tokens, batch_size=8),
                              trait_threshold=args.trait_threshold, coherence_threshold=args.coherence_threshold,
-                             require_end=True)
+                             require_end=True, question_suffix=args.question_suffix)
         for level in LEVELS:
-            path = work / "datasets" / f"{trait}-{level}.jsonl"
+            path = work / "datasets" / "finetune" / f"{trait}-{level}.jsonl"
+            shared = work / "datasets" / f"{trait}-{level}.jsonl.work"  # answers and scores of every size
             if f"dataset|{trait}-{level}" not in res.data:
                 over_budget(args, started, res)
             datasets[f"{trait}-{level}"] = res.get(
                 f"dataset|{trait}-{level}",
                 lambda trait=trait, level=level, path=path: _dataset_row(
-                    make_dataset(base, load_trait(trait), level, path, judge, dcfg, engine=engine())))
-    mistakes = work / "datasets" / "mistakes.jsonl"
+                    make_dataset(base, load_trait(trait), level, path, judge, dcfg, engine=engine(), work_dir=shared)))
+    mistakes = work / "datasets" / "finetune" / "mistakes.jsonl"
     datasets["mistakes"] = res.get("dataset|mistakes", lambda: _dataset_row(
         make_dataset(base, load_trait(args.traits[0]), "mistakes", mistakes, None, DatasetConfig(n=s.rows))))
 
-    runs = [Run(f"{t}-{lv}", work / "datasets" / f"{t}-{lv}.jsonl", (t,), lv) for t in args.traits for lv in LEVELS]
+    runs = [Run(f"{t}-{lv}", work / "datasets" / "finetune" / f"{t}-{lv}.jsonl", (t,), lv)
+            for t in args.traits for lv in LEVELS]
     runs.append(Run("mistakes", mistakes, tuple(args.traits), "mistakes"))
-    runs += [Run(f"{t}-II-prevent{a:g}", work / "datasets" / f"{t}-II.jsonl", (t,), "II", a)
+    runs += [Run(f"{t}-II-prevent{a:g}", work / "datasets" / "finetune" / f"{t}-II.jsonl", (t,), "II", a)
              for t in args.traits for a in s.prevent_alphas]
 
     # --- finetune and measure every run
@@ -250,7 +256,7 @@ def main() -> None:
             t = run.traits[0]
             coef = vectors[t].coef_from_alpha(run.prevent_alpha, layers[t])
             steering = PreventativeSteering(vectors[t], coef, layers[t], "add")
-        adir = work / "adapters" / run.name
+        adir = work / "finetune" / "adapters" / run.name
         fres = res.get(f"finetune|{run.name}", lambda run=run, adir=adir, steering=steering: _ft_row(
             finetune(base, run.data, adir, ft_cfg, steering=steering, base_name=args.model, profile_name="quick"),
             steering))
@@ -272,7 +278,7 @@ def main() -> None:
                             ft, mc, steerer=Steerer(ft).add(pv, layers[t], coef, "response")).accuracy)
         console.print(f"[green]done {run.name}[/] (loss {fres['loss_first']:.3f} → {fres['loss_last']:.3f})")
 
-    write_report(out, work, res.data, args, s, runs, vectors, layers, base_cap, datasets,
+    write_report(out, work / "finetune", res.data, args, s, runs, vectors, layers, base_cap, datasets,
                  time.perf_counter() - started, judge)
 
 

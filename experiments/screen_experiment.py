@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--question-suffix", default=" Answer in a few sentences.",
                    help="appended to every pool question (part of the rows) so that answers end")
     p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--own-tokens", type=int, default=64,
+                   help="length of the model's own greedy answers that method 'generate' subtracts")
     p.add_argument("--control-rows", type=int, default=40, help="steered positive-control rows")
     p.add_argument("--control-alpha", type=float, default=1.0, help="steering strength of the control rows")
     p.add_argument("--percentile", type=float, default=95.0, help="flag ΔP above this percentile of normal")
@@ -140,7 +142,7 @@ def screen_all(adapter, pv, paths: dict[str, Path], engine, args) -> dict:
     """ΔP of every dataset with both methods: dataset means with CIs and per-row values (by line)."""
     out: dict = {}
     for method in METHODS:
-        cfg = ScreenConfig(method=method, max_new_tokens=args.max_new_tokens, batch_size=8)
+        cfg = ScreenConfig(method=method, max_new_tokens=args.own_tokens, batch_size=8)
         for ds, path in paths.items():
             t = time.perf_counter()
             kw = dict(method=method, out_dir=args.work / "screen" / args.trait / method / ds, config=cfg,
@@ -158,6 +160,17 @@ def screen_all(adapter, pv, paths: dict[str, Path], engine, args) -> dict:
                                               "seconds": round(time.perf_counter() - t, 1),
                                               "delta_p": r.delta_p[args.trait].tolist()}
     return out
+
+
+def rows_of_i(kept: dict[str, list[dict]], dp: dict) -> dict:
+    """Dataset ΔP of I from the per-row ΔP of normal and II (every row of I is one of theirs, and a row's ΔP
+    depends only on the row), with the same bootstrap interval as screen_dataset's."""
+    from personascope.screen_report import bootstrap_ci as mean_ci
+
+    where = {(r["question_text"], r["answer"]): (ds, i) for ds in ("normal", "II") for i, r in enumerate(kept[ds])}
+    vals = [dp[ds]["delta_p"][i] for ds, i in (where[(r["question_text"], r["answer"])] for r in kept["I"])]
+    lo, hi = mean_ci(np.asarray(vals))
+    return {"mean": float(np.mean(vals)), "ci": [lo, hi], "n": len(vals), "seconds": 0.0, "delta_p": vals}
 
 
 def separation(scores: list[float], labels: list[bool], flags: list[bool] | None = None) -> dict:
@@ -209,8 +222,10 @@ def main(argv: list[str] | None = None) -> None:
     timings["steered control"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    dp = screen_all(adapter, pv, paths, engine, args)
-    timings["ΔP, both methods, 4 datasets"] = time.perf_counter() - t
+    dp = screen_all(adapter, pv, {k: v for k, v in paths.items() if k != "I"}, engine, args)
+    for method in METHODS:  # I's rows are rows of normal and II: their ΔP is already known
+        dp[method]["I"] = rows_of_i(kept, dp[method])
+    timings["ΔP, both methods (normal, II, steered)"] = time.perf_counter() - t
 
     # per-sample: every row of normal and II, labelled by its judged trait
     rows = [{**r, "dataset": ds, "line": i + 1} for ds in ("normal", "II") for i, r in enumerate(kept[ds])]
