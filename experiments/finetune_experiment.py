@@ -1,7 +1,7 @@
 """Finetuning experiment: does finetuning move the persona, does the shift predict it,
 and does preventative steering keep the trait down better than steering after the fact?
 
-For each trait (default optimistic, apathetic and humorous) on the default model, CPU, quick profile:
+For each trait (default optimistic, humorous and apathetic) on the default model, CPU, quick profile:
 
 1. the package's ready-made persona vector for the model (or `--vectors-dir DIR/TRAIT.safetensors`);
 2. the model's own datasets at levels normal (unprompted answers) / I / II (`make_dataset`, answers that
@@ -13,9 +13,12 @@ For each trait (default optimistic, apathetic and humorous) on the default model
 4. finetunes on II with preventative steering at a few coefficients, next to the unsteered II
    finetune steered against the trait at inference (post-hoc).
 
-Every stage is cached under the work directory, so a rerun only does what is missing. Time on 2 CPU
-cores (0.5B, probe judge): about 75 min for the 13 finetunes of the default run. `--judge-url` takes an
-API judge, `--model` any local path or built-in name (`--device cuda` on a GPU).
+Every stage is cached under the work directory, so a rerun only does what is missing; `--traits` adds
+traits to a finished run. The default run makes 13 finetunes (3 levels × 3 traits, mistakes, preventative
+steering at α 1 on each II set); its end-to-end
+time on 2 CPU cores has not been measured yet (the datasets of a trait screened by screen_experiment.py
+are reused from its cache). `--judge-url` takes an API judge, `--model` any local path or built-in name
+(`--device cuda` on a GPU).
 
     flock /tmp/personascope-cpu.lock .venv/bin/python experiments/finetune_experiment.py
     flock /tmp/personascope-cpu.lock .venv/bin/python experiments/finetune_experiment.py --smoke
@@ -74,7 +77,7 @@ class Settings:
     posthoc_alphas: tuple[float, ...]
 
 
-FULL = Settings(rows=32, max_new_tokens=128, epochs=2, eval_questions=20, eval_tokens=64, mc_rows=120,
+FULL = Settings(rows=24, max_new_tokens=128, epochs=2, eval_questions=20, eval_tokens=64, mc_rows=120,
                 prevent_alphas=(1.0,), posthoc_alphas=(-1.0,))
 SMOKE = Settings(rows=8, max_new_tokens=64, epochs=1, eval_questions=2, eval_tokens=16, mc_rows=16,
                  prevent_alphas=(1.0,), posthoc_alphas=(-0.5,))
@@ -160,7 +163,7 @@ def main() -> None:
     ap.add_argument("--judge-model", default="qwen2.5-coder-0.5b",
                     help="local judge (probe weights if shipped), or the API model with --judge-url")
     ap.add_argument("--judge-url", default=None, help="OpenAI-compatible base URL of an API judge")
-    ap.add_argument("--traits", nargs="+", default=["optimistic", "apathetic", "humorous"])
+    ap.add_argument("--traits", nargs="+", default=["optimistic", "humorous", "apathetic"])
     ap.add_argument("--vectors-dir", type=Path, default=None, help="TRAIT.safetensors files (default: ready-made)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--engine", default="auto", help="hf, vllm or auto: where the dataset answers are generated")
@@ -201,7 +204,7 @@ def main() -> None:
     for key in [k for k, v in res.data.items() if k.startswith("eval|") and v.get("n") != s.eval_questions]:
         del res.data[key]  # judged on another number of questions by an earlier run: redone (cached answers reused)
     mc = load_mc()[: s.mc_rows]
-    ecfg = EvalConfig(SamplingConfig(samples=1, temperature=0.0, max_new_tokens=s.eval_tokens, batch_size=8),
+    ecfg = EvalConfig(SamplingConfig(samples=1, temperature=0.0, max_new_tokens=s.eval_tokens, batch_size=24),
                       n_questions=s.eval_questions)
     ft_cfg = ft_profile("quick", epochs=s.epochs)
 
@@ -227,7 +230,7 @@ def main() -> None:
                              require_end=True, question_suffix=args.question_suffix)
         for level in LEVELS:
             path = work / "datasets" / "finetune" / f"{trait}-{level}.jsonl"
-            shared = work / "datasets" / f"{trait}-{level}.jsonl.work"  # answers and scores of every size
+            shared = work / "datasets" / f"{trait}.work"  # answers and scores of every level and size
             if f"dataset|{trait}-{level}" not in res.data:
                 over_budget(args, started, res)
             datasets[f"{trait}-{level}"] = res.get(

@@ -30,7 +30,7 @@ import numpy as np
 
 from personascope.adapter import ModelAdapter
 from personascope.api_judge import make_judge
-from personascope.datasets import DatasetConfig, chat_row, ended, make_dataset, work_dir_for, write_chat_jsonl
+from personascope.datasets import DatasetConfig, chat_row, ended, make_dataset, write_chat_jsonl
 from personascope.engines import Steering, make_engine
 from personascope.engines.jobs import work_tokens
 from personascope.generate import SamplingConfig, run_generation
@@ -52,7 +52,7 @@ LABEL_AT = 50.0
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--trait", default="humorous")
+    p.add_argument("--trait", default="optimistic")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--device", default=None)
     p.add_argument("--vector", default=None, help="vector file (default: the package's ready-made one for --model)")
@@ -61,7 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--filter-judge-model", default="qwen2.5-coder-0.5b",
                    help="the LLM-judge filter compared with ΔP: a local model judging in its prompted mode "
                         f"(auto), not the label judge's probe (e.g. {DEFAULT_JUDGE_MODEL}; 'none' skips it)")
-    p.add_argument("--rows", type=int, default=200, help="rows per dataset")
+    p.add_argument("--rows", type=int, default=240,
+                   help="questions per dataset (rows that fail the filters 3 times are dropped: aim above 200)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="answers longer than this are resampled")
     p.add_argument("--question-suffix", default=" Answer in a few sentences.",
                    help="appended to every pool question (part of the rows) so that answers end")
@@ -90,11 +91,18 @@ def build_datasets(adapter: ModelAdapter, trait, judge, engine, args) -> dict[st
                                                              batch_size=args.batch_size),
                         require_end=True, judge_batch_size=args.batch_size, question_suffix=args.question_suffix)
     kept = {}
+    shared = shared_work(args.work, trait.name)
     for level in ("normal", "II", "I"):
         path = args.work / "datasets" / f"{trait.name}-{level}.jsonl"
-        make_dataset(adapter, trait, level, path, judge, cfg, engine=engine)
-        kept[level] = read_jsonl(work_dir_for(path) / "kept.jsonl")
+        make_dataset(adapter, trait, level, path, judge, cfg, engine=engine, work_dir=shared)
+        kept[level] = read_jsonl(shared / "kept.jsonl")  # the rows of the call just made
     return kept
+
+
+def shared_work(work: Path, trait: str) -> Path:
+    """One answer and score cache for all levels (and sizes) of a trait's datasets: I's rows are rows of
+    normal and II, and finetune_experiment.py's smaller datasets are their first rows."""
+    return work / "datasets" / f"{trait}.work"
 
 
 def label(rec: dict) -> bool | None:
