@@ -70,7 +70,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--own-tokens", type=int, default=64,
                    help="length of the model's own greedy answers that method 'generate' subtracts")
     p.add_argument("--control-rows", type=int, default=40, help="steered positive-control rows")
-    p.add_argument("--control-alpha", type=float, default=1.0, help="steering strength of the control rows")
+    p.add_argument("--control-alpha", type=float, default=0.5,
+                   help="steering strength of the control rows (at α 1, all positions, every answer of the 0.5B looped)")
+    p.add_argument("--trait-threshold", type=float, default=50.0,
+                   help="II keeps eliciting answers judged at least this (0: every coherent eliciting answer)")
     p.add_argument("--percentile", type=float, default=95.0, help="flag ΔP above this percentile of normal")
     p.add_argument("--engine", default="auto", help="hf, vllm or auto: where rows and the model's answers are made")
     p.add_argument("--batch-size", type=int, default=16)
@@ -89,7 +92,8 @@ def build_datasets(adapter: ModelAdapter, trait, judge, engine, args) -> dict[st
     cfg = DatasetConfig(n=args.rows, sampling=SamplingConfig(samples=1, temperature=args.temperature,
                                                              max_new_tokens=args.max_new_tokens,
                                                              batch_size=args.batch_size),
-                        require_end=True, judge_batch_size=args.batch_size, question_suffix=args.question_suffix)
+                        require_end=True, judge_batch_size=args.batch_size, question_suffix=args.question_suffix,
+                        trait_threshold=args.trait_threshold)
     kept = {}
     shared = shared_work(args.work, trait.name)
     for level in ("normal", "II", "I"):
@@ -266,6 +270,7 @@ def main(argv: list[str] | None = None) -> None:
                  "filter_judge": getattr(args, "filter_judge_name", args.filter_judge_model),
                  "rows": args.rows, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                  "percentile": args.percentile, "control_alpha": args.control_alpha,
+                 "trait_threshold": args.trait_threshold, "question_suffix": args.question_suffix,
                  "control_rows": len(ok), "control_asked": args.control_rows},
         "datasets": {m: {ds: {k: v for k, v in d.items() if k != "delta_p"} for ds, d in dp[m].items()}
                      for m in METHODS},
@@ -340,14 +345,17 @@ def write_report(res: dict, rows: list[dict], labels: list, fj: list, dp: dict, 
         f"# Data screening with the projection difference ΔP ({m['trait']}, {m['model']})",
         "",
         f"Model {m['model']} ({m['device']}, {m['dtype']}), vector: {m['vector']}, layer {m['layer']} (its default). "
+        f"Questions: {m['rows']} of the built-in pool (none of the trait's own) with "
+        f"\"{m['question_suffix'].strip()}\" appended, the same user messages in every dataset. "
         f"Rows generated on the `{m['engine']}` engine at T {m['temperature']:g}; every row ends at the end-of-turn "
         f"token (answers that reached {m['max_new_tokens']} new tokens were resampled, up to 3 tries). Labels: "
         f"`{m['label_judge']}` (trait ≥ {LABEL_AT:g} = expresses the trait; refusals left out). Produced by "
         "`experiments/screen_experiment.py`.",
         "",
         f"- **normal**: {j['normal']['n']} unprompted answers (no system prompt), kept when coherent.",
-        f"- **II**: {j['II']['n']} answers under the trait's eliciting instruction that the label judge scored "
-        f"≥ {LABEL_AT:g} (and coherent); the instruction is not in the row.",
+        f"- **II**: {j['II']['n']} answers under the trait's eliciting instruction (the instruction is not in the "
+        "row), kept when coherent" + (f" and judged ≥ {m['trait_threshold']:g}" if m["trait_threshold"] > 0 else
+                                      ", whatever their judged trait (run with --trait-threshold 0)") + ".",
         f"- **I**: {j['I']['n']} rows, the eliciting answer for every other question, the unprompted one otherwise.",
         f"- **steered** (positive control): {m['control_rows']} of {m['control_asked']} greedy unprompted answers "
         f"steered at α = +{m['control_alpha']:g} along the vector (the ones that ended).",
