@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="length of the model's own greedy answers that method 'generate' subtracts")
     p.add_argument("--control-rows", type=int, default=40, help="steered positive-control rows")
     p.add_argument("--control-alpha", type=float, default=0.5,
-                   help="steering strength of the control rows (at α 1, all positions, every answer of the 0.5B looped)")
+                   help="steering strength of the control rows (at α 1, all positions, the 0.5B's answers looped)")
     p.add_argument("--trait-threshold", type=float, default=50.0,
                    help="II keeps eliciting answers judged at least this (0: every coherent eliciting answer)")
     p.add_argument("--percentile", type=float, default=95.0, help="flag ΔP above this percentile of normal")
