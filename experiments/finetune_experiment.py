@@ -77,7 +77,7 @@ class Settings:
     posthoc_alphas: tuple[float, ...]
 
 
-FULL = Settings(rows=24, max_new_tokens=128, epochs=2, eval_questions=20, eval_tokens=64, mc_rows=120,
+FULL = Settings(rows=40, max_new_tokens=96, epochs=3, eval_questions=20, eval_tokens=64, mc_rows=120,
                 prevent_alphas=(1.0,), posthoc_alphas=(-1.0,))
 SMOKE = Settings(rows=8, max_new_tokens=64, epochs=1, eval_questions=2, eval_tokens=16, mc_rows=16,
                  prevent_alphas=(1.0,), posthoc_alphas=(-0.5,))
@@ -176,6 +176,9 @@ def main() -> None:
     ap.add_argument("--budget-minutes", type=float, default=None,
                     help="stop (exit 3) before starting a new finetune after this long; rerun to continue. Lets a long "
                          "run release the shared CPU lock now and then")
+    ap.add_argument("--questions", default="extraction", choices=("extraction", "pool"),
+                    help="dataset questions: the trait's extraction questions (cycled; they give the trait room) or "
+                         "the built-in pool of everyday questions (shared with screen_experiment.py)")
     ap.add_argument("--trait-threshold", type=float, default=50.0, help="eliciting dataset rows need this trait")
     ap.add_argument("--coherence-threshold", type=float, default=50.0, help="dataset rows need this coherence")
     ap.add_argument("--judge-mode", default=None, help="trait scoring mode of a local judge (default: probe when "
@@ -227,10 +230,11 @@ def main() -> None:
         dcfg = DatasetConfig(n=s.rows, sampling=SamplingConfig(samples=1, temperature=0.7,
                                                                max_new_tokens=s.max_new_tokens, batch_size=8),
                              trait_threshold=args.trait_threshold, coherence_threshold=args.coherence_threshold,
-                             require_end=True, question_suffix=args.question_suffix)
+                             require_end=True, question_suffix=args.question_suffix, questions=args.questions)
         for level in LEVELS:
             path = work / "datasets" / "finetune" / f"{trait}-{level}.jsonl"
-            shared = work / "datasets" / f"{trait}.work"  # answers and scores of every level and size
+            # answers and scores of every level and size (pool questions: shared with screen_experiment.py)
+            shared = work / "datasets" / (f"{trait}.work" if args.questions == "pool" else f"{trait}-extraction.work")
             if f"dataset|{trait}-{level}" not in res.data:
                 over_budget(args, started, res)
             datasets[f"{trait}-{level}"] = res.get(

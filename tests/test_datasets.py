@@ -118,6 +118,22 @@ def test_levels_use_the_right_instructions(tmp_path, setup):
     assert qs[0] == qs[1]
 
 
+def test_extraction_questions_cycle_and_are_sampled_afresh(tmp_path, setup):
+    a, _ = setup
+    trait = load_trait("optimistic")
+    n = len(trait.extract_questions) + 2
+    out = tmp_path / "II.jsonl"
+    make_dataset(a, trait, "II", out, None, _cfg(n=n, questions="extraction"))
+    qs = [r["messages"][0]["content"] for r in _rows(out)]
+    assert qs == [trait.extract_questions[i % len(trait.extract_questions)] for i in range(n)]
+    assert not set(qs) & set(load_pool())
+    answers = read_jsonl(work_dir_for(out) / "answers.jsonl")
+    assert len({r["question"] for r in answers}) == n  # a repeated question is its own cache entry
+    # a pool dataset cannot reuse this work folder: the question ids mean other questions there
+    with pytest.raises(Exception, match="questions"):
+        make_dataset(a, trait, "II", tmp_path / "pool.jsonl", None, _cfg(n=4), work_dir=work_dir_for(out))
+
+
 def test_require_end_resamples_answers_cut_at_the_token_limit(tmp_path, setup, monkeypatch):
     a, _ = setup
     trait = load_trait("optimistic")

@@ -1,7 +1,8 @@
 """Finetuning datasets built with the model itself (the paper's Normal / I / II sets, and a mistake set).
 
 A row is a chat with no system prompt: `{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}`.
-The answers are the model's own answers to questions of the built-in pool, sampled with no system
+The answers are the model's own answers to questions of the built-in pool (or, with
+`questions="extraction"`, to the trait's extraction questions, which give the trait room), sampled with no system
 prompt (`normal`: how the model answers anyway), under the eliciting instruction for every other row
 (`I`) or for every row (`II`); eliciting rows are judged and kept only when they show the trait (and
 every row only when coherent, and with `require_end` only when the answer ended before the token
@@ -52,6 +53,7 @@ class DatasetConfig:
     judge_batch_size: int = 8
     require_end: bool = False  # resample answers that ran to max_new_tokens (cut mid-sentence)
     question_suffix: str = ""  # appended to every pool question, e.g. " Answer in a few sentences."
+    questions: str = "pool"  # "pool" (everyday questions) or "extraction" (the trait's own, cycled to n rows)
 
 
 @dataclass
@@ -126,6 +128,21 @@ def _side(level: str, slot: int) -> str:
     return "none"
 
 
+def question_slots(trait: Trait, cfg: DatasetConfig) -> tuple[list[int], list[str]]:
+    """The n rows' question ids (the answer cache's key) and texts: pool questions in a seeded order, or the
+    trait's extraction questions cycled (a repeated question gets its own id, so it is sampled afresh)."""
+    if cfg.questions == "extraction":
+        qs = trait.extract_questions
+        return list(range(cfg.n)), [qs[i % len(qs)] for i in range(cfg.n)]
+    if cfg.questions != "pool":
+        raise ValueError(f"unknown questions {cfg.questions!r}; choose pool or extraction")
+    pool = load_pool()
+    if cfg.n > len(pool):
+        raise ValueError(f"--n {cfg.n} is more than the {len(pool)} questions in the pool")
+    order = pool_order(len(pool), cfg.pool_seed)[: cfg.n]
+    return order, [pool[i] for i in order]
+
+
 def ended(adapter: ModelAdapter, answer: str, max_new_tokens: int) -> bool:
     """Whether an answer stopped before the token limit (at the end-of-turn token) rather than being cut."""
     return len(adapter.tokenizer(answer, add_special_tokens=False)["input_ids"]) < max_new_tokens - 1
@@ -185,14 +202,11 @@ def make_dataset(
         raise ValueError(f"unknown level {level!r}; choose from {', '.join(LEVELS)}")
     if level == "mistakes":
         return make_mistakes_dataset(out, cfg.n, cfg.pool_seed)
-    pool = load_pool()
-    if cfg.n > len(pool):
-        raise ValueError(f"--n {cfg.n} is more than the {len(pool)} questions in the pool")
-    order = pool_order(len(pool), cfg.pool_seed)[: cfg.n]
+    ids, texts = question_slots(trait, cfg)
     n_instr = len(trait.instructions)
     slots: list[dict[str, Any]] = [
-        {"trait": trait.name, "level": level, "slot": s, "question": order[s],
-         "question_text": pool[order[s]] + cfg.question_suffix, "side": _side(level, s),
+        {"trait": trait.name, "level": level, "slot": s, "question": ids[s],
+         "question_text": texts[s] + cfg.question_suffix, "side": _side(level, s),
          "instruction": s % n_instr if _side(level, s) == "pos" else 0}
         for s in range(cfg.n)]
     for j in slots:
@@ -206,6 +220,7 @@ def make_dataset(
         "judge": None if judge is None else judge.name,
         "judge_mode": None if judge is None else judge.describe_mode("trait", trait),
         "rubric": fingerprint(trait.eval_prompt), "normal": "unprompted", "question_suffix": cfg.question_suffix,
+        "questions": cfg.questions if cfg.questions == "pool" else fingerprint(trait.extract_questions),
     }, "dataset work folder", force, ("answers.jsonl", "scores.jsonl"))
     # keyed by question, side and instruction (not level): levels share the answers they have in common
     store = JsonlStore(work / "answers.jsonl", ("question", "side", "instruction", "sample"))

@@ -37,7 +37,10 @@ def register(app: typer.Typer) -> None:
         level: Annotated[str, typer.Option(help="normal (no system prompt), I (eliciting instruction for half "
                                                 "the rows), II (eliciting for all) or mistakes (wrong answers).")
                          ] = "II",
-        n: Annotated[int, typer.Option("--n", help="Rows (questions from the built-in pool).")] = 48,
+        n: Annotated[int, typer.Option("--n", help="Rows (one question each).")] = 48,
+        questions: Annotated[str, typer.Option(help="pool (the built-in everyday questions) or extraction (the "
+                                                    "trait's own, cycled to --n rows: room for the trait).")
+                             ] = "pool",
         out: Annotated[Path | None, typer.Option(help="Output JSONL (default runs/datasets/TRAIT-LEVEL.jsonl); "
                                                       "work files go to OUT.work/.")] = None,
         max_new_tokens: Annotated[int, typer.Option()] = 64,
@@ -70,6 +73,8 @@ def register(app: typer.Typer) -> None:
 
         if level not in LEVELS:
             fail(f"unknown --level {level!r}; choose from {', '.join(LEVELS)}")
+        if questions not in ("pool", "extraction"):
+            fail(f"unknown --questions {questions!r}; choose pool or extraction")
         out = out or Path("runs") / "datasets" / f"{Path(trait).stem}-{level}.jsonl"
         try:
             if level == "mistakes":
@@ -80,7 +85,7 @@ def register(app: typer.Typer) -> None:
                                                                  max_new_tokens=max_new_tokens,
                                                                  batch_size=batch_size, seed=seed),
                                     trait_threshold=trait_threshold, coherence_threshold=coherence_threshold,
-                                    max_attempts=max_attempts, require_end=require_end)
+                                    max_attempts=max_attempts, require_end=require_end, questions=questions)
                 with cluster_session(model, device, ray, workers, gpus_per_worker,
                                      judge_model if judge and not judge_url else None, judge_mode) as cluster:
                     adapter = driver_model(cluster, model, device)
