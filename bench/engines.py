@@ -21,6 +21,8 @@ from pathlib import Path
 GEN_MODEL, JUDGE_MODEL = "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"
 N_ANSWERS, NEW_TOKENS, N_JUDGE = 64, 64, 32
 EAGER = os.environ.get("BENCH_VLLM_EAGER", "1") == "1"  # eager (steerable) vLLM: no graph compilation
+# float32 by default: the product's CPU dtype (a CPU without native bf16 matmul, like AVX2-only EPYC, runs bf16 slower)
+DTYPE = os.environ.get("BENCH_DTYPE", "float32")
 PARTS = ("gen-hf16", "gen-hf64", "gen-hfauto", "gen-vllm", "judge-hf", "judge-hfengine", "judge-vllm")
 
 
@@ -51,7 +53,7 @@ def run_part(part: str, work: Path) -> dict:
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     name = GEN_MODEL if part.startswith("gen") else JUDGE_MODEL
-    model, tok = load_model(name, device="cpu")
+    model, tok = load_model(name, device="cpu", dtype=getattr(torch, DTYPE))
     ad = ModelAdapter(model, tok)
     res: dict = {"part": part}
     t0 = time.perf_counter()
@@ -61,7 +63,7 @@ def run_part(part: str, work: Path) -> dict:
         if part == "gen-vllm":
             from personascope.engines.vllm_engine import VLLMEngine
 
-            eng = VLLMEngine(resolve_model_path(name), tokenizer=tok, dtype=torch.bfloat16, max_model_len=2048,
+            eng = VLLMEngine(resolve_model_path(name), tokenizer=tok, dtype=getattr(torch, DTYPE), max_model_len=2048,
                              steerable=EAGER)
             res["startup_s"] = time.perf_counter() - t0
             eng.generate(prompts[:2], SamplingConfig(temperature=0.0, max_new_tokens=4))  # warm-up
@@ -92,7 +94,7 @@ def run_part(part: str, work: Path) -> dict:
         if part == "judge-vllm":
             from personascope.engines.vllm_engine import VLLMEngine
 
-            judge.engine = VLLMEngine(resolve_model_path(name), tokenizer=tok, dtype=torch.bfloat16,
+            judge.engine = VLLMEngine(resolve_model_path(name), tokenizer=tok, dtype=getattr(torch, DTYPE),
                                       max_model_len=2048, steerable=EAGER)
             res["startup_s"] = time.perf_counter() - t0
             judge.engine.last_token_logprobs(prompts[:1])  # warm-up (also caches the rubric prefix, as in use)
@@ -114,7 +116,8 @@ def drive(parts: list[str], work: Path) -> None:
     from common import record
 
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    threads = os.environ.get("BENCH_THREADS", "2")
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": threads}
     for part in parts:
         if part.endswith("vllm"):
             import importlib.util
@@ -126,7 +129,7 @@ def drive(parts: list[str], work: Path) -> None:
         subprocess.run([sys.executable, __file__, "--part", part, "--work", str(work)], check=True, env=env)
     got = {p: json.loads((work / f"{p}.json").read_text()) for p in PARTS if (work / f"{p}.json").exists()}
     lines = [f"{N_ANSWERS} answers × {NEW_TOKENS} new tokens greedy on {GEN_MODEL}; {N_JUDGE} binary judge prompts "
-             f"(optimistic, labelled set) on {JUDGE_MODEL}; bf16; one run each, each in a fresh process; "
+             f"(optimistic, labelled set) on {JUDGE_MODEL}; {DTYPE}; one run each, each in a fresh process; "
              f"load average at the end {os.getloadavg()[0]:.1f}; vLLM {'eager' if EAGER else 'compiled'}; "
              f"torch threads {os.environ.get('BENCH_THREADS', '2')}", "",
              "| variant | seconds | rate | start-up (s) |", "|---|---|---|---|"]

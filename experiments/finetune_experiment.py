@@ -343,6 +343,12 @@ def write_report(out: Path, work: Path, data: dict, args, s: Settings, runs: lis
     with_prev = [r for r in rows if r["trait_score"] is not None]
     r_prev = pearson([r["shift"] for r in with_prev], [r["trait_score"] for r in with_prev])
     p_all = permutation_p([r["shift"] for r in plain], [r["trait_score"] for r in plain])
+    # pooled over traits on the change from each trait's base score (traits differ in their base level)
+    base_score = {t: (data.get(f"eval|base|{t}") or {}).get("trait_score") for t in args.traits}
+    moved = [r for r in plain if base_score.get(r["trait"]) is not None]
+    d_trait = [r["trait_score"] - base_score[r["trait"]] for r in moved]
+    r_delta = pearson([r["shift"] for r in moved], d_trait)
+    p_delta = permutation_p([r["shift"] for r in moved], d_trait)
     r_coh = pearson([r["coherence"] for r in with_prev], [r["trait_score"] for r in with_prev])
 
     if plain:
@@ -401,7 +407,7 @@ def write_report(out: Path, work: Path, data: dict, args, s: Settings, runs: lis
         fig.suptitle(f"{t}: preventative (green) vs post-hoc (blue) steering of the II finetune")
         save_figure(fig, out / f"mitigation_{t}.png")
 
-    summary = {"settings": asdict(s), "model": args.model, "judge": judge.name,
+    summary = {"settings": asdict(s), "model": args.model, "judge": judge.name, "questions": args.questions,
                "thresholds": {"trait": args.trait_threshold, "coherence": args.coherence_threshold},
                "judge_modes": {"trait": judge.mode_for("trait"), "coherence": judge.mode_for("coherence")},
                "layers": layers, "vectors": {t: v.path for t, v in vectors.items()},
@@ -409,6 +415,7 @@ def write_report(out: Path, work: Path, data: dict, args, s: Settings, runs: lis
                                for t, v in vectors.items()},
                "base_capability": base_cap, "datasets": datasets, "runs": rows,
                "pearson": {"unsteered_all": r_all, "unsteered_all_p": p_all, "by_trait": r_by,
+                           "unsteered_vs_change": r_delta, "unsteered_vs_change_p": p_delta,
                            "including_preventative": r_prev, "trait_vs_coherence_all_runs": r_coh},
                "mitigation": mitig, "seconds": round(seconds, 1),
                "stage_seconds": round(sum(v["seconds"] for v in data.values() if isinstance(v, dict)), 1)}
@@ -427,7 +434,9 @@ def _markdown(sm: dict, s: Settings, args) -> str:
       f"{' --smoke' if s is SMOKE else ''}`; its timed stages (datasets, finetunes, judged evaluations; capability "
       f"runs are not timed) took {sm['stage_seconds'] / 60:.0f} min of CPU wall time when they were computed.\n")
     a("## Setup\n")
-    a(f"- Datasets: {s.rows} rows each from the built-in question pool, the model's own answers (temperature 0.7, "
+    source = ("the trait's extraction questions (cycled, so each is asked several times; none is an evaluation "
+              "question)" if sm.get("questions") == "extraction" else "the built-in question pool")
+    a(f"- Datasets: {s.rows} rows each from {source}, the model's own answers (temperature 0.7, "
       f"ending at the end-of-turn token: answers that reached {s.max_new_tokens} new tokens were resampled) with no "
       "system prompt (normal), under the trait's eliciting instruction for every other row (I) or every row (II); "
       f"eliciting rows kept only with judged trait ≥ {sm['thresholds']['trait']:g}, every row only with coherence ≥ "
@@ -467,11 +476,13 @@ def _markdown(sm: dict, s: Settings, args) -> str:
           f"| {_f(r['capability'], '.3f')} |")
     p = sm["pearson"]
     a("\n## Shift vs trait score\n")
-    a(f"Pearson r across the unsteered finetunes (both traits pooled, n = "
+    a(f"Pearson r across the unsteered finetunes (traits pooled, n = "
       f"{sum(1 for r in sm['runs'] if r['prevent_alpha'] is None)}): **{_f(p['unsteered_all'], '.2f')}** "
       f"(permutation p = {_f(p['unsteered_all_p'], '.2f')}); "
       + ", ".join(f"{t}: {_f(v, '.2f')}" for t, v in p["by_trait"].items())
-      + f"; including the preventative runs: {_f(p['including_preventative'], '.2f')}. "
+      + f"; including the preventative runs: {_f(p['including_preventative'], '.2f')}. Pooled on the change of the "
+      f"trait score from each trait's base model (traits start at different levels): **"
+      f"{_f(p.get('unsteered_vs_change'), '.2f')}** (permutation p = {_f(p.get('unsteered_vs_change_p'), '.3f')}). "
       "Paper (Qwen2.5-7B / Llama-3.1-8B, many more and larger datasets): r = 0.76–0.97.\n")
     a("![shift vs trait](shift_vs_trait.png)\n")
     for t in args.traits:

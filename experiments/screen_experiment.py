@@ -65,7 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="questions per dataset (rows that fail the filters 3 times are dropped: aim above 200)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="answers longer than this are resampled")
     p.add_argument("--question-suffix", default=" Answer in a few sentences.",
-                   help="appended to every pool question (part of the rows) so that answers end")
+                   help="appended to every question (part of the rows) so that answers end")
+    p.add_argument("--questions", default="pool", choices=("pool", "extraction"),
+                   help="pool: the built-in everyday questions; extraction: the trait's own extraction questions, "
+                        "cycled to --rows (room for the trait; the rows repeat questions)")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--own-tokens", type=int, default=64,
                    help="length of the model's own greedy answers that method 'generate' subtracts")
@@ -79,8 +82,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "data-experiments",
                    help="datasets and caches (shared with finetune_experiment.py: the same datasets)")
-    p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "screen")
-    return p.parse_args(argv)
+    p.add_argument("--out", type=Path, default=None,
+                   help="report and PNGs (default experiments/results/screen, or screen-extraction)")
+    args = p.parse_args(argv)
+    args.out = args.out or ROOT / "experiments" / "results" / f"screen{tag(args)}"
+    return args
+
+
+def tag(args: argparse.Namespace) -> str:
+    """Suffix of the file names of a run on the trait's extraction questions (pool runs have none)."""
+    return "" if args.questions == "pool" else "-extraction"
+
+
+def run_dir(args: argparse.Namespace) -> Path:
+    """The screening caches of this trait and question set (ΔP per method, the model's own answers, control)."""
+    return args.work / "screen" / (args.trait + tag(args))
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -93,11 +109,11 @@ def build_datasets(adapter: ModelAdapter, trait, judge, engine, args) -> dict[st
                                                              max_new_tokens=args.max_new_tokens,
                                                              batch_size=args.batch_size),
                         require_end=True, judge_batch_size=args.batch_size, question_suffix=args.question_suffix,
-                        trait_threshold=args.trait_threshold)
+                        trait_threshold=args.trait_threshold, questions=args.questions)
     kept = {}
-    shared = shared_work(args.work, trait.name)
+    shared = shared_work(args.work, trait.name + tag(args))
     for level in ("normal", "II", "I"):
-        path = args.work / "datasets" / f"{trait.name}-{level}.jsonl"
+        path = args.work / "datasets" / f"{trait.name}{tag(args)}-{level}.jsonl"
         make_dataset(adapter, trait, level, path, judge, cfg, engine=engine, work_dir=shared)
         kept[level] = read_jsonl(shared / "kept.jsonl")  # the rows of the call just made
     return kept
@@ -119,7 +135,7 @@ def label(rec: dict) -> bool | None:
 def steered_control(adapter: ModelAdapter, pv: PersonaVector, layer: int, questions: list[str], engine,
                     args) -> list[str]:
     """Positive control: greedy answers (no system prompt) steered at +alpha along v at every position."""
-    store = JsonlStore(args.work / "screen" / args.trait / "steered_answers.jsonl", ("question", "alpha", "layer"))
+    store = JsonlStore(run_dir(args) / "steered_answers.jsonl", ("question", "alpha", "layer"))
     coef = pv.coef_from_alpha(args.control_alpha, layer)
     jobs = [{"question": i, "question_text": q, "alpha": args.control_alpha, "layer": layer, "coef": coef}
             for i, q in enumerate(questions)]
@@ -144,7 +160,7 @@ def filter_scores(rows: list[dict], trait, args) -> list[float | None]:
 
     judge = load_local_judge(args.filter_judge_model)
     recs = [{"question_text": r["question_text"], "answer": r["answer"]} for r in rows]
-    cache = ScoreCache(args.work / "screen" / args.trait / "filter_scores.jsonl")
+    cache = ScoreCache(run_dir(args) / "filter_scores.jsonl")
     scored = judge_answers(judge, trait, recs, cache, args.batch_size, ("trait",), "LLM-judge filter")
     args.filter_judge_name = f"{judge.name} ({judge.describe_mode('trait', trait)})"
     return [s.get("trait_score") for s in scored]
@@ -157,8 +173,8 @@ def screen_all(adapter, pv, paths: dict[str, Path], engine, args) -> dict:
         cfg = ScreenConfig(method=method, max_new_tokens=args.own_tokens, batch_size=8)
         for ds, path in paths.items():
             t = time.perf_counter()
-            kw = dict(method=method, out_dir=args.work / "screen" / args.trait / method / ds, config=cfg,
-                      answer_cache=args.work / "screen" / args.trait / "model_answers.jsonl", engine=engine,
+            kw = dict(method=method, out_dir=run_dir(args) / method / ds, config=cfg,
+                      answer_cache=run_dir(args) / "model_answers.jsonl", engine=engine,
                       plots=False)
             try:
                 r = screen_dataset(adapter, path, {args.trait: pv}, **kw)
@@ -223,13 +239,13 @@ def main(argv: list[str] | None = None) -> None:
     if min(len(k) for k in kept.values()) < 2:
         sys.exit("error: a dataset kept fewer than 2 rows (answers cut at --max-new-tokens are dropped): raise "
                  "--max-new-tokens or shorten the answers with --question-suffix")
-    paths = {ds: args.work / "datasets" / f"{args.trait}-{ds}.jsonl" for ds in DATASETS}
+    paths = {ds: args.work / "datasets" / f"{args.trait}{tag(args)}-{ds}.jsonl" for ds in DATASETS}
 
     t = time.perf_counter()
     questions = [r["question_text"] for r in kept["normal"][: args.control_rows]]
     control = steered_control(adapter, pv, layer, questions, engine, args)
     ok = [i for i, a in enumerate(control) if ended(adapter, a, args.max_new_tokens)]
-    paths["steered"] = args.work / "datasets" / f"{args.trait}-steered.jsonl"
+    paths["steered"] = args.work / "datasets" / f"{args.trait}{tag(args)}-steered.jsonl"
     write_chat_jsonl(paths["steered"], [chat_row(questions[i], control[i]) for i in ok])
     timings["steered control"] = time.perf_counter() - t
 
@@ -271,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
                  "rows": args.rows, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                  "percentile": args.percentile, "control_alpha": args.control_alpha,
                  "trait_threshold": args.trait_threshold, "question_suffix": args.question_suffix,
+                 "questions": args.questions,
                  "control_rows": len(ok), "control_asked": args.control_rows},
         "datasets": {m: {ds: {k: v for k, v in d.items() if k != "delta_p"} for ds, d in dp[m].items()}
                      for m in METHODS},
@@ -345,8 +362,10 @@ def write_report(res: dict, rows: list[dict], labels: list, fj: list, dp: dict, 
         f"# Data screening with the projection difference ΔP ({m['trait']}, {m['model']})",
         "",
         f"Model {m['model']} ({m['device']}, {m['dtype']}), vector: {m['vector']}, layer {m['layer']} (its default). "
-        f"Questions: {m['rows']} of the built-in pool (none of the trait's own) with "
-        f"\"{m['question_suffix'].strip()}\" appended, the same user messages in every dataset. "
+        + (f"Questions: {m['rows']} of the built-in pool (none of the trait's own) with "
+         if m.get("questions", "pool") == "pool" else
+         f"Questions: the trait's extraction questions cycled to {m['rows']} rows (each asked several times) with ")
+        + f"\"{m['question_suffix'].strip()}\" appended, the same user messages in every dataset. "
         f"Rows generated on the `{m['engine']}` engine at T {m['temperature']:g}; every row ends at the end-of-turn "
         f"token (answers that reached {m['max_new_tokens']} new tokens were resampled, up to 3 tries). Labels: "
         f"`{m['label_judge']}` (trait ≥ {LABEL_AT:g} = expresses the trait; refusals left out). Produced by "
