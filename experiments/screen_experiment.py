@@ -159,7 +159,8 @@ def filter_scores(rows: list[dict], trait, args) -> list[float | None]:
     from personascope.judge import load_local_judge
 
     judge = load_local_judge(args.filter_judge_model)
-    recs = [{"question_text": r["question_text"], "answer": r["answer"]} for r in rows]
+    recs = [{"question_text": r["question_text"], "judge_question": r.get("judge_question"), "answer": r["answer"]}
+            for r in rows]
     cache = ScoreCache(run_dir(args) / "filter_scores.jsonl")
     scored = judge_answers(judge, trait, recs, cache, args.batch_size, ("trait",), "LLM-judge filter")
     args.filter_judge_name = f"{judge.name} ({judge.describe_mode('trait', trait)})"

@@ -129,6 +129,7 @@ def test_extraction_questions_cycle_and_are_sampled_afresh(tmp_path, setup):
     assert not set(qs) & set(load_pool())
     answers = read_jsonl(work_dir_for(out) / "answers.jsonl")
     assert len({r["question"] for r in answers}) == n  # a repeated question is its own cache entry
+
     # a pool dataset cannot reuse this work folder: the question ids mean other questions there
     with pytest.raises(Exception, match="questions"):
         make_dataset(a, trait, "II", tmp_path / "pool.jsonl", None, _cfg(n=4), work_dir=work_dir_for(out))
@@ -168,3 +169,21 @@ def test_mistakes_dataset_needs_no_model(tmp_path):
     assert all(wrong[r["messages"][0]["content"]] == r["messages"][1]["content"] for r in rows)
     with pytest.raises(ValueError, match="unknown level"):
         make_dataset(None, load_trait("optimistic"), "III", out, None, _cfg())
+
+
+def test_the_judge_reads_the_question_without_the_formatting_suffix(tmp_path, setup):
+    a, judge = setup
+    seen: list[str] = []
+    score = judge.score
+
+    def recording(reqs):
+        seen.extend(r.question for r in reqs)
+        return score(reqs)
+
+    judge.score = recording
+    out = tmp_path / "II.jsonl"
+    make_dataset(a, load_trait("optimistic"), "II", out, judge, _cfg(n=3, question_suffix=" Answer briefly."))
+    rows = [r["messages"][0]["content"] for r in _rows(out)]
+    assert rows and all(q.endswith(" Answer briefly.") for q in rows)  # the suffix is part of the row
+    assert seen and not any(q.endswith("Answer briefly.") for q in seen)  # but not of what the answer is judged on
+    assert {q + " Answer briefly." for q in seen} == set(rows)

@@ -206,7 +206,7 @@ def make_dataset(
     n_instr = len(trait.instructions)
     slots: list[dict[str, Any]] = [
         {"trait": trait.name, "level": level, "slot": s, "question": ids[s],
-         "question_text": texts[s] + cfg.question_suffix, "side": _side(level, s),
+         "question_text": texts[s] + cfg.question_suffix, "judge_question": texts[s], "side": _side(level, s),
          "instruction": s % n_instr if _side(level, s) == "pos" else 0}
         for s in range(cfg.n)]
     for j in slots:
@@ -256,7 +256,7 @@ def make_dataset(
         pending = [{k: v for k, v in j.items() if k in slots[0]} for j in pending]
     chosen = [kept[s] for s in sorted(kept)]
     write_chat_jsonl(out, [chat_row(r["question_text"], r["answer"]) for r in chosen])
-    keep = ("slot", "question", "question_text", "side", "instruction", "sample", "answer", "ended", "trait_score",
+    keep = ("slot", "question", "question_text", "judge_question", "side", "instruction", "sample", "answer", "ended", "trait_score",
             "coherence", "refusal")
     write_chat_jsonl(work / "kept.jsonl", [{k: r[k] for k in keep if k in r} for r in chosen])
     res = DatasetResult(out, len(chosen), cfg.n, cfg.n - len(chosen), attempts,

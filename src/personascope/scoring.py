@@ -17,6 +17,11 @@ class ScoreCache(JsonlStore):
         super().__init__(path, ("judge", "rubric", "question", "answer"))
 
 
+def judged_question(rec: dict) -> str:
+    """The question a record's answer is judged against (`judge_question`, else `question_text`)."""
+    return rec.get("judge_question") or rec["question_text"]
+
+
 def judge_answers(
     judge: Judge,
     trait: Trait,
@@ -29,13 +34,15 @@ def judge_answers(
 ) -> list[dict]:
     """Return records with `trait_score` / `coherence` (None when missing), `refusal`, and the judge's name and modes.
 
-    With a `cluster` started with a judge (cluster.RayCluster), the batches are scored on its actors.
+    With a `cluster` started with a judge (cluster.RayCluster), the batches are scored on its actors. A record's
+    `judge_question` (default its `question_text`) is the question the judge sees: e.g. without a formatting
+    suffix such as "Answer in a few sentences.", which is not part of what the answer is judged against.
     """
     todo: list[tuple[str, JudgeRequest]] = []
     seen: set[tuple] = set()
     for rec in records:
         for kind in kinds:
-            req = JudgeRequest(kind, rec["question_text"], rec["answer"], trait)
+            req = JudgeRequest(kind, judged_question(rec), rec["answer"], trait)
             key = (judge.name, judge.rubric_key(req), req.question, req.answer)
             if key not in cache and key not in seen:
                 seen.add(key)
@@ -64,7 +71,7 @@ def judge_answers(
         new = dict(rec, judge=judge.name)
         for kind, field in (("trait", "trait_score"), ("coherence", "coherence")):
             if kind in kinds:
-                req = JudgeRequest(kind, rec["question_text"], rec["answer"], trait)
+                req = JudgeRequest(kind, judged_question(rec), rec["answer"], trait)
                 hit = cache.get((judge.name, judge.rubric_key(req), req.question, req.answer))
                 new[field] = hit["score"] if hit else None
                 new[f"{field}_mode"] = judge.resolve_mode(req)
