@@ -4,9 +4,10 @@ and does preventative steering keep the trait down better than steering after th
 For each trait (default optimistic, humorous and apathetic) on the default model, CPU, quick profile:
 
 1. the package's ready-made persona vector for the model (or `--vectors-dir DIR/TRAIT.safetensors`);
-2. the model's own datasets at levels normal (unprompted answers) / I / II (`make_dataset`, answers that
-   end at the end-of-turn token; generated on vLLM with `--engine vllm|auto` when it is installed), plus
-   the mistake set;
+2. the model's own datasets at levels normal (unprompted answers) / I / II (`make_dataset` on the trait's
+   extraction questions, which give a small model room to show the trait — the built-in pool of everyday
+   questions with `--questions pool`; answers that end at the end-of-turn token; generated on vLLM with
+   `--engine vllm|auto` when it is installed), plus the mistake set;
 3. a LoRA finetune on each; for each: the finetuning shift (last prompt token, the trait's
    evaluation prompts), the judged trait score and coherence on the evaluation questions, and
    multiple-choice capability; Pearson r between shift and trait score across runs;
@@ -77,7 +78,7 @@ class Settings:
     posthoc_alphas: tuple[float, ...]
 
 
-FULL = Settings(rows=40, max_new_tokens=96, epochs=3, eval_questions=20, eval_tokens=64, mc_rows=120,
+FULL = Settings(rows=40, max_new_tokens=96, epochs=2, eval_questions=20, eval_tokens=64, mc_rows=120,
                 prevent_alphas=(1.0,), posthoc_alphas=(-1.0,))
 SMOKE = Settings(rows=8, max_new_tokens=64, epochs=1, eval_questions=2, eval_tokens=16, mc_rows=16,
                  prevent_alphas=(1.0,), posthoc_alphas=(-0.5,))
