@@ -104,6 +104,13 @@ def test_guard_marks_tokens(dash):
         page.fill("#temp", "0")
         page.fill("#maxtok", "16")
         page.select_option("#guard-opt", "cap")
+        page.fill("#coef-opt", "0.5")
+        page.dispatch_event("#coef-opt", "input")
+        page.evaluate("init()")  # the cards rebuilt (as when the key is entered again) keep the user's settings
+        assert page.input_value("#guard-opt") == "cap" and page.input_value("#coef-opt") == "0.5"
+        assert page.is_checked("#steer-opt")
+        page.fill("#coef-opt", "0")
+        page.dispatch_event("#coef-opt", "input")
         page.fill("#input", "Tell me about the sea.")
         page.click("#send")
         page.wait_for_selector('.msg.assistant[data-done="1"]', timeout=30_000)

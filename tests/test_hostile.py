@@ -64,10 +64,12 @@ def test_a_non_finite_row_fails_alone(vecs):
     poison = adapter.tokenizer.convert_tokens_to_ids("~")
     with torch.no_grad():
         adapter.model.get_input_embeddings().weight[poison] = float("inf")
-    engine = Engine(adapter, {}, ServeConfig(batch_wait_ms=400), model_id=MODEL)
     prompts = ["Tell me about the sea.", "How do I bake bread?", "Name a colour."]
-    with ThreadServer(create_app(engine)) as srv:
+    with ThreadServer(create_app(Engine(adapter, {}, ServeConfig(), model_id=MODEL))) as srv:
         alone = [content(post(srv.url, body(p))) for p in prompts]
+    # a batch of exactly five leaves as soon as the fifth arrives; the long window only guards a starved CPU
+    engine = Engine(adapter, {}, ServeConfig(batch_wait_ms=30_000, max_batch=5), model_id=MODEL)
+    with ThreadServer(create_app(engine)) as srv:
         barrier = threading.Barrier(len(prompts) + 2)
 
         def send(payload):
@@ -84,7 +86,9 @@ def test_a_non_finite_row_fails_alone(vecs):
             assert r.status_code == 500
             err = r.json()["error"]
             assert err["code"] == "non_finite_logits" and "non-finite" in err["message"]
-        assert content(post(srv.url, body(prompts[0]))) == alone[0]  # still serving
+        with ThreadPoolExecutor(5) as pool:  # still serving: the next full batch is answered as before
+            again = list(pool.map(lambda _: post(srv.url, body(prompts[0])), range(5)))
+        assert [content(r) for r in again] == [alone[0]] * 5
 
 
 @pytest.mark.parametrize("steer, param", [

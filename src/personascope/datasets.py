@@ -256,8 +256,8 @@ def make_dataset(
         pending = [{k: v for k, v in j.items() if k in slots[0]} for j in pending]
     chosen = [kept[s] for s in sorted(kept)]
     write_chat_jsonl(out, [chat_row(r["question_text"], r["answer"]) for r in chosen])
-    keep = ("slot", "question", "question_text", "judge_question", "side", "instruction", "sample", "answer", "ended", "trait_score",
-            "coherence", "refusal")
+    keep = ("slot", "question", "question_text", "judge_question", "side", "instruction", "sample", "answer", "ended",
+            "trait_score", "coherence", "refusal")
     write_chat_jsonl(work / "kept.jsonl", [{k: r[k] for k in keep if k in r} for r in chosen])
     res = DatasetResult(out, len(chosen), cfg.n, cfg.n - len(chosen), attempts,
                         _mean([r.get("trait_score") for r in chosen]), _mean([r.get("coherence") for r in chosen]),
