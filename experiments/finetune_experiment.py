@@ -180,6 +180,8 @@ def main() -> None:
     ap.add_argument("--questions", default="extraction", choices=("extraction", "pool"),
                     help="dataset questions: the trait's extraction questions (cycled; they give the trait room) or "
                          "the built-in pool of everyday questions (shared with screen_experiment.py)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="write the report from what is measured so far (no new finetunes)")
     ap.add_argument("--trait-threshold", type=float, default=50.0, help="eliciting dataset rows need this trait")
     ap.add_argument("--coherence-threshold", type=float, default=50.0, help="dataset rows need this coherence")
     ap.add_argument("--judge-mode", default=None, help="trait scoring mode of a local judge (default: probe when "
@@ -253,7 +255,7 @@ def main() -> None:
              for t in args.traits for a in s.prevent_alphas]
 
     # --- finetune and measure every run
-    for run in runs:
+    for run in [] if args.report_only else runs:
         if f"eval|{run.name}|{run.traits[-1]}" not in res.data:
             over_budget(args, started, res)
         if datasets.get(run.name.split("-prevent")[0], {}).get("rows") == 0:
