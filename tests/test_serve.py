@@ -34,7 +34,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: list[str], timeout: float = 90.0) -> tuple[subprocess.Popen, str]:
+def start_server(args: list[str], timeout: float = 300.0) -> tuple[subprocess.Popen, str]:
     """Start `personascope serve ARGS` on a free loopback port; return (process, base URL) once it answers."""
     port = free_port()
     proc = subprocess.Popen([*CLI, "serve", *args, "--port", str(port)], stdout=subprocess.PIPE,
@@ -50,7 +50,7 @@ def start_server(args: list[str], timeout: float = 90.0) -> tuple[subprocess.Pop
         except httpx.HTTPError:
             time.sleep(0.2)
     proc.kill()
-    raise RuntimeError("server did not start in time")
+    raise RuntimeError(f"server did not start in {timeout:.0f} s")
 
 
 def stop_server(proc: subprocess.Popen) -> None:
