@@ -16,9 +16,9 @@ For each trait (default optimistic, humorous and apathetic) on the default model
 
 Every stage is cached under the work directory, so a rerun only does what is missing; `--traits` adds
 traits to a finished run. The default run makes 13 finetunes (3 levels × 3 traits, mistakes, preventative
-steering at α 1 on each II set); its end-to-end
-time on 2 CPU cores has not been measured yet (the datasets of a trait screened by screen_experiment.py
-are reused from its cache). `--judge-url` takes an API judge, `--model` any local path or built-in name
+steering at α 1 on each II set); with `--traits optimistic humorous` (9 finetunes) it took about 2.5 h on 2
+CPU cores (2026-12-02), most of it LoRA steps of ~15 s and the datasets' generation.
+`--judge-url` takes an API judge, `--model` any local path or built-in name
 (`--device cuda` on a GPU).
 
     flock /tmp/personascope-cpu.lock .venv/bin/python experiments/finetune_experiment.py
