@@ -52,7 +52,7 @@ class DatasetConfig:
     pool_seed: int = 0  # order of the question pool (shared by all levels, so levels differ only in answers)
     judge_batch_size: int = 8
     require_end: bool = False  # resample answers that ran to max_new_tokens (cut mid-sentence)
-    question_suffix: str = ""  # appended to every pool question, e.g. " Answer in a few sentences."
+    question_suffix: str = ""  # appended to every question (not shown to the judge), e.g. " Answer briefly."
     questions: str = "pool"  # "pool" (everyday questions) or "extraction" (the trait's own, cycled to n rows)
 
 
