@@ -73,3 +73,9 @@ def test_evaluate_bad_layer_and_coef(files):
     assert "--layer" in line and "out of range" in line
     line = _error([*base, "--layer", "1", "--coef", "1,big"])
     assert "--coef" in line and "'big'" in line
+
+
+def test_demo_bad_engine(files):
+    line = _error(["demo", "--model", str(files / "model"), "--engine", "fast", "--device", "cpu"])
+    assert "--engine" in line and "fast" in line
+

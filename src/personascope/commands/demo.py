@@ -10,7 +10,10 @@ import typer
 from ..models import DEFAULT_MODEL
 from .common import (
     DeviceOpt,
+    EngineOpt,
     ModelOpt,
+    choice,
+    fail,
 )
 
 
@@ -23,11 +26,16 @@ def demo(
     judge_model: Annotated[str | None, typer.Option(help="A local LLM judge instead of the probe judge on "
                                                          "the model itself.")] = None,
     device: DeviceOpt = None,
+    engine: EngineOpt = "auto",
 ) -> None:
     """The main job on the embedded model: extract a vector, print its validity, then steer side by side."""
     from ..demo import run_demo
+    from ..engines import ENGINES, vllm_available
 
-    run_demo(trait, model, out, device, judge_model, questions, seed)
+    choice(engine, ENGINES, "--engine")
+    if engine == "vllm" and not vllm_available():
+        fail("--engine vllm needs vLLM; install it with: pip install 'personascope[vllm]'")
+    run_demo(trait, model, out, device, judge_model, questions, seed, engine)
 
 
 def register(app: typer.Typer) -> None:
