@@ -187,6 +187,30 @@ def test_engine_choice():
         with pytest.raises(ValueError, match=r"personascope\[vllm\]"):
             choose_engine("vllm", 1)
     assert job_seed(1, "p", 0) != job_seed(1, "p", 1) != job_seed(2, "p", 1)
+    assert job_seed(1, "p", 0, 3) != job_seed(1, "p", 0, 23)  # a cycled question is sampled afresh
+
+
+def test_an_engine_that_seeds_each_prompt_samples_a_repeated_question_afresh(tiny):
+    """make_dataset on extraction questions asks one question under several ids: an engine that seeds each
+    prompt (vLLM) must not give them all the same answer."""
+    from personascope.engines.hf import HFEngine
+    from personascope.generate import SamplingConfig, run_generation
+
+    class PerPromptSeeds(HFEngine):
+        """HF generating one prompt at a time with the seed it is handed (as vLLM seeds each request)."""
+
+        seeds_per_prompt = True
+
+        def generate(self, prompts, sampling, seeds=None, steering=()):
+            return [super(PerPromptSeeds, self).generate([p], sampling, [s])[0]
+                    for p, s in zip(prompts, seeds or [None] * len(prompts), strict=True)]
+
+    jobs = [{"question": q, "sample": 0} for q in (3, 23, 43, 63)]
+    got: list[dict] = []
+    cfg = SamplingConfig(temperature=1.0, max_new_tokens=12, seed=0)
+    run_generation(tiny, jobs, lambda j: tiny.prompt("The same question"), lambda j: False, got.extend, cfg,
+                   engine=PerPromptSeeds(tiny))
+    assert len({r["answer"] for r in got}) > 1
 
 
 # ------------------------------------------------------------------------- vLLM engine

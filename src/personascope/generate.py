@@ -182,10 +182,11 @@ def _stable_hash(text: str) -> int:
     return h
 
 
-def job_seed(seed: int, prompt: str, sample: int) -> int:
-    """The sampling seed of one job on an engine: from the run's seed, the prompt and the sample index (stable)."""
+def job_seed(seed: int, prompt: str, sample: int, job_id: object = None) -> int:
+    """The sampling seed of one job on an engine: from the run's seed, the prompt, the sample index and the job's
+    id (its `question`; jobs asking the same prompt under different ids, e.g. a cycled question, differ)."""
     h = 0
-    for ch in (prompt + str(sample)).encode():
+    for ch in (prompt + str(sample) + ("" if job_id is None else f"#{job_id}")).encode():
         h = (h * 131 + ch) % 2_147_483_647
     return seed * 1_000_003 + h
 
@@ -215,7 +216,8 @@ def _run_on_engine(
                 continue
             todo = missing if per_prompt else chunk
             prompts = [prompt_of(j) for j in todo]
-            seeds = [job_seed(cfg.seed, p, j.get("sample", 0)) for p, j in zip(prompts, todo, strict=True)]
+            seeds = [job_seed(cfg.seed, p, j.get("sample", 0), j.get("question"))
+                     for p, j in zip(prompts, todo, strict=True)]
             answers = engine.generate(prompts, cfg, seeds)
             save([{**j, "answer": a} for j, a in zip(todo, answers, strict=True) if not done(j)])
             made += len(missing)
