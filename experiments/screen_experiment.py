@@ -21,7 +21,9 @@ labels; `--model` any local path or built-in name (`--device cuda` on a GPU).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import random
 import sys
 import time
 from pathlib import Path
@@ -38,7 +40,7 @@ from personascope.models import DEFAULT_JUDGE_MODEL, DEFAULT_MODEL, load_model
 from personascope.plots import plt, save_figure
 from personascope.scoring import ScoreCache, judge_answers
 from personascope.screen_run import ScreenConfig, screen_dataset
-from personascope.stats import auroc, bootstrap_ci, format_ci
+from personascope.stats import auroc, bootstrap_ci, format_ci, spearman
 from personascope.steer import Steerer
 from personascope.store import JsonlStore, write_json
 from personascope.traits import load_trait
@@ -78,6 +80,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trait-threshold", type=float, default=50.0,
                    help="II keeps eliciting answers judged at least this (0: every coherent eliciting answer)")
     p.add_argument("--percentile", type=float, default=95.0, help="flag ΔP above this percentile of normal")
+    p.add_argument("--read-labels", type=Path, default=None,
+                   help="labels written by reading (default OUT/read_labels.jsonl): when missing, a blind sheet of "
+                        "--read-sample rows of normal + II is written there to label (docs/labelling.md); when "
+                        "labelled, ΔP and the label judge are also measured against it")
+    p.add_argument("--read-sample", type=int, default=100, help="rows in the blind labelling sheet")
     p.add_argument("--engine", default="auto", help="hf, vllm or auto: where rows and the model's answers are made")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "data-experiments",
@@ -86,6 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="report and PNGs (default experiments/results/screen, or screen-extraction)")
     args = p.parse_args(argv)
     args.out = args.out or ROOT / "experiments" / "results" / f"screen{tag(args)}"
+    args.read_labels = args.read_labels or args.out / "read_labels.jsonl"
     return args
 
 
@@ -215,6 +223,41 @@ def separation(scores: list[float], labels: list[bool], flags: list[bool] | None
     return res
 
 
+def row_id(rec: dict) -> str:
+    """A row's id in the labelling sheet: a hash of its question and answer (the sheet hides level and scores)."""
+    return hashlib.sha256(f"{rec['question_text']}\n{rec['answer']}".encode()).hexdigest()[:12]
+
+
+def write_labelling_sheet(rows: list[dict], path: Path, n: int, seed: int = 0) -> None:
+    """A blind sheet of `n` distinct rows of normal + II in a seeded order: question and answer only, the level
+    (2 shown / 1 neutral / 0 opposite), refusal and incoherent fields left for the reader."""
+    distinct = list({row_id(r): r for r in rows}.items())
+    random.Random(seed).shuffle(distinct)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for rid, r in distinct[:n]:
+            f.write(json.dumps({"id": rid, "question": r["judge_question"] if r.get("judge_question")
+                                else r["question_text"], "answer": r["answer"], "level": None, "refusal": None,
+                                "incoherent": None, "note": ""}) + "\n")
+
+
+def read_label_separation(rows: list[dict], sheet: list[dict], scores: dict[str, list[float]]) -> dict:
+    """Each filter's AUROC (shown vs the rest, refusals and incoherent answers left out) and Spearman with the
+    read level on the labelled rows; `scores` holds one value per row of `rows` for each filter."""
+    at = {}
+    for i, r in enumerate(rows):
+        at.setdefault(row_id(r), i)
+    use = [(at[x["id"]], int(x["level"])) for x in sheet
+           if x["id"] in at and not x.get("refusal") and not x.get("incoherent")]
+    out: dict = {"n": len(use), "levels": {str(k): sum(lv == k for _, lv in use) for k in (0, 1, 2)}}
+    for name, vals in scores.items():
+        pairs = [(vals[i], lv) for i, lv in use if vals[i] is not None]
+        sep = separation([v for v, _ in pairs], [lv == 2 for _, lv in pairs])
+        sep["spearman"] = spearman([v for v, _ in pairs], [float(lv) for _, lv in pairs])
+        out[name] = sep
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     t0 = time.perf_counter()
@@ -279,6 +322,19 @@ def main(argv: list[str] | None = None) -> None:
         vals = dp[method]["normal"]["delta_p"] + dp[method]["steered"]["delta_p"]
         lab = [False] * len(dp[method]["normal"]["delta_p"]) + [True] * len(dp[method]["steered"]["delta_p"])
         control_sep[f"ΔP, {method}"] = separation(vals, lab)
+    read = None
+    if not args.read_labels.exists():
+        write_labelling_sheet(rows, args.read_labels, args.read_sample)
+        print(f"label {args.read_labels} by reading (docs/labelling.md), then rerun for the read-label AUROC")
+    else:
+        sheet = read_jsonl(args.read_labels)
+        if all(x.get("level") is not None for x in sheet):
+            judged = [r.get("trait_score") for r in rows]
+            read = read_label_separation(rows, sheet, {
+                **{f"ΔP, {mm}": [dp[mm][r["dataset"]]["delta_p"][r["line"] - 1] for r in rows] for mm in METHODS},
+                f"label judge ({getattr(judge, 'name', judge)})": judged})
+        else:
+            print(f"{args.read_labels} is not fully labelled yet: the read-label AUROC is left out")
     timings["total (this run)"] = time.perf_counter() - t0
     results = {
         "meta": {"model": adapter.name, "device": str(adapter.device), "dtype": str(next(model.parameters()).dtype),
@@ -297,6 +353,7 @@ def main(argv: list[str] | None = None) -> None:
                         "refusals": sum(bool(r.get("refusal")) for r in kept[ds])} for ds in DATASETS},
         "per_sample": {k: {kk: vv for kk, vv in v.items() if kk != "scores"} for k, v in per_sample.items()},
         "control": control_sep, "n_labelled": len(use), "n_shown": sum(y), "timings": timings,
+        "read_labels": read,
     }
     write_json(args.out / "results.json", results)
     plot_datasets(dp, results["judged"], args.out / "dataset_delta_p.png", results["meta"])
@@ -418,6 +475,16 @@ def write_report(res: dict, rows: list[dict], labels: list, fj: list, dp: dict, 
     for name, r in res["per_sample"].items():
         lines.append(f"| {name} | {_f(r['auroc'], '.3f')}{format_ci(r['ci'], 3)} | {_f(r.get('threshold'), '.3f')} | "
                      f"{r.get('flagged', '—')} | {_f(r.get('precision'))} | {_f(r.get('recall'))} |")
+    rl = res.get("read_labels")
+    if rl:
+        lv = rl["levels"]
+        lines += ["", f"### Against labels written by reading ({rl['n']} distinct rows of normal + II; "
+                  f"{lv['2']} shown / {lv['1']} neutral / {lv['0']} opposite; `read_labels.jsonl`)", "",
+                  "Labelled blind (question and answer only) before any ΔP or score of the rows was looked at, "
+                  "following docs/labelling.md; refusals and incoherent answers left out.", "",
+                  "| filter | AUROC shown vs rest (95 % CI) | Spearman with read level |", "|---|---|---|"]
+        lines += [f"| {k} | {_f(v['auroc'], '.3f')}{format_ci(v['ci'], 3)} | {_f(v['spearman'], '.2f')} |"
+                  for k, v in rl.items() if isinstance(v, dict) and "auroc" in v]
     lines += ["", "![ROC](roc.png)", "",
               f"## Positive control: normal vs steered rows ({len(dp['generate']['normal']['delta_p'])} + "
               f"{len(dp['generate']['steered']['delta_p'])})", "",
