@@ -249,7 +249,9 @@ def read_label_separation(rows: list[dict], sheet: list[dict], scores: dict[str,
         at.setdefault(row_id(r), i)
     use = [(at[x["id"]], int(x["level"])) for x in sheet
            if x["id"] in at and not x.get("refusal") and not x.get("incoherent")]
-    out: dict = {"n": len(use), "levels": {str(k): sum(lv == k for _, lv in use) for k in (0, 1, 2)}}
+    out: dict = {"n": len(use), "levels": {str(k): sum(lv == k for _, lv in use) for k in (0, 1, 2)},
+                 "shown_by_dataset": {ds: [sum(lv == 2 for i, lv in use if rows[i]["dataset"] == ds),
+                                           sum(rows[i]["dataset"] == ds for i, _ in use)] for ds in ("normal", "II")}}
     for name, vals in scores.items():
         pairs = [(vals[i], lv) for i, lv in use if vals[i] is not None]
         sep = separation([v for v, _ in pairs], [lv == 2 for _, lv in pairs])
@@ -481,7 +483,8 @@ def write_report(res: dict, rows: list[dict], labels: list, fj: list, dp: dict, 
         lines += ["", f"### Against labels written by reading ({rl['n']} distinct rows of normal + II; "
                   f"{lv['2']} shown / {lv['1']} neutral / {lv['0']} opposite; `read_labels.jsonl`)", "",
                   "Labelled blind (question and answer only) before any ΔP or score of the rows was looked at, "
-                  "following docs/labelling.md; refusals and incoherent answers left out.", "",
+                  "following docs/labelling.md; refusals and incoherent answers left out. Read as showing the "
+                  "trait: " + ", ".join(f"{ds} {k}/{n}" for ds, (k, n) in rl["shown_by_dataset"].items()) + ".", "",
                   "| filter | AUROC shown vs rest (95 % CI) | Spearman with read level |", "|---|---|---|"]
         lines += [f"| {k} | {_f(v['auroc'], '.3f')}{format_ci(v['ci'], 3)} | {_f(v['spearman'], '.2f')} |"
                   for k, v in rl.items() if isinstance(v, dict) and "auroc" in v]
