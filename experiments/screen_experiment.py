@@ -393,7 +393,8 @@ def plot_datasets(dp: dict, judged: dict, path: Path, meta: dict) -> Path:
                  color=["tab:blue", "tab:purple", "tab:red"])
     axes[-1].set_title("judged trait (label judge)", fontsize=10)
     axes[-1].set_ylim(0, 100)
-    fig.suptitle(f"{meta['trait']}: dataset-level ΔP at layer {meta['layer']} ({meta['rows']} rows each)",
+    sizes = ", ".join(f"{ds} {judged[ds]['n']}" for ds in DATASETS)
+    fig.suptitle(f"{meta['trait']}: dataset-level ΔP at layer {meta['layer']} ({sizes} rows)",
                  fontsize=10)
     return save_figure(fig, path)
 
