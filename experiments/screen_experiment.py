@@ -334,7 +334,8 @@ def main(argv: list[str] | None = None) -> None:
             judged = [r.get("trait_score") for r in rows]
             read = read_label_separation(rows, sheet, {
                 **{f"ΔP, {mm}": [dp[mm][r["dataset"]]["delta_p"][r["line"] - 1] for r in rows] for mm in METHODS},
-                f"label judge ({getattr(judge, 'name', judge)})": judged})
+                f"label judge ({getattr(judge, 'name', judge)})": judged,
+                **({"LLM-judge filter": fj} if any(x is not None for x in fj) else {})})
         else:
             print(f"{args.read_labels} is not fully labelled yet: the read-label AUROC is left out")
     timings["total (this run)"] = time.perf_counter() - t0
