@@ -2,11 +2,13 @@
 
 For each built-in trait, each question of `questions.json` (none of which is in the trait's
 extraction or evaluation set) is answered by each subject model under the trait's eliciting
-instruction, its suppressing instruction and no system prompt (and, with `--steer VECTOR_DIR`,
-steered at several α). Answers are appended to `answers-MODEL.jsonl` as they finish (resumable). They
-are labelled by reading afterwards (docs/labelling.md), before any judge scores them.
+instruction, its suppressing instruction and no system prompt, and (with `--steer ALPHA ...`) with no
+system prompt, steered along the model's ready-made persona vector at each relative α on the response
+positions. Answers are appended to `answers-MODEL.jsonl` as they finish (resumable). They are labelled
+by reading afterwards (docs/labelling.md), before any judge scores them.
 
     python experiments/real_answers/generate.py --models qwen2.5-coder-0.5b qwen2.5-coder-1.5b
+    python experiments/real_answers/generate.py --models qwen2.5-coder-0.5b --steer 1 2
 """
 
 from __future__ import annotations
@@ -19,23 +21,49 @@ import torch
 
 from personascope import ModelAdapter, load_model, load_trait
 from personascope.generate import generate_batch
+from personascope.steer import Steerer
+from personascope.vectors import load_vector
 
 HERE = Path(__file__).parent
 TRAITS = ("apathetic", "evil", "hallucinating", "humorous", "impolite", "optimistic", "sycophantic")
 
 
-def jobs_for(model_name: str, adapter: ModelAdapter, questions: dict[str, list[str]]) -> list[dict]:
-    """One job per (trait, question, condition) with its rendered prompt."""
+def jobs_for(model_name: str, adapter: ModelAdapter, questions: dict[str, list[str]],
+             alphas: list[float] | None = None) -> list[dict]:
+    """One job per (trait, question, condition) with its rendered prompt: the three system-prompt conditions,
+    or, given alphas, one steered condition per α (no system prompt)."""
+    conds = [f"steer{a:+g}" for a in alphas] if alphas else ["pos", "neg", "none"]
     jobs = []
     for trait_name in TRAITS:
         trait = load_trait(trait_name)
         for qi, q in enumerate(questions[trait_name]):
-            for cond in ("pos", "neg", "none"):
-                system = None if cond == "none" else trait.system_prompt(cond, qi % 5)
+            for cond in conds:
+                system = None if cond in ("none",) or cond.startswith("steer") else trait.system_prompt(cond, qi % 5)
+                alpha = float(cond[len("steer"):]) if cond.startswith("steer") else None
                 jobs.append({"id": f"{trait_name}/{model_name}/{cond}/{qi}", "trait": trait_name,
-                             "model": model_name, "condition": cond, "question_index": qi, "question": q,
-                             "system": system, "prompt": adapter.prompt(q, system=system)})
+                             "model": model_name, "condition": cond, "alpha": alpha, "question_index": qi,
+                             "question": q, "system": system, "prompt": adapter.prompt(q, system=system)})
     return jobs
+
+
+def steering_for(adapter: ModelAdapter, model_name: str, batch: list[dict]) -> Steerer | None:
+    """A Steerer adding each row's trait vector at its α (response positions, the vector's own layer);
+    None for an unsteered batch. Rows of different traits share one layer only if their vectors do, so
+    steered batches hold one trait each (see `batches`)."""
+    if batch[0]["alpha"] is None:
+        return None
+    pv = load_vector(batch[0]["trait"], batch[0]["trait"], model_name)
+    layer = pv.default_layer()
+    coefs = torch.tensor([pv.coef_from_alpha(j["alpha"], layer) for j in batch])
+    return Steerer(adapter).add(pv, layer, coefs, "response")
+
+
+def batches(todo: list[dict], size: int) -> list[list[dict]]:
+    """Batches of similar prompt length; steered jobs grouped by trait (one vector per batch)."""
+    groups: dict[str | None, list[dict]] = {}
+    for j in sorted(todo, key=lambda j: len(j["prompt"])):
+        groups.setdefault(j["trait"] if j["alpha"] is not None else None, []).append(j)
+    return [g[s : s + size] for g in groups.values() for s in range(0, len(g), size)]
 
 
 def main() -> None:
@@ -47,6 +75,9 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steer", nargs="+", type=float, default=None, metavar="ALPHA",
+                    help="steered answers instead (no system prompt), one per relative α, along the model's "
+                         "ready-made vector of each trait")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     questions = json.loads((HERE / "questions.json").read_text())
@@ -57,18 +88,24 @@ def main() -> None:
             done = {json.loads(line)["id"] for line in out.read_text().splitlines() if line.strip()}
         model, tok = load_model(model_name)
         adapter = ModelAdapter(model, tok)
-        todo = [j for j in jobs_for(model_name, adapter, questions) if j["id"] not in done]
-        todo.sort(key=lambda j: len(j["prompt"]))
-        for s in range(0, len(todo), args.batch_size):
-            batch = todo[s : s + args.batch_size]
+        todo = [j for j in jobs_for(model_name, adapter, questions, args.steer) if j["id"] not in done]
+        finished = 0
+        for s, batch in enumerate(batches(todo, args.batch_size)):
+            steerer = steering_for(adapter, model_name, batch)
             with torch.random.fork_rng():
-                answers = generate_batch(adapter, [j["prompt"] for j in batch], args.max_new_tokens,
-                                         args.temperature, 1.0, seed=args.seed * 7919 + s)
+                if steerer is None:
+                    answers = generate_batch(adapter, [j["prompt"] for j in batch], args.max_new_tokens,
+                                             args.temperature, 1.0, seed=args.seed * 7919 + s)
+                else:
+                    with steerer:
+                        answers = generate_batch(adapter, [j["prompt"] for j in batch], args.max_new_tokens,
+                                                 args.temperature, 1.0, seed=args.seed * 7919 + s)
             with out.open("a") as f:
                 for j, a in zip(batch, answers, strict=True):
                     row = {k: v for k, v in j.items() if k != "prompt"}
                     f.write(json.dumps({**row, "answer": a}) + "\n")
-            print(f"{model_name}: {min(s + args.batch_size, len(todo))}/{len(todo)}", flush=True)
+            finished += len(batch)
+            print(f"{model_name}: {finished}/{len(todo)}", flush=True)
         del model
 
 
