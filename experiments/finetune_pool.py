@@ -100,13 +100,15 @@ def markdown(sm: dict) -> str:
         lines.append(f"| {r['trait']} | {r['level']} | {r['shift']:+.2f} | {r['base_trait_score']:.1f} | "
                      f"{r['trait_score']:.1f} | {r['trait_change']:+.1f} |")
     sd = statistics.pstdev([r["trait_change"] for r in sm["runs"]])
+    ses = [r["trait_se"] for r in sm["runs"] if r.get("trait_se") is not None]
+    se_text = f"{min(ses):.1f}–{max(ses):.1f}" if ses else "unknown"
     lines += ["", f"Pearson r over {sm['n']} finetunes on {len(sm['traits'])} traits: **{f(sm['pearson'])}** "
               f"(permutation p = {f(sm['permutation_p'], '.3f')}; bootstrap 95 % CI "
               f"{'—' if ci is None else f'{ci[0]:.2f} to {ci[1]:.2f}'}); without the mistake sets: "
               f"{f(sm['pearson_without_mistakes'])} (p = {f(sm['permutation_p_without_mistakes'], '.3f')}). "
               "Per trait: " + ", ".join(f"{t} {f(v)}" for t, v in sm["by_trait"].items()) + ".",
-              f"The trait changes spread with SD {sd:.1f} points, against a standard error of about 2–6 points "
-              "per evaluation (20 questions), so most of the spread is within the evaluation's own noise.",
+              f"The trait changes spread with SD {sd:.1f} points; each finetuned model's trait score has a standard "
+              f"error of {se_text} points (20 evaluation questions), so much of the spread is the evaluation's noise.",
               "Paper (Qwen2.5-7B / Llama-3.1-8B, thousands of rows per dataset): r = 0.76–0.97.", "",
               "![pooled](shift_vs_trait_pooled.png)", ""]
     return "\n".join(lines)
