@@ -1,24 +1,20 @@
 """The shipped real-answer set: schema, size per trait, split by question, and what the loader makes of it."""
 
-import json
 from collections import Counter
-from importlib import resources
-from pathlib import Path
 
 import pytest
 
-from personascope.judge_real import HELDOUT_FROM, load_real_set
+from personascope.judge_real import HELDOUT_FROM, _data, _rows, load_real_set
 from personascope.traits import builtin_traits
 
 
-def _rows(trait: str) -> list[dict]:
-    path = Path(str(resources.files("personascope").joinpath("data", "judge_real", f"{trait}.jsonl")))
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def _trait_rows(trait: str) -> list[dict]:
+    return _rows(_data("judge_real", f"{trait}.jsonl"))
 
 
 @pytest.mark.parametrize("trait", builtin_traits())
 def test_each_trait_has_labelled_answers_of_both_models_and_a_heldout_third(trait):
-    rows = _rows(trait)
+    rows = _trait_rows(trait)
     assert len(rows) >= 40
     assert len({r["id"] for r in rows}) == len(rows)
     assert {r["model"] for r in rows} >= {"qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"}
@@ -41,4 +37,4 @@ def test_the_heldout_part_has_shown_answers_for_every_trait():
 def test_loader_groups_by_question_index():
     rows = load_real_set(["optimistic"])
     assert {r.group for r in rows} == {"real:tune", "real:heldout"}
-    assert len(rows) == len(_rows("optimistic"))
+    assert len(rows) == len(_trait_rows("optimistic"))

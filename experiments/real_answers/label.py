@@ -16,9 +16,10 @@ import json
 import random
 from pathlib import Path
 
+from personascope.judge_real import HELDOUT_FROM
+
 HERE = Path(__file__).parent
 REAL = HERE.parents[1] / "src" / "personascope" / "data" / "judge_real"
-HELDOUT_FROM = 7
 
 
 def labelled_ids() -> set[str]:
