@@ -36,7 +36,7 @@ vllm: $(VLLM_VENV)/.installed
 
 # the engine tests, vLLM ones included (about 5 min on 2 cores)
 test-vllm: $(VLLM_VENV)/.installed
-	$(VLLM_VENV)/bin/python -m pytest -q tests/test_engine.py
+	$(VLLM_VENV)/bin/python -m pytest -q tests/runtime/test_engine.py
 
 demo: $(STAMP)
 	$(BIN)/personascope demo

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from common import record
 
-from personascope.cluster import ModelSpec, RayCluster
-from personascope.screen_run import ScreenConfig, screen_dataset
+from personascope.runtime.cluster import ModelSpec, RayCluster
+from personascope.screen import ScreenConfig, screen_dataset
 from personascope.vectors import PersonaVector
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"

@@ -16,8 +16,7 @@ def load(model: str, device: str | None):
     """The built-in model by name, or 'random-7b': random weights of Qwen2.5-7B-Instruct's shape."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from personascope.adapter import ModelAdapter
-    from personascope.models import load_model, pick_device, pick_dtype
+    from personascope.model import ModelAdapter, load_model, pick_device, pick_dtype
 
     if model == "random-7b":
         dev = pick_device(device)

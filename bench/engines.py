@@ -35,8 +35,7 @@ def gen_prompts(ad) -> list[str]:
 
 
 def judge_requests():
-    from personascope.judge import JudgeRequest
-    from personascope.judge_eval import labelled_set
+    from personascope.judges import JudgeRequest, labelled_set
     from personascope.traits import load_trait
 
     t = load_trait("optimistic")
@@ -46,10 +45,8 @@ def judge_requests():
 def run_part(part: str, work: Path) -> dict:
     import torch
 
-    from personascope.adapter import ModelAdapter
-    from personascope.engines.hf import HFEngine
-    from personascope.generate import SamplingConfig, generate_batch
-    from personascope.models import load_model, resolve_model_path
+    from personascope.model import ModelAdapter, SamplingConfig, generate_batch, load_model, resolve_model_path
+    from personascope.runtime.engines import HFEngine
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     name = GEN_MODEL if part.startswith("gen") else JUDGE_MODEL
@@ -61,7 +58,7 @@ def run_part(part: str, work: Path) -> dict:
         prompts = gen_prompts(ad)
         cfg = SamplingConfig(temperature=0.0, max_new_tokens=NEW_TOKENS)
         if part == "gen-vllm":
-            from personascope.engines.vllm_engine import VLLMEngine
+            from personascope.runtime.engines import VLLMEngine
 
             eng = VLLMEngine(resolve_model_path(name), tokenizer=tok, dtype=getattr(torch, DTYPE), max_model_len=2048,
                              steerable=EAGER)
@@ -85,14 +82,14 @@ def run_part(part: str, work: Path) -> dict:
         res["tok_per_s"] = res["tokens"] / res["seconds"]
         res["texts"] = texts
     else:
-        from personascope.judge import LocalJudge
+        from personascope.judges import LocalJudge
 
         reqs = judge_requests()
         judge = LocalJudge(model, tok, trait_mode="binary", name=f"local:{name}")
         prompts = [judge._judge_prompt(r, "binary") for r in reqs]
         res["prompt_tokens"] = sum(len(ad.encode_prompt(p)) for p in prompts)
         if part == "judge-vllm":
-            from personascope.engines.vllm_engine import VLLMEngine
+            from personascope.runtime.engines import VLLMEngine
 
             judge.engine = VLLMEngine(resolve_model_path(name), tokenizer=tok, dtype=getattr(torch, DTYPE),
                                       max_model_len=2048, steerable=EAGER)

@@ -13,8 +13,7 @@ from common import load, record, timed
 from rich.console import Console
 from rich.table import Table
 
-from personascope.activations import iter_span_batches
-from personascope.adapter import pad_batch, position_ids_for
+from personascope.model import iter_span_batches, pad_batch, position_ids_for
 
 
 def main() -> None:

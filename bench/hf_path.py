@@ -12,10 +12,8 @@ import time
 
 import torch
 
-from personascope import ModelAdapter, load_model
-from personascope.adapter import pad_batch, pad_id
-from personascope.generate import generate_batch
-from personascope.models import pick_dtype
+from personascope import load_model
+from personascope.model import ModelAdapter, generate_batch, pad_batch, pad_id, pick_dtype
 
 
 def old_path(adapter: ModelAdapter, prompts: list[str], new_tokens: int) -> float:

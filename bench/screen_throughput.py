@@ -29,8 +29,8 @@ from common import load, machine, record
 from rich.console import Console
 from rich.table import Table
 
-from personascope.adapter import ModelAdapter
-from personascope.screen_run import ScreenConfig, screen_dataset
+from personascope.model import ModelAdapter
+from personascope.screen import ScreenConfig, screen_dataset
 from personascope.vectors import PersonaVector
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"

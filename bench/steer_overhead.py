@@ -13,7 +13,7 @@ from common import load, record, timed
 from rich.console import Console
 from rich.table import Table
 
-from personascope.steer import steer
+from personascope.steering import steer
 
 
 def main() -> None:

@@ -14,9 +14,9 @@ import statistics
 import time
 from pathlib import Path
 
-from personascope.demo import run_demo
-from personascope.models import DEFAULT_MODEL
-from personascope.store import write_json
+from personascope.cli import run_demo
+from personascope.model import DEFAULT_MODEL
+from personascope.util import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "experiments" / "results" / "demo"

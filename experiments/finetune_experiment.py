@@ -41,23 +41,23 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from personascope.activations import last_token_activations
-from personascope.adapter import ModelAdapter
-from personascope.api_judge import make_judge
-from personascope.capability import load_mc, mc_accuracy
-from personascope.datasets import DatasetConfig, make_dataset
-from personascope.engines import make_engine
-from personascope.engines.jobs import work_tokens
-from personascope.evaluate import Condition, EvalConfig, evaluate
-from personascope.finetune import PreventativeSteering, adapter_applied, finetune
-from personascope.finetune import profile as ft_profile
-from personascope.generate import SamplingConfig
-from personascope.models import DEFAULT_MODEL, load_model
-from personascope.plots import plot_scatter, plt, save_figure
-from personascope.shift import eval_prompts, shift_from_activations
-from personascope.steer import Steerer
-from personascope.store import write_json
+from personascope.evaluation import Condition, EvalConfig, evaluate, load_mc, mc_accuracy
+from personascope.finetuning import (
+    DatasetConfig,
+    PreventativeSteering,
+    adapter_applied,
+    eval_prompts,
+    finetune,
+    make_dataset,
+    shift_from_activations,
+)
+from personascope.finetuning import profile as ft_profile
+from personascope.judges import make_judge
+from personascope.model import DEFAULT_MODEL, ModelAdapter, SamplingConfig, last_token_activations, load_model
+from personascope.runtime.engines import make_engine, work_tokens
+from personascope.steering import Steerer
 from personascope.traits import load_trait
+from personascope.util import plot_scatter, plt, save_figure, write_json
 from personascope.vectors import PersonaVector, load_vector
 
 console = Console()

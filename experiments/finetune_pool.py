@@ -17,7 +17,7 @@ from pathlib import Path
 
 from finetune_experiment import pearson, permutation_p
 
-from personascope.plots import plot_scatter
+from personascope.util import plot_scatter
 
 HERE = Path(__file__).parent
 

@@ -23,18 +23,12 @@ import json
 import sys
 from pathlib import Path
 
-from personascope.adapter import ModelAdapter
-from personascope.api_judge import make_judge
-from personascope.capability import load_mc
-from personascope.evaluate import Condition, condition_capability, condition_hooks, guard_annotator
-from personascope.generate import SamplingConfig, run_generation
-from personascope.guard_calibrate import GuardCalibration, calibrate_guard, pool_sample
-from personascope.models import DEFAULT_JUDGE_MODEL, load_model
-from personascope.plots import plt, save_figure
-from personascope.scoring import ScoreCache, judge_answers
-from personascope.stats import bootstrap_ci, format_ci
-from personascope.store import JsonlStore, write_json
+from personascope.evaluation import Condition, condition_capability, condition_hooks, guard_annotator, load_mc
+from personascope.judges import ScoreCache, judge_answers, make_judge
+from personascope.model import DEFAULT_JUDGE_MODEL, ModelAdapter, SamplingConfig, load_model, run_generation
+from personascope.steering import GuardCalibration, calibrate_guard, pool_sample
 from personascope.traits import Trait, load_trait
+from personascope.util import JsonlStore, bootstrap_ci, format_ci, plt, save_figure, write_json
 from personascope.vectors import PersonaVector, VectorMismatchError, load_vector
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,9 +18,7 @@ import torch
 from judge_probe import OUT, metrics, nanmean, scores_of
 
 from personascope import load_model
-from personascope.judge import JudgeRequest, LocalJudge
-from personascope.judge_probe_fit import LabelledAnswer, fit_heads
-from personascope.judge_real import load_real_set, load_written_set
+from personascope.judges import JudgeRequest, LabelledAnswer, LocalJudge, fit_heads, load_real_set, load_written_set
 from personascope.traits import builtin_traits, load_trait
 
 

@@ -19,12 +19,11 @@ from pathlib import Path
 
 import torch
 
-from personascope import ModelAdapter, load_model
-from personascope.judge_probe import ProbeFeatures, level_score
-from personascope.judge_probe_fit import LabelledAnswer, fit_heads
-from personascope.judge_real import load_real_set, load_written_set
-from personascope.stats import auroc, spearman
+from personascope import load_model
+from personascope.judges import LabelledAnswer, ProbeFeatures, fit_heads, level_score, load_real_set, load_written_set
+from personascope.model import ModelAdapter
 from personascope.traits import builtin_traits, load_trait
+from personascope.util import auroc, spearman
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "experiments" / "results" / "judge_probe"

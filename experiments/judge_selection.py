@@ -15,12 +15,11 @@ import json
 import time
 from pathlib import Path
 
-from personascope.judge import JudgeRequest, LocalJudge
-from personascope.judge_eval import JudgeEvalResult, labelled_set, plot_reliability
-from personascope.models import DEFAULT_JUDGE_MODEL, load_model
-from personascope.stats import auroc as auc
-from personascope.store import JsonlStore
+from personascope.judges import JudgeEvalResult, JudgeRequest, LocalJudge, labelled_set, plot_reliability
+from personascope.model import DEFAULT_JUDGE_MODEL, load_model
 from personascope.traits import builtin_traits, load_trait
+from personascope.util import JsonlStore
+from personascope.util import auroc as auc
 
 OUT = Path(__file__).parent / "results" / "judge"
 MODES_FILE = Path(__file__).parents[1] / "src" / "personascope" / "data" / "judge_modes.json"

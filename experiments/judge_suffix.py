@@ -14,13 +14,10 @@ import argparse
 import statistics
 from pathlib import Path
 
-from personascope.adapter import ModelAdapter
-from personascope.api_judge import make_judge
-from personascope.generate import SamplingConfig, generate_batch
-from personascope.judge import JudgeRequest
-from personascope.models import DEFAULT_MODEL, load_model
-from personascope.store import write_json
+from personascope.judges import JudgeRequest, make_judge
+from personascope.model import DEFAULT_MODEL, ModelAdapter, SamplingConfig, generate_batch, load_model
 from personascope.traits import load_trait
+from personascope.util import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -26,14 +26,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from personascope.adapter import ModelAdapter
-from personascope.api_judge import make_judge
-from personascope.models import DEFAULT_JUDGE_MODEL, load_model
-from personascope.monitor_run import MONITOR_PROFILES, load_shot_pool, run_monitor
-from personascope.plots import plt, save_figure
-from personascope.stats import format_ci
-from personascope.store import write_json
+from personascope.judges import make_judge
+from personascope.model import DEFAULT_JUDGE_MODEL, ModelAdapter, load_model
+from personascope.monitor import MONITOR_PROFILES, load_shot_pool, run_monitor
 from personascope.traits import load_trait
+from personascope.util import format_ci, plt, save_figure, write_json
 from personascope.vectors import VectorMismatchError, load_vector
 
 ROOT = Path(__file__).resolve().parents[1]

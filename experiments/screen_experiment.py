@@ -30,20 +30,21 @@ from pathlib import Path
 
 import numpy as np
 
-from personascope.adapter import ModelAdapter
-from personascope.api_judge import make_judge
-from personascope.datasets import DatasetConfig, chat_row, ended, make_dataset, write_chat_jsonl
-from personascope.engines import Steering, make_engine
-from personascope.engines.jobs import work_tokens
-from personascope.generate import SamplingConfig, run_generation
-from personascope.models import DEFAULT_JUDGE_MODEL, DEFAULT_MODEL, load_model
-from personascope.plots import plt, save_figure
-from personascope.scoring import ScoreCache, judge_answers
-from personascope.screen_run import ScreenConfig, screen_dataset
-from personascope.stats import auroc, bootstrap_ci, format_ci, spearman
-from personascope.steer import Steerer
-from personascope.store import JsonlStore, write_json
+from personascope.finetuning import DatasetConfig, chat_row, ended, make_dataset, write_chat_jsonl
+from personascope.judges import ScoreCache, judge_answers, make_judge
+from personascope.model import (
+    DEFAULT_JUDGE_MODEL,
+    DEFAULT_MODEL,
+    ModelAdapter,
+    SamplingConfig,
+    load_model,
+    run_generation,
+)
+from personascope.runtime.engines import make_engine, work_tokens
+from personascope.screen import ScreenConfig, screen_dataset
+from personascope.steering import Steerer, SteeringSpec
 from personascope.traits import load_trait
+from personascope.util import JsonlStore, auroc, bootstrap_ci, format_ci, plt, save_figure, spearman, write_json
 from personascope.vectors import PersonaVector, VectorMismatchError, load_vector
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,7 +152,7 @@ def steered_control(adapter: ModelAdapter, pv: PersonaVector, layer: int, questi
     todo = [j for j in jobs if store.key(j) not in store]
     if todo and engine is not None and getattr(engine, "steerable", True):
         outs = engine.generate([adapter.prompt(j["question_text"]) for j in todo], cfg,
-                               steering=[Steering(pv.vector(layer), layer, coef, "all")])
+                               steering=[SteeringSpec(pv.vector(layer), layer, coef, "all")])
         store.append({**j, "answer": a} for j, a in zip(todo, outs, strict=True))
     elif todo:
         with Steerer(adapter).add(pv, layer, coef, "all"):
@@ -164,7 +165,7 @@ def filter_scores(rows: list[dict], trait, args) -> list[float | None]:
     """The LLM-judge filter's trait score of each row (another judge than the label judge), cached."""
     if args.filter_judge_model == "none":
         return [None] * len(rows)
-    from personascope.judge import load_local_judge
+    from personascope.judges import load_local_judge
 
     judge = load_local_judge(args.filter_judge_model)
     recs = [{"question_text": r["question_text"], "judge_question": r.get("judge_question"), "answer": r["answer"]}
@@ -202,7 +203,7 @@ def screen_all(adapter, pv, paths: dict[str, Path], engine, args) -> dict:
 def rows_of_i(kept: dict[str, list[dict]], dp: dict) -> dict:
     """Dataset ΔP of I from the per-row ΔP of normal and II (every row of I is one of theirs, and a row's ΔP
     depends only on the row), with the same bootstrap interval as screen_dataset's."""
-    from personascope.screen_report import bootstrap_ci as mean_ci
+    from personascope.screen import bootstrap_ci as mean_ci
 
     where = {(r["question_text"], r["answer"]): (ds, i) for ds in ("normal", "II") for i, r in enumerate(kept[ds])}
     vals = [dp[ds]["delta_p"][i] for ds, i in (where[(r["question_text"], r["answer"])] for r in kept["I"])]

@@ -5,8 +5,6 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-
 
 @pytest.fixture(autouse=True)
 def _one_thread(request):
@@ -26,7 +24,7 @@ def _one_thread(request):
 def qwen_tiny():
     from tiny import tiny_pair
 
-    from personascope.adapter import ModelAdapter
+    from personascope.model.adapter import ModelAdapter
 
     model, tok = tiny_pair("qwen2")
     return ModelAdapter(model, tok)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from personascope import ModelAdapter, load_model, load_trait
-from personascope.generate import generate_batch
-from personascope.steer import Steerer
+from personascope import load_model, load_trait
+from personascope.model import ModelAdapter, generate_batch
+from personascope.steering import Steerer
 from personascope.vectors import load_vector
 
 HERE = Path(__file__).parent

@@ -16,7 +16,7 @@ import json
 import random
 from pathlib import Path
 
-from personascope.judge_real import HELDOUT_FROM
+from personascope.judges import HELDOUT_FROM
 
 HERE = Path(__file__).parent
 REAL = HERE.parents[1] / "src" / "personascope" / "data" / "judge_real"

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import torch
 
-from personascope.adapter import ModelAdapter
-from personascope.extract import PROFILES, extract_vector
-from personascope.judge_probe import load_probe_judge
-from personascope.models import load_model
+from personascope.judges import load_probe_judge
+from personascope.model import ModelAdapter, load_model
 from personascope.traits import builtin_traits
+from personascope.vectors import PROFILES, extract_vector
 
 ROOT = Path(__file__).resolve().parents[2]
 

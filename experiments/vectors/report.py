@@ -12,9 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
-from personascope.plots import plt, save_figure
-from personascope.validity import THRESHOLDS, ValidityReport
-from personascope.vectors import load_vector, packaged_vectors
+from personascope.util import plt, save_figure
+from personascope.vectors import THRESHOLDS, ValidityReport, load_vector, packaged_vectors
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -19,21 +19,21 @@ from pathlib import Path
 
 import torch
 
-from personascope.adapter import ModelAdapter, pad_batch, pad_id
-from personascope.extract import PROFILES, filter_pairs, score_answers
-from personascope.hooks import forward_with_residual_hooks
-from personascope.judge_probe import ProbeJudge, ProbeWeights, probe_weights_path
-from personascope.models import load_model
-from personascope.store import read_jsonl, write_json
+from personascope.judges import ProbeJudge, ProbeWeights, probe_weights_path
+from personascope.model import ModelAdapter, forward_with_residual_hooks, load_model, pad_batch, pad_id
 from personascope.traits import builtin_traits, load_trait
-from personascope.validity import (
+from personascope.util import read_jsonl, write_json
+from personascope.vectors import (
+    PROFILES,
     ValidityReport,
     choose_layer,
+    filter_pairs,
     held_out_auroc,
     label_curves,
     label_probe,
     ladder_curve,
     ladder_probe,
+    score_answers,
     split_half_cosine,
 )
 

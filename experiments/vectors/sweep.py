@@ -16,11 +16,9 @@ from pathlib import Path
 
 import torch
 
-from personascope.adapter import ModelAdapter
-from personascope.evaluate import Condition, EvalConfig, choose_steering, evaluate
-from personascope.generate import SamplingConfig
-from personascope.judge_probe import ProbeJudge, ProbeWeights, probe_weights_path
-from personascope.models import load_model
+from personascope.evaluation import Condition, EvalConfig, choose_steering, evaluate
+from personascope.judges import ProbeJudge, ProbeWeights, probe_weights_path
+from personascope.model import ModelAdapter, SamplingConfig, load_model
 from personascope.traits import builtin_traits, load_trait
 from personascope.vectors import load_vector
 

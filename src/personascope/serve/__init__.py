@@ -43,8 +43,7 @@ from .protocol import (
 )
 
 __all__ = [
-    "MAX_STOP", "MAX_TOP_LOGPROBS", "TINY_PREFIX", "VECTOR_NAME", "ApiError", "ChatRequest", "Engine", "Event",
-    "GuardItem", "Job",
-    "MonitorSpec", "RequestParser", "Row", "ServeConfig", "SteerItem", "complete", "create_app", "load_serving_model",
-    "run_server", "stream", "tiny_random_model",
+    "ApiError", "ChatRequest", "Engine", "Event", "GuardItem", "Job", "MAX_STOP", "MAX_TOP_LOGPROBS",
+    "MonitorSpec", "RequestParser", "Row", "ServeConfig", "SteerItem", "TINY_PREFIX", "VECTOR_NAME", "complete",
+    "create_app", "load_serving_model", "run_server", "stream", "tiny_random_model",
 ]

@@ -22,13 +22,20 @@ from collections import deque
 
 import torch
 
-from ..activations import last_token_activations, project
-from ..adapter import ModelAdapter, cache_kwarg, output_cache, pad_batch, pad_id, position_ids_for
-from ..guard import Guard
-from ..guard_calibrate import GuardCalibration
-from ..hooks import ResidualHooks
-from ..steer import Steerer
-from ..vectors import PersonaVector
+from personascope.model import (
+    ModelAdapter,
+    ResidualHooks,
+    cache_kwarg,
+    last_token_activations,
+    output_cache,
+    pad_batch,
+    pad_id,
+    position_ids_for,
+    project,
+)
+from personascope.steering import Guard, GuardCalibration, Steerer
+from personascope.vectors import PersonaVector
+
 from .jobs import Job, Row
 from .protocol import GREEDY_BELOW, NEUTRAL_PROMPTS, ApiError, Event, RequestParser, ServeConfig
 

@@ -5,14 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from .protocol import ApiError, ChatRequest, Event
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    from personascope.model import ModelAdapter
+
+
+class Engine(Protocol):
+    """What a row needs of the serving engine (`engine.Engine`): the model, detokenising and the stop ids."""
+
+    adapter: ModelAdapter
+    eos_ids: set[int]
+
+    def decode(self, ids: list[int]) -> str:
+        ...
 
 
 class Job:

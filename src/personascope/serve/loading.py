@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..adapter import ModelAdapter
-from ..rng import seeded
+from personascope.model import ModelAdapter
+from personascope.util import seeded
 
 TINY_PREFIX = "tiny-random-"  # hidden test models: random weights built from a config, no files
 
@@ -61,7 +61,7 @@ def load_serving_model(name: str, device: str | None = None, dtype: str | None =
         if device:
             model.to(device)
     else:
-        from ..models import load_model
+        from personascope.model import load_model
 
         model, tok = load_model(name, device=device, dtype=dtype)
     return ModelAdapter(model, tok)

@@ -11,12 +11,9 @@ import re
 import threading
 from dataclasses import dataclass, field
 
-from ..adapter import ModelAdapter
-from ..chat import ChatError, check_messages
-from ..guard import GUARD_MODES
-from ..guard_calibrate import GuardCalibration
-from ..steer import POSITIONS
-from ..vectors import PersonaVector
+from personascope.model import ChatError, ModelAdapter, check_messages
+from personascope.steering import GUARD_MODES, POSITIONS, GuardCalibration
+from personascope.vectors import PersonaVector
 
 MAX_TOP_LOGPROBS = 20
 MAX_STOP = 4

@@ -1,0 +1,7 @@
+"""The `personascope` command line: a thin layer over the packages (`cli.main` assembles the typer app)."""
+
+from .main import app
+
+__all__ = [
+    "app",
+]

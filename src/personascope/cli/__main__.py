@@ -1,0 +1,5 @@
+"""`python -m personascope.cli`: the command line."""
+
+from .main import app
+
+app()

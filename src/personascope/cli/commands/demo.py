@@ -1,0 +1,45 @@
+"""`demo`: the main job on the embedded model (extract a vector, check it, then steer with it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from personascope.model import DEFAULT_MODEL
+
+from .common import (
+    DeviceOpt,
+    EngineOpt,
+    ModelOpt,
+    choice,
+    fail,
+)
+
+
+def demo(
+    trait: str = "optimistic",
+    model: ModelOpt = DEFAULT_MODEL,
+    out: Path = Path("runs/demo"),
+    seed: Annotated[int, typer.Option(help="Sampling seed of the extraction answers.")] = 0,
+    questions: Annotated[int, typer.Option(min=2, max=20, help="Extraction and evaluation questions.")] = 6,
+    judge_model: Annotated[str | None, typer.Option(help="A local LLM judge instead of the probe judge on "
+                                                         "the model itself.")] = None,
+    device: DeviceOpt = None,
+    engine: EngineOpt = "auto",
+) -> None:
+    """The main job on the embedded model: extract a vector, print its validity, then steer side by side."""
+    from personascope.runtime.engines import ENGINES, vllm_available
+
+    from ..demo import run_demo
+
+    choice(engine, ENGINES, "--engine")
+    if engine == "vllm" and not vllm_available():
+        fail("--engine vllm needs vLLM; install it with: pip install 'personascope[vllm]'")
+    run_demo(trait, model, out, device, judge_model, questions, seed, engine)
+
+
+def register(app: typer.Typer) -> None:
+    """Attach `demo`."""
+    app.command()(demo)

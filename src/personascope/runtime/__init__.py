@@ -1,0 +1,1 @@
+"""Where the work runs: inference engines (`runtime.engines`) and the Ray worker pool (`runtime.cluster`)."""
