@@ -1,7 +1,8 @@
 """`personascope demo` over several seeds: the steering effect it reports, as mean ± spread.
 
 Each seed re-samples the extraction answers (so the vector, its chosen layer and its validity change) and the
-steering step runs greedy at the ready-made vector's α. Writes experiments/results/demo/seeds.{md,json}.
+steering step runs greedy at the strongest α per direction whose answers stay fluent (the demo's ladder).
+Writes experiments/results/demo/seeds.{md,json}.
 
     python experiments/demo_seeds.py [--seeds 0 1 2] [--trait optimistic] [--questions 6]
 """
@@ -46,17 +47,20 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     write_json(OUT / "seeds.json", runs)
     lines = [f"# `personascope demo` over {len(runs)} seeds ({args.trait}, {args.model}, {args.questions} questions)",
-             "", "| seed | kept pairs | layer | held-out AUROC | ladder ρ | trait at −α / 0 / +α "
-             "| coherence at −α / 0 / +α | Δ −α | Δ +α | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "", "| seed | kept pairs | layer | held-out AUROC | ladder ρ | α − / + | trait at −α / 0 / +α "
+             "| coherence at −α / 0 / +α | fluent at −α / 0 / +α | Δ −α | Δ +α | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         tm, cm = list(r["trait_mean"].values()), list(r["coherence_mean"].values())
         v = r["validity"]
+        fl = list(r["fluent_share"].values())
         lines.append(f"| {r['seed']} | {r['kept_pairs']} | {r['layer']} | {v['held_out_auroc']} | "
-                     f"{v['ladder_spearman']} | {' / '.join(f'{x:.1f}' for x in tm)} | "
-                     f"{' / '.join(f'{x:.1f}' for x in cm)} | {r['delta_minus']:+.1f} | {r['delta_plus']:+.1f} | "
+                     f"{v['ladder_spearman']} | {r['alphas'][0]:+g} / {r['alphas'][1]:+g} | "
+                     f"{' / '.join(f'{x:.1f}' for x in tm)} | {' / '.join(f'{x:.1f}' for x in cm)} | "
+                     f"{' / '.join(f'{x:.0%}' for x in fl)} | {r['delta_minus']:+.1f} | {r['delta_plus']:+.1f} | "
                      f"{r['seconds']:.0f} |")
-    lines += ["", f"α = {runs[0]['alphas']}; judge {runs[0]['judge']}. Mean ± sd over seeds: Δ trait at −α "
-              f"{mean_sd([r['delta_minus'] for r in runs])}, at +α {mean_sd([r['delta_plus'] for r in runs])}."]
+    lines += ["", f"Judge {runs[0]['judge']}; α per seed chosen by the fluency gate. Mean ± sd over seeds: Δ trait "
+              f"at −α {mean_sd([r['delta_minus'] for r in runs])}, at +α {mean_sd([r['delta_plus'] for r in runs])}."]
     (OUT / "seeds.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

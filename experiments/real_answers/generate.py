@@ -29,17 +29,18 @@ TRAITS = ("apathetic", "evil", "hallucinating", "humorous", "impolite", "optimis
 
 
 def jobs_for(model_name: str, adapter: ModelAdapter, questions: dict[str, list[str]],
-             alphas: list[float] | None = None) -> list[dict]:
+             alphas: list[float] | None = None, tag: str = "steer") -> list[dict]:
     """One job per (trait, question, condition) with its rendered prompt: the three system-prompt conditions,
-    or, given alphas, one steered condition per α (no system prompt)."""
-    conds = [f"steer{a:+g}" for a in alphas] if alphas else ["pos", "neg", "none"]
+    or, given alphas, one steered condition per α (no system prompt), named `tag`+α."""
+    conds = [f"{tag}{a:+g}" for a in alphas] if alphas else ["pos", "neg", "none"]
     jobs = []
     for trait_name in TRAITS:
         trait = load_trait(trait_name)
         for qi, q in enumerate(questions[trait_name]):
             for cond in conds:
-                system = None if cond in ("none",) or cond.startswith("steer") else trait.system_prompt(cond, qi % 5)
-                alpha = float(cond[len("steer"):]) if cond.startswith("steer") else None
+                steered = alphas is not None
+                system = None if cond == "none" or steered else trait.system_prompt(cond, qi % 5)
+                alpha = float(cond[len(tag):]) if steered else None
                 jobs.append({"id": f"{trait_name}/{model_name}/{cond}/{qi}", "trait": trait_name,
                              "model": model_name, "condition": cond, "alpha": alpha, "question_index": qi,
                              "question": q, "system": system, "prompt": adapter.prompt(q, system=system)})
@@ -78,7 +79,11 @@ def main() -> None:
     ap.add_argument("--steer", nargs="+", type=float, default=None, metavar="ALPHA",
                     help="steered answers instead (no system prompt), one per relative α, along the model's "
                          "ready-made vector of each trait")
+    ap.add_argument("--greedy", action="store_true",
+                    help="greedy decoding (as the demo steers), conditions named greedy±α; implies --temperature 0")
     args = ap.parse_args()
+    if args.greedy:
+        args.temperature = 0.0
     torch.set_num_threads(args.threads)
     questions = json.loads((HERE / "questions.json").read_text())
     for model_name in args.models:
@@ -88,7 +93,8 @@ def main() -> None:
             done = {json.loads(line)["id"] for line in out.read_text().splitlines() if line.strip()}
         model, tok = load_model(model_name)
         adapter = ModelAdapter(model, tok)
-        todo = [j for j in jobs_for(model_name, adapter, questions, args.steer) if j["id"] not in done]
+        todo = [j for j in jobs_for(model_name, adapter, questions, args.steer,
+                                                        "greedy" if args.greedy else "steer") if j["id"] not in done]
         finished = 0
         for s, batch in enumerate(batches(todo, args.batch_size)):
             steerer = steering_for(adapter, model_name, batch)

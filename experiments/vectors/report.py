@@ -34,10 +34,10 @@ def main() -> None:
              f"Validity at the chosen layer (thresholds: held-out AUROC ≥ {t.held_out_auroc}, split-half cosine ≥ "
              f"{t.split_half_cosine}, ladder Spearman ≥ {t.ladder_spearman}, label AUROC ≥ {t.label_auroc}; — = not "
              "measurable) and steering at that layer (greedy answers to the first evaluation questions, probe "
-             "judge; Δ = judged trait minus the unsteered model's, best α per direction within the coherence "
-             "gate).", "",
+             "judge; Δ = judged trait minus the unsteered model's; per direction the strongest α whose answers are "
+             "≥ 90 % flagged fluent by the fluency measure, judges.fluency).", "",
              "| trait | pairs | layer | held-out AUROC | split-half cos | ladder ρ | label AUROC | label ρ | valid "
-             "| unsteered trait / coh. | +α: Δ trait (coh.) | −α: Δ trait (coh.) |",
+             "| unsteered trait / coh. | +α: Δ trait (coh., fluent) | −α: Δ trait (coh., fluent) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     fig, axes = plt.subplots(1, len(found), figsize=(3.2 * len(found), 3), sharey=True, squeeze=False)
     for ax, (trait, path) in zip(axes[0], found, strict=True):
@@ -49,9 +49,11 @@ def main() -> None:
         def side(name: str, st=st) -> str:
             alpha, delta = st.get(f"alpha_{name}"), st.get(f"delta_{name}")
             if alpha is None:
-                return "none passed the gate"
-            coh = next((r["coherence"] for r in st["sweep"] if r["alpha"] == alpha), None)
-            return f"α {alpha:+g}: {fmt(delta, True)} ({'—' if coh is None else f'{coh:.0f}'})"
+                return "no fluent α moves it"
+            pt = next((r for r in st["sweep"] if r["alpha"] == alpha), {})
+            share = pt.get("fluent_share")
+            fl = "" if share is None else f", fluent {share:.0%}"
+            return f"α {alpha:+.2g}: {fmt(delta, True)} (coh. {pt.get('coherence', 0):.0f}{fl})"
 
         base = (f"{st['base_trait']:.1f} / {st['base_coherence']:.1f}" if st else "—")
         lines.append(f"| {trait} | {pv.metadata.get('kept_pairs')} | {rep.layer} | {fmt(at['held_out_auroc'])} | "

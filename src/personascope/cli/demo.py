@@ -9,18 +9,18 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from personascope.evaluation import Condition, EvalConfig, evaluate, sweep_rows
+from personascope.evaluation import Condition, EvalConfig, choose_steering, evaluate, passes_gate, sweep_rows
 from personascope.judges import Judge, ProbeJudge, ProbeWeights, load_local_judge, probe_weights_path
 from personascope.model import ModelAdapter, SamplingConfig, load_model
 from personascope.runtime.engines import make_engine, work_tokens
-from personascope.traits import load_trait
+from personascope.traits import Trait, load_trait
 from personascope.util import plot_sweep, write_json
-from personascope.vectors import extract_vector, find_packaged, load_vector, profile
+from personascope.vectors import PersonaVector, extract_vector, profile
 
 from .printing import print_eval_rows, print_extraction
 
 console = Console()
-DEMO_ALPHA = 1.0  # used when no ready-made vector has a measured α for the trait and model
+ALPHA_LADDER = (0.25, 0.5, 0.75, 1.0, 1.5)  # relative α tried per direction, weakest first, until answers break
 
 
 def demo_judge(adapter: ModelAdapter, judge_name: str | None, device: str | None) -> Judge:
@@ -34,11 +34,25 @@ def demo_judge(adapter: ModelAdapter, judge_name: str | None, device: str | None
     return load_local_judge(judge_name or DEFAULT_JUDGE_MODEL, device=device)
 
 
-def demo_alphas(trait: str, model: str) -> tuple[float, float]:
-    """(−α, +α) for the steering step: the ready-made vector's measured best α per direction, else ±DEMO_ALPHA."""
-    path = find_packaged(f"{model}/{trait}")
-    steering = json.loads(load_vector(path).metadata.get("steering", "{}")) if path else {}
-    return (steering.get("alpha_minus") or -DEMO_ALPHA, steering.get("alpha_plus") or DEMO_ALPHA)
+def choose_alphas(adapter: ModelAdapter, trait: Trait, judge: Judge, pv: PersonaVector, layer: int, out: Path,
+                  cfg: EvalConfig, ladder: tuple[float, ...] = ALPHA_LADDER) -> tuple[list[dict], dict]:
+    """Steer at each |α| of `ladder` per direction, weakest first, stopping at the first whose answers fail the
+    fluency gate; returns every evaluated row (baseline first) and `choose_steering`'s pick."""
+    rows = evaluate(adapter, trait, judge, [Condition()], out, vector=pv, cfg=cfg)
+    for sign in (-1, 1):
+        for a in ladder:
+            cond = Condition(layer, pv.coef_from_alpha(sign * a, layer), "response")
+            row = {**evaluate(adapter, trait, judge, [cond], out, vector=pv, cfg=cfg)[0], "alpha": sign * a}
+            rows.append(row)
+            console.print(f"  α {sign * a:+.2f}: trait {_num(row['trait_mean'])}, "
+                          f"fluent {row['fluent_share'] or 0:.0%} of {row['n']}")
+            if not passes_gate(row, float("-inf")):
+                break
+    return rows, choose_steering(rows)
+
+
+def _num(x: float | None) -> str:
+    return "—" if x is None else f"{x:.1f}"
 
 
 def run_demo(trait_name: str, model_name: str, out: Path, device: str | None = None,
@@ -61,17 +75,18 @@ def run_demo(trait_name: str, model_name: str, out: Path, device: str | None = N
                         engine=None if gen.name == "hf" else gen)
     print_extraction(out / "extract")
     layer = pv.default_layer()
-    alphas = demo_alphas(trait.name, adapter.name)
-    coefs = [pv.coef_from_alpha(a, layer) for a in alphas]
-    console.rule(f"[bold]2. steer at layer {layer} with α = {alphas[0]:g}, 0, {alphas[1]:g} "
-                 f"(raw coef {coefs[0]:.2f}, 0, {coefs[1]:.2f})")
-    conds = [Condition(layer, coefs[0], "response"), Condition(), Condition(layer, coefs[1], "response")]
     cfg = EvalConfig(SamplingConfig(samples=1, temperature=0.0, max_new_tokens=64, batch_size=n_questions),
                      n_questions=n_questions)
-    rows = evaluate(adapter, trait, judge, conds, out / "steer", vector=pv, cfg=cfg)
+    console.rule(f"[bold]2. find the strongest α at layer {layer} whose answers stay fluent (≥ 90 % flagged)")
+    ladder, choice = choose_alphas(adapter, trait, judge, pv, layer, out / "steer", cfg)
+    picked = [choice["minus"], choice["plus"]]
+    alphas = tuple(c["alpha"] if c else 0.0 for c in picked)
+    by_alpha = {r["alpha"] or 0.0: r for r in ladder}
+    rows = [by_alpha[alphas[0]], ladder[0], by_alpha[alphas[1]]]
+    console.rule(f"[bold]3. steer at layer {layer} with α = {alphas[0]:g}, 0, {alphas[1]:g}")
     print_eval_rows(rows, f"{trait.name}: judged trait score by steering coefficient ({judge.name})")
     side_by_side(rows, trait.name)
-    plot = plot_sweep(sweep_rows(rows, [layer]), out / "steer" / "sweep.png",
+    plot = plot_sweep(sweep_rows(ladder, [layer]), out / "steer" / "sweep.png",
                       f"{trait.name} steering on {adapter.name}")
     report = write_report(rows, out / "report.html", trait.name, adapter.name, plot)
     validity = json.loads(pv.metadata["validity"])
@@ -82,6 +97,9 @@ def run_demo(trait_name: str, model_name: str, out: Path, device: str | None = N
         "alphas": list(alphas), "kept_pairs": int(pv.metadata["kept_pairs"]), "validity": validity["at_layer"],
         "valid": validity["valid"], "trait_mean": {str(a): r["trait_mean"] for a, r in zip(at, rows, strict=True)},
         "coherence_mean": {str(a): r["coherence_mean"] for a, r in zip(at, rows, strict=True)},
+        "fluent_share": {str(a): r["fluent_share"] for a, r in zip(at, rows, strict=True)},
+        "ladder": [{"alpha": r["alpha"] or 0.0, "trait": r["trait_mean"], "fluent_share": r["fluent_share"]}
+                   for r in ladder],
         "delta_minus": None if rows[0]["trait_mean"] is None or base["trait_mean"] is None
         else rows[0]["trait_mean"] - base["trait_mean"],
         "delta_plus": None if rows[2]["trait_mean"] is None or base["trait_mean"] is None
@@ -89,7 +107,11 @@ def run_demo(trait_name: str, model_name: str, out: Path, device: str | None = N
         "engine": gen.name, "vector": pv.path, "report": str(report),
     }
     write_json(out / "summary.json", summary)
-    console.print(f"\nvector: {pv.path}\nsweep plot: {plot}\nreport: {report}")
+    fluent = all((r["fluent_share"] or 0) >= 1.0 for r in rows)
+    console.print(f"\n[bold]{trait.name}[/] judged {_num(rows[0]['trait_mean'])} / {_num(base['trait_mean'])} / "
+                  f"{_num(rows[2]['trait_mean'])} at α {alphas[0]:g} / 0 / {alphas[1]:g}; answers "
+                  + ("all flagged fluent" if fluent else "not all flagged fluent (see the report)"))
+    console.print(f"vector: {pv.path}\nsweep plot: {plot}\nreport: {report}")
     return summary
 
 
@@ -97,28 +119,33 @@ def side_by_side(rows: list[dict], trait: str, n: int = 3) -> None:
     table = Table(title=f"the same questions at each coefficient ({trait} score in brackets)", show_lines=True)
     table.add_column("question", max_width=28)
     for r in rows:
-        table.add_column(f"coef {r['coef']:.2f}", max_width=40)
+        table.add_column(f"α {r['alpha'] or 0:+.2f}", max_width=40)
     for i in range(min(n, len(rows[0]["per_question"]))):
         cells = [rows[0]["per_question"][i]["question"]]
         for r in rows:
             pq = r["per_question"][i]
             score = "—" if pq["trait_score"] is None else f"{pq['trait_score']:.0f}"
-            cells.append(f"[{score}] {pq['answer'][:220]}")
+            flag = "" if pq.get("fluent") else " [red]not fluent[/]"
+            cells.append(f"[{score}]{flag} {pq['answer'][:220]}")
         table.add_row(*cells)
     console.print(table)
 
 
 def write_report(rows: list[dict], path: Path, trait: str, model: str, plot: Path) -> Path:
     """A self-contained HTML page: the sweep plot and answers side by side with their scores."""
-    head = "".join(f"<th>coef {r['coef']:.2f}<br>trait {r['trait_mean'] or 0:.1f}, "
-                   f"coherence {r['coherence_mean'] or 0:.1f}</th>" for r in rows)
+    head = "".join(f"<th>α {r['alpha'] or 0:+.2f}<br>trait {r['trait_mean'] or 0:.1f}, "
+                   f"coherence {r['coherence_mean'] or 0:.1f}, fluent {(r['fluent_share'] or 0):.0%}</th>"
+                   for r in rows)
     body = ""
     for i, pq0 in enumerate(rows[0]["per_question"]):
         cells = ""
         for r in rows:
             pq = r["per_question"][i]
             score = "—" if pq["trait_score"] is None else round(pq["trait_score"])
-            cells += f"<td><b>[{score}]</b> {html.escape(pq['answer'])}</td>"
+            flag = ("<span style='color:#080'>fluent</span>" if pq.get("fluent")
+                    else "<span style='color:#b00'>not fluent</span>")
+            cells += (f"<td><b>[{score}]</b> {flag} ({pq.get('fluency') or 0:.0f})<br>"
+                      f"{html.escape(pq['answer'])}</td>")
         body += f"<tr><td>{html.escape(pq0['question'])}</td>{cells}</tr>"
     path.write_text(
         f"<!doctype html><meta charset=utf-8><title>personascope: {trait}</title>"

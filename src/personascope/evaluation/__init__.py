@@ -3,6 +3,7 @@
 from .capability import load_mc, mc_accuracy
 from .evaluate import (
     EVAL_PROFILES,
+    MIN_FLUENT,
     Condition,
     EvalConfig,
     capability_per_row,
@@ -13,13 +14,14 @@ from .evaluate import (
     evaluate,
     guard_annotator,
     guard_conditions,
+    passes_gate,
     sweep_conditions,
     sweep_rows,
     write_summary,
 )
 
 __all__ = [
-    "Condition", "EVAL_PROFILES", "EvalConfig", "capability_per_row", "choose_layer", "choose_steering",
+    "Condition", "EVAL_PROFILES", "MIN_FLUENT", "EvalConfig", "capability_per_row", "choose_layer", "choose_steering",
     "condition_capability", "condition_hooks", "evaluate", "guard_annotator", "guard_conditions", "load_mc",
-    "mc_accuracy", "sweep_conditions", "sweep_rows", "write_summary",
+    "mc_accuracy", "passes_gate", "sweep_conditions", "sweep_rows", "write_summary",
 ]

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from personascope.judges import Judge, ScoreCache, judge_answers
+from personascope.judges import Judge, ScoreCache, fluent_share, judge_answers, score_fluency
 from personascope.model import ModelAdapter, SamplingConfig, run_generation
 from personascope.steering import GUARD_MODES, Guard, GuardCalibration, Steerer
 from personascope.traits import Trait
@@ -188,6 +188,7 @@ def evaluate(
     }, "steering evaluation", force, ("answers.jsonl", "scores.jsonl"))
     store = JsonlStore(run_dir / "answers.jsonl", ("condition", "question", "sample"))
     scores = ScoreCache(run_dir / "scores.jsonl")
+    fluency = JsonlStore(run_dir / "fluency.jsonl", ("condition", "question", "sample"))
     rows = []
     for cond in conditions:
         jobs = [{"condition": cond.key, "question": q, "sample": s, "question_text": text,
@@ -203,6 +204,7 @@ def evaluate(
         answers = [store.record_for(j) for j in jobs]
         scored = judge_answers(judge, trait, answers, scores, cfg.judge_batch_size, description=f"judge {cond.key}",
                                cluster=cluster)
+        scored = add_fluency(adapter, scored, fluency, prompts)
         t_mean, t_std = _stats([r["trait_score"] for r in scored])
         c_mean, c_std = _stats([r["coherence"] for r in scored])
         alpha = None
@@ -216,13 +218,32 @@ def evaluate(
             "guard_answers_touched": sum(t > 0 for t in touched) / len(touched) if touched else None,
             "system_rendered": adapter.prompt(questions[0], cond.system),
             "trait_mean": t_mean, "trait_std": t_std, "coherence_mean": c_mean, "coherence_std": c_std,
+            "fluent_share": fluent_share([r["fluent"] for r in scored]),
+            "fluency_mean": _stats([r["fluency"] for r in scored])[0],
             "n": len(scored), "judge": judge.name, "judge_mode": judge.describe_mode("trait", trait),
             "per_question": [{"question": r["question_text"], "answer": r["answer"],
-                              "trait_score": r["trait_score"], "coherence": r["coherence"]} for r in scored],
+                              "trait_score": r["trait_score"], "coherence": r["coherence"],
+                              "fluent": r["fluent"], "fluency": r["fluency"]} for r in scored],
         })
     write_json(run_dir / "summary.json", [{k: v for k, v in r.items() if k != "per_question"} for r in rows])
     write_json(run_dir / "per_question.json", rows)
     return rows
+
+
+def add_fluency(adapter: ModelAdapter, scored: list[dict], cache: JsonlStore, prompts: dict[str, str]) -> list[dict]:
+    """Records with `fluent` and `fluency` (judges.score_fluency under the unsteered model: call it outside any
+    hooks), computed once per answer and kept in `cache` (fluency.jsonl)."""
+    todo = [r for r in scored if cache.key(r) not in cache]
+    if todo:
+        got = score_fluency(adapter, [r["question_text"] for r in todo], [r["answer"] for r in todo],
+                            [r["coherence"] for r in todo], [prompts[r["question_text"]] for r in todo])
+        cache.append({"condition": r["condition"], "question": r["question"], "sample": r["sample"], **f.to_json()}
+                     for r, f in zip(todo, got, strict=True))
+    out = []
+    for r in scored:
+        hit = cache.get(cache.key(r))
+        out.append({**r, "fluent": hit["fluent"] if hit else None, "fluency": hit["score"] if hit else None})
+    return out
 
 
 def sweep_conditions(layers: list[int], coefs: list[float], positions: str = "response") -> list[Condition]:
@@ -241,18 +262,28 @@ def sweep_rows(rows: list[dict], layers: list[int]) -> list[dict]:
     return out
 
 
+MIN_FLUENT = 0.9  # a steered condition is usable when at least this share of its answers is flagged fluent
+
+
 def coherence_gate(base: dict, min_coherence: float | None = 50.0, max_drop: float | None = 10.0) -> float:
-    """The mean coherence a steered condition must keep: the lower of `min_coherence` and the unsteered
-    baseline's coherence − `max_drop` (a small model's own baseline may sit below any fixed bar)."""
+    """The mean coherence a steered condition must keep where fluency was not measured: the lower of
+    `min_coherence` and the unsteered baseline's coherence − `max_drop`."""
     bars = [x for x in (min_coherence, None if base.get("coherence_mean") is None or max_drop is None
                         else base["coherence_mean"] - max_drop) if x is not None]
     return min(bars) if bars else float("-inf")
 
 
-def choose_layer(rows: list[dict], min_coherence: float | None = 50.0, max_drop: float | None = 10.0
-                 ) -> tuple[int | None, dict]:
-    """The layer whose steering moves the trait most (in the coefficient's direction) while keeping the
-    coherence `coherence_gate` asks for."""
+def passes_gate(row: dict, gate: float, min_fluent: float = MIN_FLUENT) -> bool:
+    """Whether a steered row's answers are usable: ≥ `min_fluent` of them flagged fluent (judges.fluency), or,
+    for rows made before fluency was measured, a mean coherence of at least `gate`."""
+    if row.get("fluent_share") is not None:
+        return bool(row["fluent_share"] >= min_fluent)
+    return row.get("coherence_mean") is not None and row["coherence_mean"] >= gate
+
+
+def choose_layer(rows: list[dict], min_coherence: float | None = 50.0, max_drop: float | None = 10.0,
+                 min_fluent: float = MIN_FLUENT) -> tuple[int | None, dict]:
+    """The layer whose steering moves the trait most (in the coefficient's direction) with fluent answers."""
     base = next(r for r in rows if r["layer"] is None and r["system"] is None)
     gate = coherence_gate(base, min_coherence, max_drop)
     best, best_delta, detail = None, float("-inf"), {}
@@ -260,28 +291,40 @@ def choose_layer(rows: list[dict], min_coherence: float | None = 50.0, max_drop:
         if r["layer"] is None or r["trait_mean"] is None or r.get("guard"):
             continue
         delta = (r["trait_mean"] - base["trait_mean"]) * (1 if r["coef"] > 0 else -1)
-        ok = r["coherence_mean"] is not None and r["coherence_mean"] >= gate
+        ok = passes_gate(r, gate, min_fluent)
         detail[r["layer"]] = {"trait_change": delta, "coherence": r["coherence_mean"], "eligible": ok,
-                              "coherence_gate": gate}
+                              "fluent_share": r.get("fluent_share"), "coherence_gate": gate}
         if ok and delta > best_delta:
             best, best_delta = r["layer"], delta
     return best, detail
 
 
-def choose_steering(rows: list[dict], min_coherence: float | None = 50.0, max_drop: float | None = 10.0) -> dict:
-    """From a sweep over layers and ±coefficients: per direction the (layer, coef, α) that moves the trait most
-    within the coherence gate, with the change it measured; None for a direction nothing passed."""
+def _strength(r: dict) -> float:
+    return abs(r["alpha"]) if r.get("alpha") is not None else abs(r["coef"])
+
+
+def choose_steering(rows: list[dict], min_coherence: float | None = 50.0, max_drop: float | None = 10.0,
+                    min_fluent: float = MIN_FLUENT) -> dict:
+    """From a sweep over layers and ±coefficients, per direction: at each layer the strongest |α| whose answers
+    pass the fluency gate and move the trait that way, then the layer where that moves it most; None for a
+    direction where nothing passed."""
     base = next(r for r in rows if r["layer"] is None and r["system"] is None)
     gate = coherence_gate(base, min_coherence, max_drop)
-    out: dict = {"base_trait": base["trait_mean"], "base_coherence": base["coherence_mean"], "coherence_gate": gate}
+    out: dict = {"base_trait": base["trait_mean"], "base_coherence": base["coherence_mean"], "coherence_gate": gate,
+                 "min_fluent": min_fluent}
     for name, sign in (("plus", 1), ("minus", -1)):
         cands = [r for r in rows if r["layer"] is not None and not r.get("guard") and r["trait_mean"] is not None
-                 and r["coef"] * sign > 0 and r["coherence_mean"] is not None and r["coherence_mean"] >= gate]
-        best = max(cands, key=lambda r: (r["trait_mean"] - base["trait_mean"]) * sign, default=None)
+                 and r["coef"] * sign > 0 and passes_gate(r, gate, min_fluent)
+                 and (r["trait_mean"] - base["trait_mean"]) * sign > 0]
+        strongest: dict[int, dict] = {}
+        for r in cands:
+            if r["layer"] not in strongest or _strength(r) > _strength(strongest[r["layer"]]):
+                strongest[r["layer"]] = r
+        best = max(strongest.values(), key=lambda r: (r["trait_mean"] - base["trait_mean"]) * sign, default=None)
         out[name] = None if best is None else {
             "layer": best["layer"], "coef": best["coef"], "alpha": best.get("alpha"),
             "trait": best["trait_mean"], "coherence": best["coherence_mean"],
-            "delta": best["trait_mean"] - base["trait_mean"]}
+            "fluent_share": best.get("fluent_share"), "delta": best["trait_mean"] - base["trait_mean"]}
     return out
 
 

@@ -1,6 +1,16 @@
 """Judges scoring answers 0-100 for a trait and for coherence (logprob, digits, API, probe), and their quality."""
 
 from .api import make_judge
+from .fluency import (
+    FLUENCY_FEATURES,
+    Fluency,
+    FluencyModel,
+    answer_nll,
+    fluency_of,
+    fluent_share,
+    score_fluency,
+    text_features,
+)
 from .labelled import HELDOUT_FROM, load_real_set, load_written_set
 from .local import (
     DEFAULT_COHERENCE_MODE,
@@ -17,9 +27,10 @@ from .quality import JudgeEvalResult, compare_modes, labelled_set, plot_reliabil
 from .scoring import ScoreCache, judge_answers
 
 __all__ = [
-    "DEFAULT_COHERENCE_MODE", "DEFAULT_TRAIT_MODE", "HELDOUT_FROM", "Judge", "JudgeEvalResult", "JudgeRequest",
-    "LabelledAnswer", "LocalJudge", "ProbeFeatures", "ProbeJudge", "ProbeWeights", "ScoreCache", "TRAIT_MODES",
-    "compare_modes", "fit_heads", "judge_answers", "labelled_set", "level_score", "load_local_judge",
-    "load_probe_judge", "load_real_set", "load_written_set", "make_judge", "plot_reliability",
-    "probe_weights_path",
+    "answer_nll", "compare_modes", "DEFAULT_COHERENCE_MODE", "DEFAULT_TRAIT_MODE", "fit_heads", "Fluency",
+    "FLUENCY_FEATURES", "fluency_of", "FluencyModel", "fluent_share", "HELDOUT_FROM", "Judge", "judge_answers",
+    "JudgeEvalResult", "JudgeRequest", "labelled_set", "LabelledAnswer", "level_score", "load_local_judge",
+    "load_probe_judge", "load_real_set", "load_written_set", "LocalJudge", "make_judge", "plot_reliability",
+    "probe_weights_path", "ProbeFeatures", "ProbeJudge", "ProbeWeights", "score_fluency", "ScoreCache",
+    "text_features", "TRAIT_MODES",
 ]
