@@ -38,6 +38,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 from rich.console import Console
 from rich.table import Table
 
@@ -57,7 +58,7 @@ from personascope.model import DEFAULT_MODEL, ModelAdapter, SamplingConfig, last
 from personascope.runtime.engines import make_engine, work_tokens
 from personascope.steering import Steerer
 from personascope.traits import load_trait
-from personascope.util import plot_scatter, plt, save_figure, write_json
+from personascope.util import plot_scatter, save_figure, write_json
 from personascope.vectors import PersonaVector, load_vector
 
 console = Console()

@@ -111,7 +111,7 @@ def probe_coherence(rows: list[dict]) -> dict[str, float]:
     model, tok = load_model(name)
     judge = ProbeJudge(ModelAdapter(model, tok), ProbeWeights.load(probe_weights_path(name)), name=f"probe:{name}")
     mine = [r for r in rows if r["model"] == name]
-    reqs = [JudgeRequest(load_trait(r["trait"]), r["question"], r["answer"], "coherence") for r in mine]
+    reqs = [JudgeRequest("coherence", r["question"], r["answer"], load_trait(r["trait"])) for r in mine]
     scores = judge.score(reqs)
     return {r["id"]: s for r, s in zip(mine, scores, strict=True) if s is not None}
 

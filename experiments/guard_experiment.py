@@ -23,12 +23,14 @@ import json
 import sys
 from pathlib import Path
 
+import matplotlib.pyplot as plt
+
 from personascope.evaluation import Condition, condition_capability, condition_hooks, guard_annotator, load_mc
 from personascope.judges import ScoreCache, judge_answers, make_judge
 from personascope.model import DEFAULT_JUDGE_MODEL, ModelAdapter, SamplingConfig, load_model, run_generation
 from personascope.steering import GuardCalibration, calibrate_guard, pool_sample
 from personascope.traits import Trait, load_trait
-from personascope.util import JsonlStore, bootstrap_ci, format_ci, plt, save_figure, write_json
+from personascope.util import JsonlStore, bootstrap_ci, format_ci, save_figure, write_json
 from personascope.vectors import PersonaVector, VectorMismatchError, load_vector
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -26,11 +26,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import matplotlib.pyplot as plt
+
 from personascope.judges import make_judge
 from personascope.model import DEFAULT_JUDGE_MODEL, ModelAdapter, load_model
 from personascope.monitor import MONITOR_PROFILES, load_shot_pool, run_monitor
 from personascope.traits import load_trait
-from personascope.util import format_ci, plt, save_figure, write_json
+from personascope.util import format_ci, save_figure, write_json
 from personascope.vectors import VectorMismatchError, load_vector
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 
 from personascope.finetuning import DatasetConfig, chat_row, ended, make_dataset, write_chat_jsonl
@@ -44,7 +45,7 @@ from personascope.runtime.engines import make_engine, work_tokens
 from personascope.screen import ScreenConfig, screen_dataset
 from personascope.steering import Steerer, SteeringSpec
 from personascope.traits import load_trait
-from personascope.util import JsonlStore, auroc, bootstrap_ci, format_ci, plt, save_figure, spearman, write_json
+from personascope.util import JsonlStore, auroc, bootstrap_ci, format_ci, save_figure, spearman, write_json
 from personascope.vectors import PersonaVector, VectorMismatchError, load_vector
 
 ROOT = Path(__file__).resolve().parents[1]

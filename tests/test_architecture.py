@@ -152,3 +152,18 @@ def test_library_never_prints():
                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
             bad += [f"{path.relative_to(ROOT)}:{node.lineno} imports {m}" for m in mods if m.split(".")[0] == "rich"]
     assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("folder", ["experiments", "bench"])
+def test_scripts_import_names_the_faces_export(folder):
+    """Every name a script imports from a package face exists there (a moved name breaks no script silently)."""
+    import importlib
+
+    missing = []
+    for path in (ROOT / folder).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("personascope"):
+                mod = importlib.import_module(node.module or "")
+                missing += [f"{path.relative_to(ROOT)}: {node.module}.{a.name}" for a in node.names
+                            if not hasattr(mod, a.name)]
+    assert not missing, "\n".join(missing)

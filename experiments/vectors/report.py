@@ -12,7 +12,9 @@ import argparse
 import json
 from pathlib import Path
 
-from personascope.util import plt, save_figure
+import matplotlib.pyplot as plt
+
+from personascope.util import save_figure
 from personascope.vectors import THRESHOLDS, ValidityReport, load_vector, packaged_vectors
 
 ROOT = Path(__file__).resolve().parents[2]

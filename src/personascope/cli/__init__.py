@@ -1,7 +1,6 @@
 """The `personascope` command line: a thin layer over the packages (`cli.main` assembles the typer app)."""
 
+from .demo import run_demo
 from .main import app
 
-__all__ = [
-    "app",
-]
+__all__ = ["app", "run_demo"]

@@ -143,8 +143,9 @@ def choose_layer_cmd(
     coef: Annotated[float | None, typer.Option(help="Raw coefficient for the sweep.", callback=finite_number)] = None,
     alpha: Annotated[float, typer.Option(help="Relative coefficient used when --coef is not given.",
                                          callback=finite_number)] = 0.5,
-    min_coherence: Annotated[float, typer.Option(help="A steered layer is eligible when its mean coherence "
-                                                 "reaches this or the unsteered mean − --max-coherence-drop.")] = 50.0,
+    min_coherence: Annotated[float, typer.Option(help="Only for rows without fluency flags: a steered layer is "
+                                                 "eligible when its mean coherence reaches this or the unsteered "
+                                                 "mean − --max-coherence-drop (else ≥ 90 % fluent answers).")] = 50.0,
     max_coherence_drop: Annotated[float, typer.Option(help="See --min-coherence.")] = 10.0,
     questions: Annotated[int | None, typer.Option()] = None,
     out: Annotated[Path | None, typer.Option()] = None,
@@ -181,8 +182,7 @@ def choose_layer_cmd(
     print_eval_rows(rows, f"choose layer for {t.name}")
     best, detail = choose_layer(rows, min_coherence, max_coherence_drop)
     if best is None:
-        gate = next(iter(detail.values()))["coherence_gate"] if detail else min_coherence
-        fail(f"no candidate layer kept mean coherence ≥ {gate:.1f}; try a smaller --alpha/--coef")
+        fail("no candidate layer kept ≥ 90 % of its answers fluent (judges.fluency); try a smaller --alpha/--coef")
     pv.with_metadata(best_layer=best, layer_choice=json.dumps(detail)).save(vector)
     console.print(f"best layer: [bold]{best}[/] (recorded in {vector})")
 
