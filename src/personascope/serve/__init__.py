@@ -24,13 +24,15 @@ use a vector) and no request sees another's steering. Finished rows leave the ba
 """
 
 
-from .app import complete, create_app, run_server, stream
+from .app import bind_socket, complete, create_app, run_server, stream
 from .engine import Engine
 from .jobs import Job, Row
 from .loading import TINY_PREFIX, load_serving_model, tiny_random_model
 from .protocol import (
+    MAX_STEERING,
     MAX_STOP,
     MAX_TOP_LOGPROBS,
+    OPTION_RANGES,
     VECTOR_NAME,
     ApiError,
     ChatRequest,
@@ -40,10 +42,13 @@ from .protocol import (
     RequestParser,
     ServeConfig,
     SteerItem,
+    decode_body,
+    option_problem,
 )
 
 __all__ = [
-    "ApiError", "ChatRequest", "Engine", "Event", "GuardItem", "Job", "MAX_STOP", "MAX_TOP_LOGPROBS",
-    "MonitorSpec", "RequestParser", "Row", "ServeConfig", "SteerItem", "TINY_PREFIX", "VECTOR_NAME", "complete",
-    "create_app", "load_serving_model", "run_server", "stream", "tiny_random_model",
+    "ApiError", "ChatRequest", "Engine", "Event", "GuardItem", "Job", "MAX_STEERING", "MAX_STOP", "MAX_TOP_LOGPROBS",
+    "MonitorSpec", "OPTION_RANGES", "RequestParser", "Row", "ServeConfig", "SteerItem", "TINY_PREFIX", "VECTOR_NAME",
+    "bind_socket", "complete", "create_app", "decode_body", "load_serving_model", "option_problem", "run_server",
+    "stream", "tiny_random_model",
 ]

@@ -6,6 +6,8 @@ parameter); the engine inherits it, since parsing needs the model's template and
 
 from __future__ import annotations
 
+import codecs
+import json
 import math
 import re
 import threading
@@ -21,6 +23,10 @@ GREEDY_BELOW = 1e-4  # a temperature below this decodes greedily (dividing logit
 MAX_ALPHA = 10.0  # the largest |α| a steering entry may reach: |coef| · ‖v[l]‖ ≤ MAX_ALPHA · resid_norm[l]
 MAX_RAW_COEF = 1e4  # the largest |coef| for a vector without resid_norm
 MAX_JSON_DEPTH = 32  # deeper request bodies are refused (400) before anything walks them
+MAX_STEERING = 16  # steering entries per request
+MAX_INT_DIGITS = 30  # longer integer literals are never converted (no field takes one): 400 naming the field
+SEED_RANGE = (-(2**63), 2**64 - 1)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 VECTOR_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 NEUTRAL_PROMPTS = ("Hello! How are you today?", "What is the capital of France?",
@@ -55,6 +61,8 @@ class ServeConfig:
     max_body_bytes: int = 1_000_000
     max_queue: int = 256
     max_n: int = 8
+    body_timeout_s: float = 30.0  # a request body not received within this gets 408
+    drain_timeout_s: float = 10.0  # on shutdown, running requests get this long before they are ended (503)
     api_key: str | None = None
     host: str = "127.0.0.1"  # the bound address: a keyless loopback server accepts only loopback Host headers
 
@@ -126,21 +134,129 @@ def invalid(message: str, param: str | None, code: str = "invalid_value", status
     return ApiError(status, message, param, code)
 
 
+# the server's options (ServeConfig fields): (integer?, lowest, highest); the CLI refuses others at start-up
+OPTION_RANGES: dict[str, tuple[bool, float, float]] = {
+    "max_batch": (True, 1, 4096), "batch_wait_ms": (False, 0, 60_000), "max_tokens_limit": (True, 1, 10**7),
+    "max_body_bytes": (True, 256, 2**31), "max_queue": (True, 1, 10**6), "body_timeout_s": (False, 0.01, 3600),
+    "drain_timeout_s": (False, 0, 3600), "port": (True, 1, 65535),
+}
+
+
+def option_problem(name: str, value: object) -> str | None:
+    """Why `value` is no good for the server option `name` (a key of OPTION_RANGES), or None."""
+    integer, lo, hi = OPTION_RANGES[name]
+    kind = "an integer" if integer else "a number"
+    ok = isinstance(value, int) if integer else isinstance(value, int | float) and math.isfinite(value)
+    if isinstance(value, bool) or not ok or not lo <= value <= hi:  # type: ignore[operator]
+        return f"must be {kind} from {lo:g} to {hi:g}, got {value!r}"
+    return None
+
+
+class Oversized:
+    """An integer literal of a request body too long for any field, kept as its length (never converted)."""
+
+    __slots__ = ("digits",)
+
+    def __init__(self, digits: int):
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"an integer of {self.digits} digits"
+
+
+def _parse_int(text: str) -> int | Oversized:
+    return int(text) if len(text) <= MAX_INT_DIGITS else Oversized(len(text.lstrip("-")))
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def json_depth(value: object) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (iterative: no recursion limit)."""
+    depth, level = 0, [value]
+    while level:
+        containers = [v for v in level if isinstance(v, dict | list)]
+        if not containers:
+            break
+        depth += 1
+        level = [x for c in containers for x in (c.values() if isinstance(c, dict) else c)]
+    return depth
+
+
+def surrogate_at(value: object) -> str | None:
+    """Where a parsed JSON value holds a lone surrogate (`"\\ud800"`), which no UTF-8 text carries; None if nowhere."""
+    stack: list[tuple[object, str]] = [(value, "")]
+    while stack:
+        v, path = stack.pop()
+        if isinstance(v, str):
+            if not v.isascii() and _SURROGATE.search(v):
+                return path or "body"
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                if not k.isascii() and _SURROGATE.search(k):
+                    return f"{path} (a key)" if path else "body (a key)"
+                stack.append((x, f"{path}.{k}" if path else k))
+        elif isinstance(v, list):
+            stack.extend((x, f"{path}[{i}]") for i, x in enumerate(v))
+    return None
+
+
+def decode_body(raw: bytes, content_type: str = "application/json") -> object:
+    """A request body as JSON: strict UTF-8 without a byte order mark, no NaN/Infinity, not nested deeper than
+    MAX_JSON_DEPTH, no lone surrogates; integer literals longer than MAX_INT_DIGITS stay `Oversized`."""
+    charset = next((p.split("=", 1)[1].strip().strip('"').lower() for p in content_type.split(";")[1:]
+                    if p.strip().lower().startswith("charset=")), "utf-8")
+    if charset not in ("utf-8", "utf8"):
+        raise invalid(f"the request body is declared as charset {charset!r}; send JSON encoded as UTF-8", None,
+                      "invalid_json")
+    if raw.startswith(codecs.BOM_UTF8):
+        raise invalid("the request body starts with a byte order mark; send UTF-8 JSON without one", None,
+                      "invalid_json")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise invalid(f"the request body is not UTF-8 (byte {e.start} is {raw[e.start]:#04x}); send JSON encoded as "
+                      "UTF-8", None, "invalid_json") from None
+    try:
+        body = json.loads(text, parse_int=_parse_int, parse_constant=_no_constant)
+    except RecursionError:
+        raise invalid(f"the request body nests deeper than {MAX_JSON_DEPTH} levels", None, "invalid_json") from None
+    except ValueError as e:  # JSONDecodeError, NaN / Infinity
+        raise invalid(f"the request body is not valid JSON: {e}", None, "invalid_json") from None
+    if json_depth(body) > MAX_JSON_DEPTH:
+        raise invalid(f"the request body nests deeper than {MAX_JSON_DEPTH} levels", None, "invalid_json")
+    where = surrogate_at(body)
+    if where is not None:
+        raise invalid(f"{where} holds a lone surrogate escape (such as \\ud800), which is not text", where)
+    return body
+
+
+def _finite(value: object) -> bool:
+    """Whether a JSON value is a real number that fits a float (bool and oversized integers are not)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return math.isfinite(value) if isinstance(value, float) else abs(value) <= 1e300
+
+
 def number_field(body: dict, key: str, default: float, lo: float, hi: float) -> float:
     value = body.get(key, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if not _finite(value):
         raise invalid(f"'{key}' must be a number between {lo} and {hi}, got {value!r}", key)
-    if not lo <= value <= hi:
+    if not lo <= value <= hi:  # type: ignore[operator]
         raise invalid(f"'{key}' must be between {lo} and {hi}, got {value}", key)
-    return float(value)
+    return float(value)  # type: ignore[arg-type]
 
 
 def integer_field(body: dict, key: str, default: int, lo: int, hi: int | None) -> int:
     value = body.get(key, default)
     if value is None:
         return default
+    if isinstance(value, Oversized):
+        raise invalid(f"'{key}' must be between {lo} and {hi}, got {value!r}" if hi is not None
+                      else f"'{key}' must be at least {lo}, got {value!r}", key)
     if isinstance(value, bool) or not isinstance(value, int):
         raise invalid(f"'{key}' must be an integer, got {value!r}", key)
     if value < lo or (hi is not None and value > hi):
@@ -188,7 +304,13 @@ class RequestParser:
     vectors: dict[str, PersonaVector]
     config: ServeConfig
     model_id: str
-    tok_lock: threading.Lock
+    encoder: object  # a tokenizer of its own for prompts (parsing runs in threads beside the engine's decoding)
+    encode_lock: threading.Lock
+
+    def encode(self, prompt_text: str) -> list[int]:
+        """Token ids of a rendered prompt, with the parser's own tokenizer (safe beside the engine's decoding)."""
+        with self.encode_lock:
+            return self.encoder(prompt_text, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
 
     def render(self, messages: object) -> str:
         """The chat prompt text for OpenAI-style messages, validated like every chat row (`developer` = system)."""
@@ -207,6 +329,37 @@ class RequestParser:
         except Exception as e:  # a template that rejects this conversation (e.g. role order)
             raise invalid(f"the model's chat template rejected the messages: {e}", "messages") from None
 
+    def _strength(self, pv: PersonaVector, name: str, key: str, value: object, layer: int, param: str) -> float:
+        """A raw coefficient from a 'coef' or 'alpha' value, refused (400) beyond |α| ≤ MAX_ALPHA (|coef| ≤
+        MAX_RAW_COEF for a vector without resid_norm)."""
+        if not _finite(value) or abs(value) > MAX_RAW_COEF:  # type: ignore[arg-type]
+            raise invalid(f"{param} must be a finite number (|x| ≤ {MAX_RAW_COEF:g}), got {value!r}", param,
+                          "invalid_coefficient")
+        coef = float(value)  # type: ignore[arg-type]
+        if key == "alpha":
+            if pv.resid_norm is None:
+                raise invalid(f"{param}: vector {name!r} has no resid_norm, so 'alpha' cannot be converted; use 'coef'",
+                              param)
+            coef = pv.coef_from_alpha(coef, layer)
+        alpha = pv.alpha_from_coef(coef, layer)
+        if alpha is not None and not (math.isfinite(alpha) and math.isfinite(coef) and abs(alpha) <= MAX_ALPHA):
+            raise invalid(f"{param} {value!r} is too strong at layer {layer}: it adds α = {alpha:.4g} times the "
+                          f"residual norm; the limit is |α| ≤ {MAX_ALPHA:g}", param, "invalid_coefficient")
+        return coef
+
+    def _add_strength(self, totals: dict[tuple[int, bool], float], pv: PersonaVector, coef: float, layer: int,
+                      param: str) -> None:
+        """Count one entry's strength at its layer; refuse (400) when a layer's summed |α| passes MAX_ALPHA (summed
+        |coef| passes MAX_RAW_COEF for vectors without resid_norm)."""
+        alpha = pv.alpha_from_coef(coef, layer)
+        key, amount, limit = ((layer, True), abs(alpha), MAX_ALPHA) if alpha is not None else \
+            ((layer, False), abs(coef), MAX_RAW_COEF)
+        totals[key] = totals.get(key, 0.0) + amount
+        if totals[key] > limit * (1 + 1e-9):
+            what = "α" if alpha is not None else "coef (vectors without resid_norm)"
+            raise invalid(f"{param}: the steering at layer {layer} adds up to Σ|{what}| = {totals[key]:.4g}; the limit "
+                          f"per layer is {limit:g}", param, "invalid_coefficient")
+
     def _layer(self, value: object, param: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise invalid(f"{param} must be an integer layer index, got {value!r}", param)
@@ -221,11 +374,13 @@ class RequestParser:
             raise invalid(f"{param}: unknown vector {value!r}; loaded vectors: {known}", param, "unknown_vector")
         return value
 
-    def _steering(self, raw: object) -> list[SteerItem]:
+    def _steering(self, raw: object, totals: dict[tuple[int, bool], float]) -> list[SteerItem]:
         if raw is None:
             return []
         if not isinstance(raw, list):
             raise invalid("'steering' must be a list of {vector, layer, coef} objects", "steering")
+        if len(raw) > MAX_STEERING:
+            raise invalid(f"'steering' has {len(raw)} entries; the limit is {MAX_STEERING}", "steering")
         items = []
         for i, s in enumerate(raw):
             p = f"steering[{i}]"
@@ -244,33 +399,20 @@ class RequestParser:
             if ("coef" in s) == ("alpha" in s):
                 raise invalid(f"{p} needs exactly one of 'coef' (raw) or 'alpha' (relative)", p)
             key = "coef" if "coef" in s else "alpha"
-            value = s[key]
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
-                    or abs(value) > MAX_RAW_COEF:
-                raise invalid(f"{p}.{key} must be a finite number (|x| ≤ {MAX_RAW_COEF:g}), got {value!r}",
-                              f"{p}.{key}", "invalid_coefficient")
-            if key == "alpha":
-                if pv.resid_norm is None:
-                    raise invalid(f"{p}: vector {name!r} has no resid_norm, so 'alpha' cannot be converted; use 'coef'",
-                               f"{p}.alpha")
-                value = pv.coef_from_alpha(float(value), layer)
-            alpha = pv.alpha_from_coef(float(value), layer)
-            if alpha is not None and not (math.isfinite(alpha) and math.isfinite(value) and abs(alpha) <= MAX_ALPHA):
-                raise invalid(f"{p}.{key} {s[key]!r} is too strong at layer {layer}: it adds α = {alpha:.4g} times the "
-                              f"residual norm; the limit is |α| ≤ {MAX_ALPHA:g}", f"{p}.{key}", "invalid_coefficient")
-            items.append(SteerItem(name, layer, float(value), positions))
+            coef = self._strength(pv, name, key, s[key], layer, f"{p}.{key}")
+            self._add_strength(totals, pv, coef, layer, f"{p}.{key}")
+            items.append(SteerItem(name, layer, coef, positions))
         return items
 
     def _number(self, raw: dict, key: str, param: str) -> float | None:
         value = raw.get(key)
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
-                or abs(value) > 1e6:
+        if not _finite(value) or abs(value) > 1e6:  # type: ignore[arg-type]
             raise invalid(f"{param}.{key} must be a finite number (|x| ≤ 1e6), got {value!r}", f"{param}.{key}")
-        return float(value)
+        return float(value)  # type: ignore[arg-type]
 
-    def _guard_item(self, raw: object) -> GuardItem | None:
+    def _guard_item(self, raw: object, totals: dict[tuple[int, bool], float]) -> GuardItem | None:
         if raw is None:
             return None
         p = "guard"
@@ -314,12 +456,9 @@ class RequestParser:
             if "coef" in raw and "alpha" in raw:
                 raise invalid(f"{p} takes 'coef' (raw) or 'alpha' (relative), not both", p)
             key = "coef" if "coef" in raw else "alpha"
-            coef = self._number(raw, key, p)
-            if key == "alpha" and coef is not None:
-                if pv.resid_norm is None:
-                    raise invalid(f"{p}: vector {name!r} has no resid_norm, so 'alpha' cannot be converted; use "
-                                  "'coef'", f"{p}.alpha")
-                coef = pv.coef_from_alpha(coef, layer)
+            if raw[key] is not None:
+                coef = self._strength(pv, name, key, raw[key], layer, f"{p}.{key}")
+                self._add_strength(totals, pv, coef, layer, f"{p}.{key}")
         return GuardItem(name, layer, mode, lo, hi, coef, positions)
 
     def _monitor(self, raw: object) -> MonitorSpec | None:
@@ -361,8 +500,9 @@ class RequestParser:
                        "unsupported_parameter")
         cfg = self.config
         key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        max_tokens = integer_field(body, key, min(cfg.default_max_tokens, cfg.max_tokens_limit), 1,
-                                   cfg.max_tokens_limit)
+        max_tokens: int | None = None
+        if body.get(key) is not None:
+            max_tokens = integer_field(body, key, 1, 1, cfg.max_tokens_limit)
         stop = body.get("stop")
         if stop is None:
             stop = []
@@ -383,22 +523,27 @@ class RequestParser:
         if not isinstance(opts, dict):
             raise invalid("'stream_options' must be an object", "stream_options")
         seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise invalid(f"'seed' must be an integer, got {seed!r}", "seed")
-        with self.tok_lock:
-            prompt_ids = self.adapter.encode_prompt(self.render(body["messages"]))
-        limit = min(cfg.max_prompt_tokens, self.adapter.context_length - max_tokens)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                                 or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
+            raise invalid(f"'seed' must be an integer from -2**63 to 2**64 - 1, got {seed!r}", "seed")
+        prompt_ids = self.encode(self.render(body["messages"]))
+        context = self.adapter.context_length
+        if max_tokens is None:  # the default answer length: what the context leaves, up to the server's default
+            max_tokens = max(1, min(cfg.default_max_tokens, cfg.max_tokens_limit, context - len(prompt_ids)))
+        limit = min(cfg.max_prompt_tokens, context - max_tokens)
         if len(prompt_ids) > limit:
-            raise invalid(f"the prompt has {len(prompt_ids)} tokens; the limit is {limit} with max_tokens={max_tokens}",
-                       "messages", "context_length_exceeded")
+            raise invalid(f"the prompt has {len(prompt_ids)} tokens; the limit is {limit} with max_tokens={max_tokens} "
+                          f"(the model's context is {context})", "messages", "context_length_exceeded")
+        totals: dict[tuple[int, bool], float] = {}
+        steering = self._steering(body.get("steering"), totals)
         return ChatRequest(
             model=model, prompt_ids=prompt_ids, max_tokens=max_tokens,
             temperature=number_field(body, "temperature", 1.0, 0.0, 2.0),
             top_p=number_field(body, "top_p", 1.0, 0.0, 1.0),
             n=integer_field(body, "n", 1, 1, min(cfg.max_n, cfg.max_batch)), seed=seed, stop=stop, logprobs=logprobs,
             top_logprobs=top, stream=stream, include_usage=bool(opts.get("include_usage")),
-            steering=self._steering(body.get("steering")), monitor=self._monitor(body.get("monitor")),
-            guard=self._guard_item(body.get("guard")),
+            steering=steering, monitor=self._monitor(body.get("monitor")),
+            guard=self._guard_item(body.get("guard"), totals),
         )
 
     # -- the worker
