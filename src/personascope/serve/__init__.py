@@ -31,15 +31,15 @@ use a vector) and no request sees another's steering. Finished rows leave the ba
 """
 
 
-from .app import bind_socket, complete, create_app, run_server, stream
+from .app import complete, create_app, run_server, stream
 from .engine import Engine
 from .jobs import Job, Row
+from .lifecycle import bind_socket
 from .loading import TINY_PREFIX, load_serving_model, tiny_random_model
 from .protocol import (
     MAX_STEERING,
     MAX_STOP,
     MAX_TOP_LOGPROBS,
-    OPTION_RANGES,
     VECTOR_NAME,
     ApiError,
     ChatRequest,
@@ -49,9 +49,8 @@ from .protocol import (
     RequestParser,
     ServeConfig,
     SteerItem,
-    decode_body,
-    option_problem,
 )
+from .wire import OPTION_RANGES, decode_body, option_problem
 
 __all__ = [
     "ApiError", "ChatRequest", "Engine", "Event", "GuardItem", "Job", "MAX_STEERING", "MAX_STOP", "MAX_TOP_LOGPROBS",

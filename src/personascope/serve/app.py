@@ -16,10 +16,12 @@ from importlib import resources
 from fastapi import Request
 
 from .engine import Engine, Job, finite
-from .protocol import LOOPBACK_HOSTS, ApiError, ChatRequest, ServeConfig, decode_body, json_depth
+from .lifecycle import Drain
+from .protocol import LOOPBACK_HOSTS, ChatRequest, ServeConfig
+from .wire import ApiError, decode_body, json_depth
 
 log = logging.getLogger(__name__)
-__all__ = ["BrowserGuard", "bind_socket", "complete", "create_app", "host_name", "json_depth", "run_server", "stream"]
+__all__ = ["BrowserGuard", "complete", "create_app", "host_name", "json_depth", "run_server", "stream"]
 
 # ---------------------------------------------------------------- responses
 
@@ -209,43 +211,6 @@ def _dashboard_html() -> str:
     return (resources.files("personascope") / "static" / "dashboard.html").read_text(encoding="utf-8")
 
 
-class _Drain:
-    """The app's open chat requests and, once shutdown begins, the deadline by which they must end."""
-
-    def __init__(self, timeout_s: float):
-        self.timeout_s = timeout_s
-        self.jobs: set[Job] = set()
-        self.started = False
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.task: asyncio.Task | None = None
-
-    def begin(self, now: bool = False) -> None:
-        """Start draining (thread- and signal-safe): new requests get 503, open ones end by the deadline."""
-        if self.loop is None or self.loop.is_closed():
-            return
-        self.loop.call_soon_threadsafe(self._begin, now)
-
-    def _begin(self, now: bool) -> None:
-        self.started = True
-        if now:
-            self.end_open()
-        elif self.task is None:
-            self.task = asyncio.get_running_loop().create_task(self._wait())
-
-    async def _wait(self) -> None:
-        deadline = time.monotonic() + self.timeout_s
-        while self.jobs and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        self.end_open()
-
-    def end_open(self) -> None:
-        if self.jobs:
-            log.warning("ending %d open request(s) at shutdown", len(self.jobs))
-        for job in list(self.jobs):
-            job.fail(ApiError(503, f"the server is shutting down; the request did not finish within the "
-                              f"{self.timeout_s:g} s drain", None, "server_shutting_down", "server_error"))
-
-
 def create_app(engine: Engine):
     """The FastAPI app around an engine (the engine's worker starts and stops with the app); `app.state.drain`
     ends open requests in the protocol's shape at shutdown (see `run_server`)."""
@@ -258,7 +223,7 @@ def create_app(engine: Engine):
     from starlette.requests import ClientDisconnect
 
     cfg = engine.config
-    drain = _Drain(cfg.drain_timeout_s)
+    drain = Drain(cfg.drain_timeout_s)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -405,24 +370,6 @@ def create_app(engine: Engine):
     return app
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on host:port (OSError, with the system's reason, when it cannot be had)."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, kind, proto, _, addr = infos[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(addr)
-        sock.listen(2048)
-    except OSError:
-        sock.close()
-        raise
-    sock.set_inheritable(True)
-    return sock
-
-
 def run_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
                sock: socket.socket | None = None) -> None:
     """Serve with uvicorn until SIGTERM/SIGINT, then drain: no new requests, open ones get `drain_timeout_s` to
@@ -431,7 +378,7 @@ def run_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000, log_le
     import uvicorn
 
     app = create_app(engine)
-    drain: _Drain = app.state.drain
+    drain: Drain = app.state.drain
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
