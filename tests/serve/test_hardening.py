@@ -224,7 +224,8 @@ def test_huge_prompts_are_tokenised_off_the_event_loop(paths):
         done.set()
         prober.join()
     assert codes == [400] * 2  # tokenised (context_length_exceeded): each took ~1-3 s of tokenizer time
-    assert len(lags) > 5 and max(lags) < 1.0, lags
+    # on the loop the two prompts stalled /health for their whole tokenising (seconds: one or two probes in all)
+    assert len(lags) >= 10 and max(lags) < 2.0, lags
 
 
 def test_sigterm_drains_then_ends_open_requests_in_the_protocols_shape(paths):
