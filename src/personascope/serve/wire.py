@@ -46,7 +46,8 @@ def option_problem(name: str, value: object) -> str | None:
     kind = "an integer" if integer else "a number"
     ok = isinstance(value, int) if integer else isinstance(value, int | float) and math.isfinite(value)
     if isinstance(value, bool) or not ok or not lo <= value <= hi:  # type: ignore[operator]
-        return f"must be {kind} from {lo:g} to {hi:g}, got {value!r}"
+        span = f"{int(lo)} to {int(hi)}" if integer else f"{lo:g} to {hi:g}"
+        return f"must be {kind} from {span}, got {value!r}"
     return None
 
 
