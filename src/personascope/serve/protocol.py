@@ -375,7 +375,14 @@ class RequestParser:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
                                  or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
             raise invalid(f"'seed' must be an integer from -2**63 to 2**64 - 1, got {seed!r}", "seed")
-        prompt_ids = self.encode(self.render(body["messages"]))
+        temperature = number_field(body, "temperature", 1.0, 0.0, 2.0)
+        top_p = number_field(body, "top_p", 1.0, 0.0, 1.0)
+        n = integer_field(body, "n", 1, 1, min(cfg.max_n, cfg.max_batch))
+        totals: dict[tuple[int, bool], float] = {}  # strength per layer: steering and guard together
+        steering = self._steering(body.get("steering"), totals)
+        guard = self._guard_item(body.get("guard"), totals)
+        monitor = self._monitor(body.get("monitor"))
+        prompt_ids = self.encode(self.render(body["messages"]))  # last: the one costly step
         context = self.adapter.context_length
         if max_tokens is None:  # the default answer length: what the context leaves, up to the server's default
             max_tokens = max(1, min(cfg.default_max_tokens, cfg.max_tokens_limit, context - len(prompt_ids)))
@@ -383,16 +390,10 @@ class RequestParser:
         if len(prompt_ids) > limit:
             raise invalid(f"the prompt has {len(prompt_ids)} tokens; the limit is {limit} with max_tokens={max_tokens} "
                           f"(the model's context is {context})", "messages", "context_length_exceeded")
-        totals: dict[tuple[int, bool], float] = {}
-        steering = self._steering(body.get("steering"), totals)
         return ChatRequest(
-            model=model, prompt_ids=prompt_ids, max_tokens=max_tokens,
-            temperature=number_field(body, "temperature", 1.0, 0.0, 2.0),
-            top_p=number_field(body, "top_p", 1.0, 0.0, 1.0),
-            n=integer_field(body, "n", 1, 1, min(cfg.max_n, cfg.max_batch)), seed=seed, stop=stop, logprobs=logprobs,
-            top_logprobs=top, stream=stream, include_usage=bool(opts.get("include_usage")),
-            steering=steering, monitor=self._monitor(body.get("monitor")),
-            guard=self._guard_item(body.get("guard"), totals),
+            model=model, prompt_ids=prompt_ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, n=n,
+            seed=seed, stop=stop, logprobs=logprobs, top_logprobs=top, stream=stream,
+            include_usage=bool(opts.get("include_usage")), steering=steering, monitor=monitor, guard=guard,
         )
 
     # -- the worker
