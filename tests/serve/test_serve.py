@@ -240,7 +240,7 @@ def test_mismatched_vector_is_refused_at_startup(tmp_path):
 
     pv = PersonaVector({"response_avg": torch.randn(4, 16)}, None, {"trait": "evil", "model": "other"})
     path = pv.save(tmp_path / "evil.safetensors")
-    res = CliRunner().invoke(app, ["serve", "--model", MODEL, "--vector", f"evil={path}", "--port", "1"],
+    res = CliRunner().invoke(app, ["serve", "--model", MODEL, "--vector", f"evil={path}", "--port", str(free_port())],
                              env={"COLUMNS": "200"})
     assert res.exit_code == 2
     assert "hidden size 16" in res.output

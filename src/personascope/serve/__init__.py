@@ -16,6 +16,13 @@ request body (the openai SDK's `extra_body`):
   steering at that same layer is added, so it shows the model's own state (which steering at
   lower layers, and the steered text so far, do move), not the vector just injected there.
 
+Limits: at most 16 steering entries, and at each layer the steering's and the guard's summed strength
+Σ|α| ≤ 10 (Σ|coef| ≤ 1e4 for vectors without resid_norm); bodies are strict UTF-8 JSON (no BOM, no NaN,
+no lone surrogates, integers of at most 30 digits), received within `body_timeout_s` (else 408); without
+max_tokens an answer gets what the context leaves, up to `default_max_tokens`. On SIGTERM the server drains:
+open requests get `drain_timeout_s`, then end with a 503 (a JSON error, or an SSE error event and [DONE]).
+`/health` answers 503 once the engine's worker is gone or the server drains.
+
 `Engine` owns the model: one worker thread takes queued requests, groups up to `max_batch` rows
 that arrive within `batch_wait_ms`, and runs them as one left-padded batch with its own decoding
 loop (prefill, then one token at a time with the KV cache). Steering uses per-row coefficient
@@ -27,8 +34,10 @@ use a vector) and no request sees another's steering. Finished rows leave the ba
 from .app import complete, create_app, run_server, stream
 from .engine import Engine
 from .jobs import Job, Row
+from .lifecycle import bind_socket
 from .loading import TINY_PREFIX, load_serving_model, tiny_random_model
 from .protocol import (
+    MAX_STEERING,
     MAX_STOP,
     MAX_TOP_LOGPROBS,
     VECTOR_NAME,
@@ -41,9 +50,11 @@ from .protocol import (
     ServeConfig,
     SteerItem,
 )
+from .wire import OPTION_RANGES, decode_body, option_problem
 
 __all__ = [
-    "ApiError", "ChatRequest", "Engine", "Event", "GuardItem", "Job", "MAX_STOP", "MAX_TOP_LOGPROBS",
-    "MonitorSpec", "RequestParser", "Row", "ServeConfig", "SteerItem", "TINY_PREFIX", "VECTOR_NAME", "complete",
-    "create_app", "load_serving_model", "run_server", "stream", "tiny_random_model",
+    "ApiError", "ChatRequest", "Engine", "Event", "GuardItem", "Job", "MAX_STEERING", "MAX_STOP", "MAX_TOP_LOGPROBS",
+    "MonitorSpec", "OPTION_RANGES", "RequestParser", "Row", "ServeConfig", "SteerItem", "TINY_PREFIX", "VECTOR_NAME",
+    "bind_socket", "complete", "create_app", "decode_body", "load_serving_model", "option_problem", "run_server",
+    "stream", "tiny_random_model",
 ]

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import sys
+import logging
+import math
+import socket
 import time
-import traceback
 import uuid
 from dataclasses import dataclass, field
 from importlib import resources
@@ -15,7 +16,12 @@ from importlib import resources
 from fastapi import Request
 
 from .engine import Engine, Job, finite
-from .protocol import LOOPBACK_HOSTS, MAX_JSON_DEPTH, ApiError, ChatRequest, ServeConfig, invalid
+from .lifecycle import Drain
+from .protocol import LOOPBACK_HOSTS, ChatRequest, ServeConfig
+from .wire import ApiError, decode_body, json_depth
+
+log = logging.getLogger(__name__)
+__all__ = ["BrowserGuard", "complete", "create_app", "host_name", "json_depth", "run_server", "stream"]
 
 # ---------------------------------------------------------------- responses
 
@@ -108,18 +114,6 @@ async def cancel_on_disconnect(request: Request, job: Job, every: float = 0.1) -
         await asyncio.sleep(every)
 
 
-def json_depth(value: object) -> int:
-    """How deeply lists and objects nest in a parsed JSON value (iterative: no recursion limit)."""
-    depth, level = 0, [value]
-    while level:
-        containers = [v for v in level if isinstance(v, dict | list)]
-        if not containers:
-            break
-        depth += 1
-        level = [x for c in containers for x in (c.values() if isinstance(c, dict) else c)]
-    return depth
-
-
 def host_name(header: str) -> str:
     """The host part of a Host header ('[::1]:8000' -> '::1', 'localhost:80' -> 'localhost')."""
     if header.startswith("["):
@@ -162,7 +156,8 @@ def _sse(obj: dict | str) -> str:
 
 
 async def stream(engine: Engine, req: ChatRequest, job: Job, rid: str):
-    """Yield SSE lines: a role chunk per choice, one chunk per token step, usage if asked, then [DONE]."""
+    """Yield SSE lines: a role chunk per choice, one chunk per token step, usage if asked, then [DONE] (after an
+    error event too)."""
     created = int(time.time())
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": engine.model_id}
     completion_tokens, prompt_tokens = 0, 0
@@ -170,8 +165,9 @@ async def stream(engine: Engine, req: ChatRequest, job: Job, rid: str):
     try:
         while True:
             ev = await job.events.get()
-            if ev.error is not None:  # kind "error"
+            if ev.error is not None:  # kind "error": an error event, then the end of the stream
                 yield _sse(ev.error.body())
+                yield _sse("[DONE]")
                 return
             if ev.kind == "end":
                 break
@@ -216,23 +212,29 @@ def _dashboard_html() -> str:
 
 
 def create_app(engine: Engine):
-    """The FastAPI app around an engine (the engine's worker starts and stops with the app)."""
+    """The FastAPI app around an engine (the engine's worker starts and stops with the app); `app.state.drain`
+    ends open requests in the protocol's shape at shutdown (see `run_server`)."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
 
     cfg = engine.config
+    drain = Drain(cfg.drain_timeout_s)
 
     @asynccontextmanager
     async def lifespan(app):
+        drain.loop = asyncio.get_running_loop()
         engine.start()
         yield
+        drain.end_open()
         engine.stop()
 
     app = FastAPI(title="personascope", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.drain = drain
 
     @app.exception_handler(ApiError)
     async def api_error(request, exc: ApiError):
@@ -251,7 +253,7 @@ def create_app(engine: Engine):
 
     @app.exception_handler(Exception)
     async def server_error(request, exc: Exception):
-        traceback.print_exception(exc, file=sys.stderr)
+        log.error("internal error", exc_info=exc)
         return JSONResponse(ApiError(500, f"internal error: {type(exc).__name__}", None, None, "server_error")
                             .body(), status_code=500)
 
@@ -267,7 +269,7 @@ def create_app(engine: Engine):
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", None,
                            "invalid_api_key")
 
-    async def read_json(request: Request) -> object:
+    async def read_body(request: Request) -> bytes:
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > cfg.max_body_bytes:
             raise ApiError(413, f"the request body is {length} bytes; the limit is {cfg.max_body_bytes}", None,
@@ -279,15 +281,29 @@ def create_app(engine: Engine):
                 raise ApiError(413, f"the request body exceeds the limit of {cfg.max_body_bytes} bytes", None,
                                "request_too_large")
             chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def read_request(request: Request) -> ChatRequest:
+        """The body, read within the body timeout (408 past it), decoded and validated off the event loop."""
         try:
-            body = json.loads(b"".join(chunks))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise invalid(f"the request body is not valid JSON: {e}", None, "invalid_json") from None
-        except RecursionError:
-            raise invalid(f"the request body nests deeper than {MAX_JSON_DEPTH} levels", None, "invalid_json") from None
-        if json_depth(body) > MAX_JSON_DEPTH:
-            raise invalid(f"the request body nests deeper than {MAX_JSON_DEPTH} levels", None, "invalid_json")
-        return body
+            async with asyncio.timeout(cfg.body_timeout_s):
+                raw = await read_body(request)
+        except TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {cfg.body_timeout_s:g} s", None,
+                           "request_timeout", headers={"Connection": "close"}) from None
+        except ClientDisconnect:
+            raise ApiError(400, "the client closed the connection before the whole body arrived", None,
+                           "client_closed") from None
+        ctype = request.headers.get("content-type", "application/json")
+        return await asyncio.to_thread(lambda: engine.parse(decode_body(raw, ctype)))
+
+    def unavailable() -> ApiError | None:
+        if drain.started:
+            return ApiError(503, "the server is shutting down", None, "server_shutting_down", "server_error")
+        if not engine.alive:
+            return ApiError(503, f"the engine is not running ({engine.failure or 'stopped'})", None,
+                            "engine_stopped", "server_error")
+        return None
 
     @app.get("/", response_class=HTMLResponse)
     async def dashboard():
@@ -295,9 +311,14 @@ def create_app(engine: Engine):
 
     @app.get("/health")
     async def health(request: Request):
-        """Liveness and load; the model (it may be a local path) only for an authorised caller."""
-        out = {"status": "ok", "auth": cfg.api_key is not None, "pending": engine.pending, **engine.stats}
-        return {**out, "model": engine.model_id} if authorized(request) else out
+        """Liveness and load (503 once the engine's worker is gone or the server drains); the model (it may be a
+        local path) only for an authorised caller."""
+        down = unavailable()
+        out = {"status": "ok" if down is None else "draining" if drain.started else "engine stopped",
+               "engine": engine.failure or ("running" if engine.alive else "stopped"),
+               "auth": cfg.api_key is not None, "pending": engine.pending, **engine.stats}
+        return JSONResponse({**out, "model": engine.model_id} if authorized(request) else out,
+                            status_code=200 if down is None else 503)
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -320,26 +341,50 @@ def create_app(engine: Engine):
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         authorize(request)
-        req = engine.parse(await read_json(request))
+        req = await read_request(request)
+        down = unavailable()
+        if down is not None:
+            raise down
         job = Job(req, asyncio.get_running_loop())
         engine.submit(job)
+        drain.jobs.add(job)
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         if req.stream:
-            return StreamingResponse(stream(engine, req, job, rid), media_type="text/event-stream",
+            async def events():
+                try:
+                    async for line in stream(engine, req, job, rid):
+                        yield line
+                finally:
+                    drain.jobs.discard(job)
+
+            return StreamingResponse(events(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         watcher = asyncio.create_task(cancel_on_disconnect(request, job))
         try:
             return JSONResponse(await complete(engine, req, job, rid))
         finally:
             job.cancelled = True
+            drain.jobs.discard(job)
             watcher.cancel()
 
     return app
 
 
-def run_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Serve with uvicorn until interrupted."""
+def run_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+               sock: socket.socket | None = None) -> None:
+    """Serve with uvicorn until SIGTERM/SIGINT, then drain: no new requests, open ones get `drain_timeout_s` to
+    finish and are then ended with a 503 error (JSON, or an SSE error event and [DONE]); a second signal ends
+    them at once."""
     import uvicorn
 
-    uvicorn.run(create_app(engine), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    app = create_app(engine)
+    drain: Drain = app.state.drain
 
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            drain.begin(now=self.should_exit)
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=math.ceil(engine.config.drain_timeout_s) + 5)
+    Server(config).run(sockets=[sock] if sock is not None else None)

@@ -12,12 +12,12 @@ serve with `--dtype fp32` or `--max-batch 1` when answers must be reproducible.
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
 import queue
-import sys
 import threading
 import time
-import traceback
 from collections import deque
 
 import torch
@@ -38,6 +38,8 @@ from personascope.vectors import PersonaVector
 
 from .jobs import Job, Row
 from .protocol import GREEDY_BELOW, NEUTRAL_PROMPTS, ApiError, Event, RequestParser, ServeConfig
+
+log = logging.getLogger(__name__)
 
 NON_FINITE = ("the model's output became non-finite (inf/NaN) for this request, usually from too strong steering; "
               "lower the coefficient")
@@ -69,7 +71,11 @@ class Engine(RequestParser):
         self._token_text: dict[int, str] = {}
         self._lock = threading.Lock()
         self.tok_lock = threading.Lock()  # fast tokenizers may refuse use from two threads at once
+        self.encoder = copy.deepcopy(adapter.tokenizer)  # prompts are tokenised in threads beside the decoding
+        self.encode_lock = threading.Lock()
         self.pending = 0
+        self.failure: str | None = None  # why the worker thread stopped, when it did
+        self._gathering: list[Job] = []  # the jobs the worker has taken from the queue and not yet finished
         self.stats = {"requests": 0, "batches": 0, "rows": 0, "max_batch_rows": 0, "tokens": 0, "errors": 0}
         self.baselines = self._baselines()
 
@@ -113,8 +119,14 @@ class Engine(RequestParser):
 
     # -- request parsing
 
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread is running (and so queued requests will be answered)."""
+        return self._thread is not None and self._thread.is_alive() and self.failure is None
+
     def start(self) -> None:
         if self._thread is None:
+            self.failure = None
             self._thread = threading.Thread(target=self._run, name="personascope-engine", daemon=True)
             self._thread.start()
 
@@ -126,6 +138,8 @@ class Engine(RequestParser):
 
     def submit(self, job: Job) -> None:
         with self._lock:
+            if self.failure is not None:
+                raise self._stopped_error()
             if self.pending >= self.config.max_queue:
                 raise ApiError(429, f"the server is busy ({self.pending} requests queued); retry shortly", None,
                                "server_busy", "rate_limit_error", headers={"Retry-After": "1"})
@@ -139,6 +153,7 @@ class Engine(RequestParser):
         if job is None:
             return None
         batch, rows = [job], job.request.n
+        self._gathering = batch
         deadline = time.monotonic() + self.config.batch_wait_ms / 1000
         while rows < self.config.max_batch:
             try:
@@ -155,7 +170,31 @@ class Engine(RequestParser):
             rows += nxt.request.n
         return batch
 
+    def _stopped_error(self) -> ApiError:
+        return ApiError(503, f"the engine stopped ({self.failure}); restart the server", None, "engine_stopped",
+                        "server_error")
+
     def _run(self) -> None:
+        try:
+            self._work()
+        except BaseException as e:  # the worker is gone: say so, and end every request it would have answered
+            log.exception("the engine's worker thread stopped")
+            with self._lock:
+                self.failure = f"{type(e).__name__}: {e}"
+                waiting = [*self._gathering, *self._carry]
+                while True:
+                    try:
+                        job = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if job is not None:
+                        waiting.append(job)
+                self._carry.clear()
+                self.pending = 0
+            for job in waiting:
+                job.fail(self._stopped_error())
+
+    def _work(self) -> None:
         while True:
             batch = self._next_batch()
             if batch is None:
@@ -166,7 +205,7 @@ class Engine(RequestParser):
                     self._generate(live)
             except Exception as e:  # keep serving: fail this batch's requests, not the server
                 self.stats["errors"] += 1
-                traceback.print_exc(file=sys.stderr)
+                log.exception("generation failed")
                 for j in live:
                     j.fail(ApiError(500, f"generation failed: {type(e).__name__}: {e}", None, "generation_error",
                                     "server_error"))
@@ -176,6 +215,7 @@ class Engine(RequestParser):
                 for j in batch:
                     if j.cancelled and j not in live:
                         j.emit(Event("end"))
+                self._gathering = []
 
     # -- decoding
     def decode(self, ids: list[int]) -> str:

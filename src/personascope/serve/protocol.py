@@ -15,12 +15,15 @@ from personascope.model import ChatError, ModelAdapter, check_messages
 from personascope.steering import GUARD_MODES, POSITIONS, GuardCalibration
 from personascope.vectors import PersonaVector
 
+from .wire import ApiError, integer_field, invalid, is_number, number_field
+
 MAX_TOP_LOGPROBS = 20
 MAX_STOP = 4
 GREEDY_BELOW = 1e-4  # a temperature below this decodes greedily (dividing logits by ~0 overflows)
 MAX_ALPHA = 10.0  # the largest |α| a steering entry may reach: |coef| · ‖v[l]‖ ≤ MAX_ALPHA · resid_norm[l]
 MAX_RAW_COEF = 1e4  # the largest |coef| for a vector without resid_norm
-MAX_JSON_DEPTH = 32  # deeper request bodies are refused (400) before anything walks them
+MAX_STEERING = 16  # steering entries per request
+SEED_RANGE = (-(2**63), 2**64 - 1)
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 VECTOR_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 NEUTRAL_PROMPTS = ("Hello! How are you today?", "What is the capital of France?",
@@ -28,19 +31,6 @@ NEUTRAL_PROMPTS = ("Hello! How are you today?", "What is the capital of France?"
 
 
 # ---------------------------------------------------------------- errors and config
-
-
-class ApiError(Exception):
-    """An error answered with an OpenAI-style body: {"error": {message, type, param, code}}."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str = "invalid_request_error", headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
-        self.headers = headers
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 @dataclass
@@ -55,6 +45,8 @@ class ServeConfig:
     max_body_bytes: int = 1_000_000
     max_queue: int = 256
     max_n: int = 8
+    body_timeout_s: float = 30.0  # a request body not received within this gets 408
+    drain_timeout_s: float = 10.0  # on shutdown, running requests get this long before they are ended (503)
     api_key: str | None = None
     host: str = "127.0.0.1"  # the bound address: a keyless loopback server accepts only loopback Host headers
 
@@ -122,33 +114,6 @@ class ChatRequest:
     guard: GuardItem | None = None
 
 
-def invalid(message: str, param: str | None, code: str = "invalid_value", status: int = 400) -> ApiError:
-    return ApiError(status, message, param, code)
-
-
-def number_field(body: dict, key: str, default: float, lo: float, hi: float) -> float:
-    value = body.get(key, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise invalid(f"'{key}' must be a number between {lo} and {hi}, got {value!r}", key)
-    if not lo <= value <= hi:
-        raise invalid(f"'{key}' must be between {lo} and {hi}, got {value}", key)
-    return float(value)
-
-
-def integer_field(body: dict, key: str, default: int, lo: int, hi: int | None) -> int:
-    value = body.get(key, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise invalid(f"'{key}' must be an integer, got {value!r}", key)
-    if value < lo or (hi is not None and value > hi):
-        raise invalid(f"'{key}' must be between {lo} and {hi}, got {value}" if hi is not None
-                   else f"'{key}' must be at least {lo}, got {value}", key)
-    return value
-
-
 def text_of(content: object, param: str) -> str:
     if isinstance(content, str):
         return content
@@ -188,7 +153,13 @@ class RequestParser:
     vectors: dict[str, PersonaVector]
     config: ServeConfig
     model_id: str
-    tok_lock: threading.Lock
+    encoder: object  # a tokenizer of its own for prompts (parsing runs in threads beside the engine's decoding)
+    encode_lock: threading.Lock
+
+    def encode(self, prompt_text: str) -> list[int]:
+        """Token ids of a rendered prompt, with the parser's own tokenizer (safe beside the engine's decoding)."""
+        with self.encode_lock:
+            return self.encoder(prompt_text, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
 
     def render(self, messages: object) -> str:
         """The chat prompt text for OpenAI-style messages, validated like every chat row (`developer` = system)."""
@@ -207,6 +178,37 @@ class RequestParser:
         except Exception as e:  # a template that rejects this conversation (e.g. role order)
             raise invalid(f"the model's chat template rejected the messages: {e}", "messages") from None
 
+    def _strength(self, pv: PersonaVector, name: str, key: str, value: object, layer: int, param: str) -> float:
+        """A raw coefficient from a 'coef' or 'alpha' value, refused (400) beyond |α| ≤ MAX_ALPHA (|coef| ≤
+        MAX_RAW_COEF for a vector without resid_norm)."""
+        if not is_number(value) or abs(value) > MAX_RAW_COEF:  # type: ignore[arg-type]
+            raise invalid(f"{param} must be a finite number (|x| ≤ {MAX_RAW_COEF:g}), got {value!r}", param,
+                          "invalid_coefficient")
+        coef = float(value)  # type: ignore[arg-type]
+        if key == "alpha":
+            if pv.resid_norm is None:
+                raise invalid(f"{param}: vector {name!r} has no resid_norm, so 'alpha' cannot be converted; use 'coef'",
+                              param)
+            coef = pv.coef_from_alpha(coef, layer)
+        alpha = pv.alpha_from_coef(coef, layer)
+        if alpha is not None and not (math.isfinite(alpha) and math.isfinite(coef) and abs(alpha) <= MAX_ALPHA):
+            raise invalid(f"{param} {value!r} is too strong at layer {layer}: it adds α = {alpha:.4g} times the "
+                          f"residual norm; the limit is |α| ≤ {MAX_ALPHA:g}", param, "invalid_coefficient")
+        return coef
+
+    def _add_strength(self, totals: dict[tuple[int, bool], float], pv: PersonaVector, coef: float, layer: int,
+                      param: str) -> None:
+        """Count one entry's strength at its layer; refuse (400) when a layer's summed |α| passes MAX_ALPHA (summed
+        |coef| passes MAX_RAW_COEF for vectors without resid_norm)."""
+        alpha = pv.alpha_from_coef(coef, layer)
+        key, amount, limit = ((layer, True), abs(alpha), MAX_ALPHA) if alpha is not None else \
+            ((layer, False), abs(coef), MAX_RAW_COEF)
+        totals[key] = totals.get(key, 0.0) + amount
+        if totals[key] > limit * (1 + 1e-9):
+            what = "α" if alpha is not None else "coef (vectors without resid_norm)"
+            raise invalid(f"{param}: the steering at layer {layer} adds up to Σ|{what}| = {totals[key]:.4g}; the limit "
+                          f"per layer is {limit:g}", param, "invalid_coefficient")
+
     def _layer(self, value: object, param: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise invalid(f"{param} must be an integer layer index, got {value!r}", param)
@@ -221,11 +223,13 @@ class RequestParser:
             raise invalid(f"{param}: unknown vector {value!r}; loaded vectors: {known}", param, "unknown_vector")
         return value
 
-    def _steering(self, raw: object) -> list[SteerItem]:
+    def _steering(self, raw: object, totals: dict[tuple[int, bool], float]) -> list[SteerItem]:
         if raw is None:
             return []
         if not isinstance(raw, list):
             raise invalid("'steering' must be a list of {vector, layer, coef} objects", "steering")
+        if len(raw) > MAX_STEERING:
+            raise invalid(f"'steering' has {len(raw)} entries; the limit is {MAX_STEERING}", "steering")
         items = []
         for i, s in enumerate(raw):
             p = f"steering[{i}]"
@@ -244,33 +248,20 @@ class RequestParser:
             if ("coef" in s) == ("alpha" in s):
                 raise invalid(f"{p} needs exactly one of 'coef' (raw) or 'alpha' (relative)", p)
             key = "coef" if "coef" in s else "alpha"
-            value = s[key]
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
-                    or abs(value) > MAX_RAW_COEF:
-                raise invalid(f"{p}.{key} must be a finite number (|x| ≤ {MAX_RAW_COEF:g}), got {value!r}",
-                              f"{p}.{key}", "invalid_coefficient")
-            if key == "alpha":
-                if pv.resid_norm is None:
-                    raise invalid(f"{p}: vector {name!r} has no resid_norm, so 'alpha' cannot be converted; use 'coef'",
-                               f"{p}.alpha")
-                value = pv.coef_from_alpha(float(value), layer)
-            alpha = pv.alpha_from_coef(float(value), layer)
-            if alpha is not None and not (math.isfinite(alpha) and math.isfinite(value) and abs(alpha) <= MAX_ALPHA):
-                raise invalid(f"{p}.{key} {s[key]!r} is too strong at layer {layer}: it adds α = {alpha:.4g} times the "
-                              f"residual norm; the limit is |α| ≤ {MAX_ALPHA:g}", f"{p}.{key}", "invalid_coefficient")
-            items.append(SteerItem(name, layer, float(value), positions))
+            coef = self._strength(pv, name, key, s[key], layer, f"{p}.{key}")
+            self._add_strength(totals, pv, coef, layer, f"{p}.{key}")
+            items.append(SteerItem(name, layer, coef, positions))
         return items
 
     def _number(self, raw: dict, key: str, param: str) -> float | None:
         value = raw.get(key)
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
-                or abs(value) > 1e6:
+        if not is_number(value) or abs(value) > 1e6:  # type: ignore[arg-type]
             raise invalid(f"{param}.{key} must be a finite number (|x| ≤ 1e6), got {value!r}", f"{param}.{key}")
-        return float(value)
+        return float(value)  # type: ignore[arg-type]
 
-    def _guard_item(self, raw: object) -> GuardItem | None:
+    def _guard_item(self, raw: object, totals: dict[tuple[int, bool], float]) -> GuardItem | None:
         if raw is None:
             return None
         p = "guard"
@@ -314,12 +305,9 @@ class RequestParser:
             if "coef" in raw and "alpha" in raw:
                 raise invalid(f"{p} takes 'coef' (raw) or 'alpha' (relative), not both", p)
             key = "coef" if "coef" in raw else "alpha"
-            coef = self._number(raw, key, p)
-            if key == "alpha" and coef is not None:
-                if pv.resid_norm is None:
-                    raise invalid(f"{p}: vector {name!r} has no resid_norm, so 'alpha' cannot be converted; use "
-                                  "'coef'", f"{p}.alpha")
-                coef = pv.coef_from_alpha(coef, layer)
+            if raw[key] is not None:
+                coef = self._strength(pv, name, key, raw[key], layer, f"{p}.{key}")
+                self._add_strength(totals, pv, coef, layer, f"{p}.{key}")
         return GuardItem(name, layer, mode, lo, hi, coef, positions)
 
     def _monitor(self, raw: object) -> MonitorSpec | None:
@@ -361,8 +349,9 @@ class RequestParser:
                        "unsupported_parameter")
         cfg = self.config
         key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        max_tokens = integer_field(body, key, min(cfg.default_max_tokens, cfg.max_tokens_limit), 1,
-                                   cfg.max_tokens_limit)
+        max_tokens: int | None = None
+        if body.get(key) is not None:
+            max_tokens = integer_field(body, key, 1, 1, cfg.max_tokens_limit)
         stop = body.get("stop")
         if stop is None:
             stop = []
@@ -383,22 +372,28 @@ class RequestParser:
         if not isinstance(opts, dict):
             raise invalid("'stream_options' must be an object", "stream_options")
         seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise invalid(f"'seed' must be an integer, got {seed!r}", "seed")
-        with self.tok_lock:
-            prompt_ids = self.adapter.encode_prompt(self.render(body["messages"]))
-        limit = min(cfg.max_prompt_tokens, self.adapter.context_length - max_tokens)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                                 or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
+            raise invalid(f"'seed' must be an integer from -2**63 to 2**64 - 1, got {seed!r}", "seed")
+        temperature = number_field(body, "temperature", 1.0, 0.0, 2.0)
+        top_p = number_field(body, "top_p", 1.0, 0.0, 1.0)
+        n = integer_field(body, "n", 1, 1, min(cfg.max_n, cfg.max_batch))
+        totals: dict[tuple[int, bool], float] = {}  # strength per layer: steering and guard together
+        steering = self._steering(body.get("steering"), totals)
+        guard = self._guard_item(body.get("guard"), totals)
+        monitor = self._monitor(body.get("monitor"))
+        prompt_ids = self.encode(self.render(body["messages"]))  # last: the one costly step
+        context = self.adapter.context_length
+        if max_tokens is None:  # the default answer length: what the context leaves, up to the server's default
+            max_tokens = max(1, min(cfg.default_max_tokens, cfg.max_tokens_limit, context - len(prompt_ids)))
+        limit = min(cfg.max_prompt_tokens, context - max_tokens)
         if len(prompt_ids) > limit:
-            raise invalid(f"the prompt has {len(prompt_ids)} tokens; the limit is {limit} with max_tokens={max_tokens}",
-                       "messages", "context_length_exceeded")
+            raise invalid(f"the prompt has {len(prompt_ids)} tokens; the limit is {limit} with max_tokens={max_tokens} "
+                          f"(the model's context is {context})", "messages", "context_length_exceeded")
         return ChatRequest(
-            model=model, prompt_ids=prompt_ids, max_tokens=max_tokens,
-            temperature=number_field(body, "temperature", 1.0, 0.0, 2.0),
-            top_p=number_field(body, "top_p", 1.0, 0.0, 1.0),
-            n=integer_field(body, "n", 1, 1, min(cfg.max_n, cfg.max_batch)), seed=seed, stop=stop, logprobs=logprobs,
-            top_logprobs=top, stream=stream, include_usage=bool(opts.get("include_usage")),
-            steering=self._steering(body.get("steering")), monitor=self._monitor(body.get("monitor")),
-            guard=self._guard_item(body.get("guard")),
+            model=model, prompt_ids=prompt_ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, n=n,
+            seed=seed, stop=stop, logprobs=logprobs, top_logprobs=top, stream=stream,
+            include_usage=bool(opts.get("include_usage")), steering=steering, monitor=monitor, guard=guard,
         )
 
     # -- the worker

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
@@ -132,6 +133,17 @@ class PersonaVector:
             value = self.metadata.get(key)
             if value not in (None, "") and str(value) != str(want):
                 raise bad(f"metadata {key} {value!r} does not match the tensors' {want}")
+        for key, check in (("guard", _guard_problem), ("validity", _validity_problem)):
+            raw = self.metadata.get(key)
+            if raw in (None, ""):
+                continue
+            try:
+                data = json.loads(raw) if isinstance(raw, str | bytes) else raw
+            except (ValueError, RecursionError) as e:
+                raise bad(f"metadata '{key}' is not valid JSON ({' '.join(str(e).split())[:120]})") from None
+            problem = check(data, shape[0] - 1)
+            if problem is not None:
+                raise bad(f"metadata '{key}' {problem}")
         return self
 
     def save(self, path: str | Path) -> Path:
@@ -148,6 +160,63 @@ class PersonaVector:
     def with_metadata(self, **updates) -> PersonaVector:
         meta = {**self.metadata, **{k: str(v) for k, v in updates.items()}}
         return PersonaVector(dict(self.vectors), self.resid_norm, meta, self.path)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: object) -> bool:
+    return (isinstance(x, float) and math.isfinite(x)) or (_is_int(x) and abs(x) <= 1e300)  # type: ignore[arg-type]
+
+
+def _guard_problem(data: object, n_layers: int) -> str | None:
+    """What is wrong with a guard calibration (`personascope guard calibrate`), or None."""
+    if not isinstance(data, dict):
+        return f"must be a JSON object, got {type(data).__name__}"
+    missing = [k for k in ("layer", "lo", "hi", "percentile", "n") if k not in data]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    if not _is_int(data["layer"]) or not 0 <= data["layer"] <= n_layers:
+        return f"layer {data['layer']!r} is not a layer of the vector (0..{n_layers})"
+    for k in ("lo", "hi", "percentile", "mean", "std"):
+        if k in data and not _is_number(data[k]):
+            return f"{k} {data[k]!r} is not a finite number"
+    if data["lo"] > data["hi"]:
+        return f"lo {data['lo']} is above hi {data['hi']}"
+    if not 0 <= data["percentile"] <= 100:
+        return f"percentile {data['percentile']} is not in 0..100"
+    for k in ("n", "n_questions"):
+        if k in data and not (_is_int(data[k]) and data[k] >= 0):
+            return f"{k} {data[k]!r} is not a count"
+    if "distribution" in data and not isinstance(data["distribution"], str):
+        return f"distribution {data['distribution']!r} is not a name"
+    return None
+
+
+def _validity_problem(data: object, n_layers: int) -> str | None:
+    """What is wrong with a stored validity report (ValidityReport.to_dict), or None."""
+    if not isinstance(data, dict):
+        return f"must be a JSON object, got {type(data).__name__}"
+    layers = data.get("layers")
+    if not isinstance(layers, list) or not all(_is_int(x) and 0 <= x <= n_layers for x in layers):
+        return f"layers must be a list of layer indices 0..{n_layers}"
+    for k in ("held_out_auroc", "split_half_cosine", "ladder_spearman", "label_auroc", "label_spearman"):
+        curve = data.get(k)
+        if curve is None and k not in ("held_out_auroc", "split_half_cosine"):
+            continue
+        if not isinstance(curve, list) or len(curve) != len(layers) or \
+                not all(x is None or _is_number(x) for x in curve):
+            return f"{k} must be a list of {len(layers)} numbers or nulls (one per layer)"
+    layer = data.get("layer")
+    if layer is not None and (not _is_int(layer) or layer not in layers):
+        return f"layer {layer!r} is not one of its layers"
+    counts, notes = data.get("counts", {}), data.get("notes", [])
+    if not isinstance(counts, dict) or not all(_is_int(v) for v in counts.values()):
+        return "counts must be an object of integers"
+    if not isinstance(notes, list) or not all(isinstance(x, str) for x in notes):
+        return "notes must be a list of strings"
+    return None
 
 
 PACKAGED_MODEL = "qwen2.5-coder-0.5b"  # the model a bare ready-made vector name refers to

@@ -38,17 +38,34 @@ def register(app: typer.Typer, traits_app: typer.Typer) -> None:
         max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 1024,
         max_body_bytes: Annotated[int, typer.Option(help="Largest request body accepted.")] = 1_000_000,
         max_queue: Annotated[int, typer.Option(help="Requests waiting before new ones get 429.")] = 256,
+        body_timeout_s: Annotated[float, typer.Option(
+            help="Seconds a client has to send its whole request body (then 408).")] = 30.0,
+        drain_timeout_s: Annotated[float, typer.Option(
+            help="On SIGTERM/SIGINT: seconds running requests get to finish before they are ended with an "
+                 "error (503).")] = 10.0,
     ) -> None:
         """Serve the model over an OpenAI-compatible API with persona steering, monitoring and a dashboard."""
         from personascope.vectors import VectorMismatchError, load_vector
 
-        from ...serve import VECTOR_NAME, Engine, ServeConfig, load_serving_model, run_server
+        from ...serve import (
+            VECTOR_NAME,
+            Engine,
+            ServeConfig,
+            bind_socket,
+            load_serving_model,
+            option_problem,
+            run_server,
+        )
         from .common import console, fail
 
+        options = {"max_batch": max_batch, "batch_wait_ms": batch_wait_ms, "max_tokens_limit": max_tokens_limit,
+                   "max_body_bytes": max_body_bytes, "max_queue": max_queue, "body_timeout_s": body_timeout_s,
+                   "drain_timeout_s": drain_timeout_s, "port": port}
+        for option, value in options.items():
+            problem = option_problem(option, value)
+            if problem is not None:
+                fail(f"--{option.replace('_', '-')} {problem}")
         key = api_key or os.environ.get("PERSONASCOPE_API_KEY") or None
-        if host not in ("127.0.0.1", "localhost", "::1") and key is None:
-            console.print(f"[yellow]warning:[/] binding to {host} without --api-key: anyone who can reach this "
-                          "address can use the model")
         loaded = {}
         for spec in vector or []:
             name, path = _parse_vector_spec(spec)
@@ -62,6 +79,13 @@ def register(app: typer.Typer, traits_app: typer.Typer) -> None:
             if name in loaded:
                 fail(f"two vectors are named {name!r}; use NAME=FILE to name them apart")
             loaded[name] = pv
+        try:  # before the model loads: a busy port or an unknown host is told at once
+            sock = bind_socket(host, port)
+        except OSError as e:
+            fail(f"cannot listen on {host}:{port}: {e.strerror or e}")
+        if host not in ("127.0.0.1", "localhost", "::1") and key is None:
+            console.print(f"[yellow]warning:[/] binding to {host} without --api-key: anyone who can reach this "
+                          "address can use the model")
         try:
             with console.status(f"loading {model} …"):
                 adapter = load_serving_model(model, device=device, dtype=dtype)
@@ -69,7 +93,8 @@ def register(app: typer.Typer, traits_app: typer.Typer) -> None:
             fail(f"cannot load model {model!r}: {e}")
         cfg = ServeConfig(max_batch=max_batch, batch_wait_ms=batch_wait_ms, max_tokens_limit=max_tokens_limit,
                           default_max_tokens=min(256, max_tokens_limit), max_body_bytes=max_body_bytes,
-                          max_queue=max_queue, api_key=key, host=host)
+                          max_queue=max_queue, body_timeout_s=body_timeout_s, drain_timeout_s=drain_timeout_s,
+                          api_key=key, host=host)
         try:
             engine = Engine(adapter, loaded, cfg, model_id=model)
         except VectorMismatchError as e:
@@ -78,7 +103,7 @@ def register(app: typer.Typer, traits_app: typer.Typer) -> None:
             console.print(f"vector [bold]{name}[/] ({pv.trait}, default layer {pv.default_layer()}) from {pv.path}")
         console.print(f"serving [bold]{model}[/] on http://{host}:{port}  (dashboard at /, API at /v1)"
                       + ("  [auth: bearer key]" if key else ""))
-        run_server(engine, host, port)
+        run_server(engine, host, port, sock=sock)
 
     @traits_app.command("new")
     def traits_new(
