@@ -28,6 +28,9 @@ def demo(
                                                          "the model itself.")] = None,
     device: DeviceOpt = None,
     engine: EngineOpt = "auto",
+    steer_with: Annotated[str, typer.Option(help="auto: steer with the package's ready-made vector for the model "
+                                                 "when it has one (else the fresh one); fresh: the vector just "
+                                                 "extracted.")] = "auto",
 ) -> None:
     """The main job on the embedded model: extract a vector, print its validity, then steer side by side."""
     from personascope.runtime.engines import ENGINES, vllm_available
@@ -35,9 +38,10 @@ def demo(
     from ..demo import run_demo
 
     choice(engine, ENGINES, "--engine")
+    choice(steer_with, ("auto", "fresh"), "--steer-with")
     if engine == "vllm" and not vllm_available():
         fail("--engine vllm needs vLLM; install it with: pip install 'personascope[vllm]'")
-    run_demo(trait, model, out, device, judge_model, questions, seed, engine)
+    run_demo(trait, model, out, device, judge_model, questions, seed, engine, steer_with)
 
 
 def register(app: typer.Typer) -> None:
