@@ -6,6 +6,7 @@ import math
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -28,6 +29,94 @@ JudgeUrlOpt = Annotated[str | None, typer.Option("--judge-url", help="OpenAI-com
                                                  "(--judge-model then names the API model).")]
 EngineOpt = Annotated[str, typer.Option("--engine", help="hf, vllm or auto (vLLM when installed and the job is "
                                           "big enough to repay its start-up).")]
+
+
+# ------------------------------------------------------------------ numeric options: every range declared once
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric option accepts: finite, within [lo, hi] (an open end excludes it).
+
+    Checked while the command line is parsed (`option`), so a bad value ends the command before
+    any model is loaded or any file is written.
+    """
+
+    lo: float
+    hi: float
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def describe(self) -> str:
+        def num(x: float) -> str:
+            return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+        lo = f"{num(self.lo)} <" if self.lo_open else f"{num(self.lo)} ≤"
+        hi = f"< {num(self.hi)}" if self.hi_open else f"≤ {num(self.hi)}"
+        return f"{lo} x {hi}"
+
+    def problem(self, value: float) -> str | None:
+        """Why `value` is refused (None when it is accepted)."""
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"{value!r} is not a finite number"
+        too_low = value < self.lo or (self.lo_open and value == self.lo)
+        too_high = value > self.hi or (self.hi_open and value == self.hi)
+        if too_low or too_high:
+            shown = f"{value:g}" if isinstance(value, float) else (str(value) if abs(value) < 10**12 else
+                                                                    f"a {len(str(abs(value)))}-digit number")
+            return f"{shown} is out of range; it must be {self.describe()}"
+        return None
+
+    def check(self, value: float, option: str) -> float:
+        """`value` when accepted, else a one-line error naming `option` (exit 2)."""
+        why = self.problem(value)
+        if why is not None:
+            fail(f"{option}: {why}")
+        return value
+
+    def callback(self, ctx: typer.Context, param: typer.CallbackParam, value: Any) -> Any:
+        """Click callback: refuse a parsed value outside the range (None, an unset option, passes)."""
+        for v in value if isinstance(value, list | tuple) else [value]:
+            why = None if v is None else self.problem(v)
+            if why is not None:
+                raise typer.BadParameter(why, ctx=ctx, param=param)
+        return value
+
+    def option(self, help: str | None = None, *decls: str, **kw: Any) -> Any:
+        """A typer.Option checked against this range (the range is shown in --help)."""
+        text = f"{help + ' ' if help else ''}[{self.describe()}]"
+        return typer.Option(*decls, help=text, callback=self.callback, **kw)
+
+
+MAX_SEED = 2**32 - 1
+COUNT = Range(1, 1_000_000)  # rows, questions drawn from a pool, steps: at least one
+SAMPLES = Range(1, 10_000)
+QUESTIONS = Range(1, 20)  # a trait has 20 extraction and 20 evaluation questions
+NEW_TOKENS = Range(1, 32_768)
+TEMPERATURE = Range(0, 5)  # 0 decodes greedily
+TOP_P = Range(0, 1, lo_open=True)
+BATCH = Range(1, 4_096)
+SEED = Range(0, MAX_SEED)
+SCORE = Range(0, 100)  # judge scores and thresholds on them
+LAYER = Range(0, 1_000)  # checked against the model once it is loaded
+COEF = Range(-1_000, 1_000)  # raw steering coefficient
+ALPHA = Range(-10, 10)  # relative coefficient, as the server's limit
+PROJECTION = Range(-1e6, 1e6)  # thresholds on projections and ΔP
+PERCENT = Range(0, 100)
+WORKERS = Range(1, 1_024)
+ATTEMPTS = Range(1, 100)
+EPOCHS = Range(1, 1_000)
+LR = Range(0, 1, lo_open=True)  # a learning rate
+CONTEXT = Range(1, 1_048_576)  # a token length limit
+GPUS = Range(0, 64, lo_open=True)
+
+
+def ranged(values: list[int] | list[float], rng: Range, option: str) -> Any:
+    """`values` when every one is in `rng`, else a one-line error naming `option`."""
+    for v in values:
+        rng.check(v, option)
+    return values
+
 
 
 
@@ -137,8 +226,9 @@ def load_judge(judge_model: str, judge_mode: str | None, device: str | None, jud
         fail(str(e))
 
 
-def floats(values: list[str] | str | float | None, option: str = "--coef") -> list[float]:
-    """Finite numbers from repeated and/or comma-separated option values; anything else is a one-line error."""
+def floats(values: list[str] | str | float | None, option: str = "--coef", rng: Range | None = None) -> list[float]:
+    """Finite numbers (within `rng` when given) from repeated and/or comma-separated option values; anything else
+    is a one-line error."""
     if isinstance(values, str | int | float):
         values = [str(values)]
     out = []
@@ -152,12 +242,15 @@ def floats(values: list[str] | str | float | None, option: str = "--coef") -> li
                 fail(f"{option} {x.strip()!r} is not a number")
             if not math.isfinite(value):
                 fail(f"{option} {x.strip()!r} must be a finite number")
+            if rng is not None:
+                rng.check(value, option)
             out.append(value)
     return out
 
 
-def ints(values: list[str] | str | None, option: str = "--layer") -> list[int]:
-    """Whole numbers (e.g. layer indices) from repeated and/or comma-separated values; '1.7' is refused."""
+def ints(values: list[str] | str | None, option: str = "--layer", rng: Range | None = None) -> list[int]:
+    """Whole numbers (e.g. layer indices; within `rng` when given) from repeated and/or comma-separated values;
+    '1.7' is refused."""
     if isinstance(values, str):
         values = [values]
     out = []
@@ -166,9 +259,12 @@ def ints(values: list[str] | str | None, option: str = "--layer") -> list[int]:
             if not x.strip():
                 continue
             try:
-                out.append(int(x.strip()))
+                value = int(x.strip())
             except ValueError:
                 fail(f"{option} {x.strip()!r} is not a whole number")
+            if rng is not None:
+                rng.check(value, option)
+            out.append(value)
     return out
 
 
