@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import sys
@@ -141,7 +142,23 @@ def is_user_error(e: BaseException) -> bool:
 
     if os.environ.get("PERSONASCOPE_DEBUG") == "1":
         return False
-    return isinstance(e, ValueError | FileNotFoundError | IsADirectoryError | ModelNotFoundError | TraitGenError)
+    if isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS:  # a read-only folder, a full disk, …
+        return True
+    return isinstance(e, ValueError | FileNotFoundError | IsADirectoryError | ModelNotFoundError | TraitGenError
+                      | RecursionError)
+
+
+# what the machine, not the program, gets wrong when writing or reading a run: shown as one line
+ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR,
+                      errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP, errno.ENOENT, errno.EFBIG,
+                      errno.EMFILE, errno.EXDEV}
+
+
+def error_text(e: BaseException) -> str:
+    """One line for a user's or the machine's error (a bare RecursionError says what it means)."""
+    if isinstance(e, RecursionError):
+        return "a JSON value is nested too deeply to read (RecursionError)"
+    return str(e) or type(e).__name__
 
 
 if TYPE_CHECKING:
@@ -163,7 +180,7 @@ class CliGroup(TyperGroup):
         except Exception as e:
             if not is_user_error(e):
                 raise
-            fail(str(e) or type(e).__name__)
+            fail(error_text(e))
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, windows_expand_args: bool = True, **extra: Any) -> Any:
@@ -193,9 +210,15 @@ def load_adapter(model: str, device: str | None, option: str = "--model"):
     try:
         with console.status(f"loading {model} …"):
             m, tok = load_model(model, device=device)
-    except (ModelNotFoundError, OSError, ValueError, KeyError, ImportError) as e:
-        fail(f"{option} {model!r}: cannot load the model ({first_line(e)})")
-    return ModelAdapter(m, tok)
+            adapter = ModelAdapter(m, tok)
+    except Exception as e:  # a folder without a tokenizer, a broken config, …: whatever it is, say which model
+        if os.environ.get("PERSONASCOPE_DEBUG") == "1" and not isinstance(e, ModelNotFoundError):
+            raise
+        fail(f"{option} {model!r}: cannot load the model ({type(e).__name__}: {first_line(e)})")
+    if not adapter.tokenizer("Hello, world.", add_special_tokens=False)["input_ids"]:
+        fail(f"{option} {model!r}: its tokenizer turns text into no tokens (does the folder lack the tokenizer "
+             "files?)")
+    return adapter
 
 
 def first_line(e: BaseException) -> str:
