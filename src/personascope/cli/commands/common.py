@@ -137,6 +137,7 @@ def is_user_error(e: BaseException) -> bool:
 
     Set PERSONASCOPE_DEBUG=1 to see the traceback of a ValueError anyway.
     """
+    from personascope.judges import JudgeAPIError
     from personascope.model import ModelNotFoundError
     from personascope.traits import TraitGenError
 
@@ -145,7 +146,7 @@ def is_user_error(e: BaseException) -> bool:
     if isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS:  # a read-only folder, a full disk, …
         return True
     return isinstance(e, ValueError | FileNotFoundError | IsADirectoryError | ModelNotFoundError | TraitGenError
-                      | RecursionError)
+                      | RecursionError | JudgeAPIError)
 
 
 # what the machine, not the program, gets wrong when writing or reading a run: shown as one line
@@ -207,6 +208,7 @@ def load_adapter(model: str, device: str | None, option: str = "--model"):
     """Load a model (showing a status line) as a ModelAdapter; a model that cannot be loaded is one line."""
     from personascope.model import ModelAdapter, ModelNotFoundError, load_model
 
+    base = adapter_base(model, option)
     try:
         with console.status(f"loading {model} …"):
             m, tok = load_model(model, device=device)
@@ -218,7 +220,26 @@ def load_adapter(model: str, device: str | None, option: str = "--model"):
     if not adapter.tokenizer("Hello, world.", add_special_tokens=False)["input_ids"]:
         fail(f"{option} {model!r}: its tokenizer turns text into no tokens (does the folder lack the tokenizer "
              "files?)")
+    if base is not None:
+        console.print(f"loaded the adapter {model} on its base model {base}", highlight=False)
     return adapter
+
+
+def adapter_base(model: str, option: str = "--model") -> str | None:
+    """The base model of a PEFT adapter folder (None for a plain model); a base that is not there is one line."""
+    from personascope.model import BUILTIN_MODELS, adapter_base_name, is_adapter_dir
+
+    if not is_adapter_dir(model):
+        return None
+    try:
+        base = adapter_base_name(model)
+    except (ValueError, OSError) as e:
+        fail(f"{option} {model!r}: cannot read the adapter's base model ({first_line(e)})")
+    hub_allowed = os.environ.get("PERSONASCOPE_ALLOW_DOWNLOAD") == "1" and not base.startswith((".", "/", "~"))
+    if base not in BUILTIN_MODELS and not Path(base).exists() and not hub_allowed:
+        fail(f"{option} {model!r} is an adapter on the base model {base!r}, which is not there (from "
+             f"{Path.cwd()}); pass the base explicitly or put it back")
+    return base
 
 
 def first_line(e: BaseException) -> str:

@@ -13,8 +13,10 @@ def _read_ladder(path: Path) -> list[str]:
 
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         fail(f"{path}: cannot read the ladder ({e})")
+    except RecursionError:
+        fail(f"{path}: cannot read the ladder (JSON nested too deeply)")
     if isinstance(data, dict):
         data = data.get("ladder")
     if not isinstance(data, list) or len(data) < 2 or not all(isinstance(s, str) and s.strip() for s in data):
