@@ -319,6 +319,17 @@ def finite_number(ctx: typer.Context, param: typer.CallbackParam, value: float |
     return value
 
 
+def check_out_dir(out: Path | None, force: bool = False, option: str = "--out") -> None:
+    """Refuse, before any model is loaded, an output folder that is a file or (with --force) a symbolic link."""
+    if out is None:
+        return
+    if out.exists() and not out.is_dir():
+        fail(f"{option} {out} is a file, not a folder; choose another {option}")
+    if force and out.is_symlink():
+        fail(f"{option} {out} is a symbolic link; --force does not delete what it points to: name the folder "
+             f"itself ({out.resolve()})")
+
+
 def choice(value: str, allowed: Any, option: str) -> str:
     """`value` if it is one of `allowed`, else a one-line error listing them."""
     if value not in allowed:

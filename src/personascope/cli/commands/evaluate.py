@@ -28,6 +28,7 @@ from .common import (
     alpha_to_coef,
     check_judge_mode,
     check_layers,
+    check_out_dir,
     choice,
     console,
     fail,
@@ -83,6 +84,7 @@ def evaluate(
     # every option is checked before a model is loaded or anything generated
     choice(profile, EVAL_PROFILES, "--profile")
     choice(positions, POSITIONS, "--positions")
+    check_out_dir(out, force)
     check_judge_mode(judge_mode)
     layer_values = ints(layer, "--layer", LAYER)
     coef_values, alpha_values = floats(coef, "--coef", COEF), floats(alpha, "--alpha", ALPHA)

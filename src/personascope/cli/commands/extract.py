@@ -28,6 +28,7 @@ from .common import (
     ModelOpt,
     ProfileOpt,
     check_judge_mode,
+    check_out_dir,
     choice,
     fail,
     load_trait_or_fail,
@@ -70,6 +71,7 @@ def extract(
     from personascope.vectors import profile as make_profile
 
     t = load_trait_or_fail(trait)
+    check_out_dir(out, force)
     check_judge_mode(judge_mode)
     choice(engine, ENGINES, "--engine")
     if engine == "vllm" and (ray is not None or workers is not None):

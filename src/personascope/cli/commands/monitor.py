@@ -90,6 +90,7 @@ def register(app: typer.Typer) -> None:
 
         from ..printing import print_monitor_result
         from .common import (
+            check_out_dir,
             fail,
             ints,
             load_adapter,
@@ -101,6 +102,7 @@ def register(app: typer.Typer) -> None:
         if profile not in MONITOR_PROFILES:
             fail(f"unknown profile {profile!r}; choose from {', '.join(MONITOR_PROFILES)}")
         t = load_trait_or_fail(trait)
+        check_out_dir(out, force)
         exps = tuple(x.strip() for x in experiments.split(",") if x.strip())
         if not exps or set(exps) - {"system", "shots"}:
             fail(f"--experiments takes system, shots or both, got {experiments!r}")

@@ -67,7 +67,7 @@ def register(app: typer.Typer) -> None:
         from personascope.screen import METHODS, ScreenConfig, screen_dataset
 
         from ..printing import print_screen_result
-        from .common import console, fail, load_vector_for
+        from .common import check_out_dir, console, fail, load_vector_for
 
         if method not in METHODS:
             fail(f"unknown --method {method!r}; choose from {', '.join(METHODS)}")
@@ -75,6 +75,7 @@ def register(app: typer.Typer) -> None:
             fail("--filter-by must be delta_p, judge or any")
         if filter_by != "delta_p" and not judge:
             fail(f"--filter-by {filter_by} needs --judge")
+        check_out_dir(out, force)
         if threshold is not None and percentile is not None:
             fail("give --threshold or --percentile, not both")
         for p in [data, *([reference] if reference else [])]:
