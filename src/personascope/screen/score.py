@@ -149,8 +149,9 @@ def read_rows(path: str | Path) -> Iterator[Row | BadRow]:
                     yield parse_record({k: v for k, v in rec.items() if v is not None}, start)
                 start = reader.line_num + 1
         return
-    for rec in iter_json_lines(path, MAX_ROW_BYTES):  # the reader finetune uses too (BOM, U+2028, U+0085)
-        yield BadRow(rec.line, rec.error) if rec.error is not None else parse_record(rec.value, rec.line, rec.text)
+    for line in iter_json_lines(path, MAX_ROW_BYTES):  # the reader finetune uses too (BOM, U+2028, U+0085)
+        yield BadRow(line.line, line.error) if line.error is not None else parse_record(line.value, line.line,
+                                                                                         line.text)
 
 
 def count_rows(path: str | Path) -> int:

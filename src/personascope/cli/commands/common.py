@@ -80,7 +80,7 @@ class Range:
         for v in value if isinstance(value, list | tuple) else [value]:
             why = None if v is None else self.problem(v)
             if why is not None:
-                raise typer.BadParameter(why, ctx=ctx, param=param)
+                raise typer.BadParameter(why, ctx=ctx, param=param)  # type: ignore[arg-type]
         return value
 
     def option(self, help: str | None = None, *decls: str, **kw: Any) -> Any:
