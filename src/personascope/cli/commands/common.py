@@ -59,7 +59,7 @@ class Range:
     def problem(self, value: float) -> str | None:
         """Why `value` is refused (None when it is accepted)."""
         if isinstance(value, float) and not math.isfinite(value):
-            return f"{value!r} is not a finite number"
+            return f"{value!r} must be a finite number"
         too_low = value < self.lo or (self.lo_open and value == self.lo)
         too_high = value > self.hi or (self.hi_open and value == self.hi)
         if too_low or too_high:
