@@ -45,3 +45,10 @@ def test_json_nested_too_deeply_is_one_error(tmp_path):
         load_chat_jsonl(path)
     (bad,) = read_rows(path)
     assert isinstance(bad, BadRow) and "nested too deeply" in bad.error
+
+
+def test_a_csv_with_a_bom_keeps_its_prompt_column(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_bytes(b"\xef\xbb\xbfprompt,response\nHi?,Hello.\n")
+    (row,) = read_rows(path)
+    assert isinstance(row, Row) and row.response == "Hello."

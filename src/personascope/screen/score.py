@@ -117,7 +117,7 @@ def is_csv(path: Path) -> bool:
 
 def csv_fields(path: Path) -> list[str]:
     """The header of a CSV file; raises ValueError when it lacks the prompt/response columns."""
-    with Path(path).open(newline="", encoding="utf-8", errors="replace") as f:
+    with Path(path).open(newline="", encoding="utf-8-sig", errors="replace") as f:
         header = next(csv.reader(f, delimiter="\t" if Path(path).suffix.lower() == ".tsv" else ","), [])
     if not any(k in header for k in PROMPT_KEYS) or not any(k in header for k in RESPONSE_KEYS):
         raise ValueError(f"{path}: a CSV needs a prompt column ({'/'.join(PROMPT_KEYS)}) and a response column "
@@ -136,7 +136,7 @@ def read_rows(path: str | Path) -> Iterator[Row | BadRow]:
     path = Path(path)
     if is_csv(path):
         csv_fields(path)
-        with path.open(newline="", encoding="utf-8", errors="replace") as f:
+        with path.open(newline="", encoding="utf-8-sig", errors="replace") as f:
             reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
             start = 2
             for rec in reader:
