@@ -105,3 +105,13 @@ def test_an_adapter_whose_base_is_missing_is_refused(tmp_path):
                                                              "peft_type": "LORA"}))
     line = _error(["choose-layer", "evil", "--model", adapter, "--vector", tmp_path / "v.safetensors"])
     assert "adapter" in line and "'./tiny'" in line and "not there" in line
+
+
+@pytest.mark.parametrize("validity", ["{not json", "[1, 2]", '{"layer": "x"}'])
+def test_vector_info_on_bad_validity_metadata_names_the_field(files, tmp_path, validity):
+    from personascope.vectors.file import load_vector
+
+    pv = load_vector(files / "v.safetensors").with_metadata(validity=validity)
+    pv.save(tmp_path / "bad.safetensors")
+    line = _error(["vector", "info", tmp_path / "bad.safetensors"])
+    assert "bad.safetensors" in line and "'validity'" in line
