@@ -135,3 +135,13 @@ def test_a_paper_pt_vector_refuses_its_post_norm_last_row(tmp_path, caplog):
     saved = pv.save(tmp_path / "evil.safetensors")  # the mark travels with the vector
     with pytest.raises(ValueError, match="final norm"):
         load_vector(saved).vector(3)
+
+
+def test_a_weightless_driver_model_records_no_guessed_dtype():
+    from personascope.vectors.file import compute_dtype
+
+    model, tok = tiny_pair("qwen2")
+    assert compute_dtype(ModelAdapter(model, tok)) == "float32"
+    with torch.device("meta"):
+        meta = type(model)(model.config)
+    assert compute_dtype(ModelAdapter(meta, tok)) == "unknown"

@@ -333,9 +333,15 @@ def load_vector(path: str | Path, trait: str | None = None, model: str | None = 
 
 
 def compute_dtype(adapter: ModelAdapter) -> str:
-    """The dtype the model computes in ("bfloat16", "float32", …): answers and activations depend on it."""
-    dtype = getattr(getattr(adapter, "model", None), "dtype", None)
-    return str(dtype).removeprefix("torch.") if dtype is not None else "unknown"
+    """The dtype the model computes in ("bfloat16", "float32", …): answers and activations depend on it.
+
+    "unknown" for a weightless stand-in (a cluster's driver: the actors hold the weights)."""
+    model = getattr(adapter, "model", None)
+    dtype = getattr(model, "dtype", None)
+    device = getattr(model, "device", None)
+    if dtype is None or getattr(device, "type", None) == "meta":
+        return "unknown"
+    return str(dtype).removeprefix("torch.")
 
 
 def base_metadata(adapter: ModelAdapter, trait: str, **extra) -> dict[str, str]:
