@@ -115,3 +115,17 @@ def test_vector_info_on_bad_validity_metadata_names_the_field(files, tmp_path, v
     pv.save(tmp_path / "bad.safetensors")
     line = _error(["vector", "info", tmp_path / "bad.safetensors"])
     assert "bad.safetensors" in line and "'validity'" in line
+
+
+def test_an_adapter_says_which_base_it_loaded(files, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = tiny_pair("qwen2")
+    peft = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    peft.peft_config["default"].base_model_name_or_path = str(files / "model")
+    peft.save_pretrained(tmp_path / "adapter")
+    res = CliRunner().invoke(app, ["choose-layer", "evil", "--model", str(tmp_path / "adapter"), "--vector",
+                                   str(tmp_path / "missing.safetensors"), "--device", "cpu"])
+    assert res.exit_code == 2, res.output
+    assert f"loaded the adapter {tmp_path / 'adapter'} on its base model {files / 'model'}\n" in res.stdout
+    assert "missing.safetensors" in res.stdout

@@ -221,7 +221,7 @@ def load_adapter(model: str, device: str | None, option: str = "--model"):
         fail(f"{option} {model!r}: its tokenizer turns text into no tokens (does the folder lack the tokenizer "
              "files?)")
     if base is not None:
-        console.print(f"loaded the adapter {model} on its base model {base}", highlight=False)
+        console.print(f"loaded the adapter {model} on its base model {base}", highlight=False, soft_wrap=True)
     return adapter
 
 
