@@ -129,3 +129,48 @@ def test_an_adapter_says_which_base_it_loaded(files, tmp_path):
     assert res.exit_code == 2, res.output
     assert f"loaded the adapter {tmp_path / 'adapter'} on its base model {files / 'model'}\n" in res.stdout
     assert "missing.safetensors" in res.stdout
+
+
+@pytest.fixture(scope="module")
+def api_judge():
+    """An OpenAI-compatible judge that scores every answer 42 (a one-token answer with top logprobs)."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+    from servers import ThreadServer
+
+    web = FastAPI()
+
+    @web.post("/v1/chat/completions")
+    async def chat():
+        entry = {"token": "42", "logprob": 0.0, "bytes": None}
+        return JSONResponse({"id": "c", "object": "chat.completion", "created": 0, "model": "m", "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "42"}, "finish_reason": "length",
+             "logprobs": {"content": [{**entry, "top_logprobs": [entry]}]}}]})
+
+    with ThreadServer(web) as srv:
+        yield srv.url + "/v1"
+
+
+def test_extract_records_the_dtype_prints_departures_and_refuses_another_dtype(files, tmp_path, api_judge):
+    """A run made in bfloat16 elsewhere is not resumed in float32 here: one line naming both, --force starts over."""
+    out = tmp_path / "run"
+    args = ["extract", "optimistic", "--model", files / "model", "--judge-url", api_judge, "--judge-model", "m",
+            "--out", out, "--questions", "1", "--samples", "1", "--max-new-tokens", "3", "--filter", "none",
+            "--device", "cpu", "--engine", "hf"]
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "departs from the paper: negative instructions name the opposite persona" in text
+    assert "departs from the paper: coherence is judged with personascope's own rubric wording" in text
+    settings = json.loads((out / "settings.json").read_text())
+    made = settings["dtype"]  # bfloat16 or float32, as the CPU runs it fast
+    assert made in ("bfloat16", "float32") and f"compute dtype: {made}" in text
+    from personascope.vectors.file import load_vector
+
+    assert load_vector(out / "vector.safetensors").metadata["dtype"] == made
+    other = "float32" if made == "bfloat16" else "bfloat16"
+    (out / "settings.json").write_text(json.dumps({**settings, "dtype": other}))
+    line = _error(args)
+    assert f"dtype: '{other}' -> '{made}'" in line and "--force" in line
+    res = CliRunner().invoke(app, [str(a) for a in [*args, "--force"]])
+    assert res.exit_code == 0, res.output
