@@ -57,7 +57,7 @@ def test_choose_layer_bad_trait_file(files):
 
 
 @pytest.mark.parametrize(("layers", "expect"), [("a,b", "'a'"), ("1,x", "'x'"), (",", "at least one"),
-                                                ("9", "layer 9 is out of range"), ("-1", "layer -1")])
+                                                ("9", "layer 9 is out of range"), ("-1", "-1 is out of range")])
 def test_choose_layer_bad_layers(files, layers, expect):
     line = _error(["choose-layer", "evil", "--model", str(files / "model"), "--vector", str(files / "v.safetensors"),
                    "--layers", layers, "--device", "cpu"])

@@ -14,7 +14,13 @@ from fastapi.responses import JSONResponse
 from servers import ThreadServer
 from tiny import markov_model, tiny_tokenizer
 
-from personascope.judges.api import OpenAIJudge, integer_distribution_from_top, make_judge, score_from_top
+from personascope.judges.api import (
+    JudgeAPIError,
+    OpenAIJudge,
+    integer_distribution_from_top,
+    make_judge,
+    score_from_top,
+)
 from personascope.judges.local import JudgeRequest
 from personascope.judges.scoring import ScoreCache, judge_answers
 from personascope.model.adapter import ModelAdapter
@@ -133,14 +139,47 @@ def test_gives_up_after_max_retries_and_does_not_retry_client_errors():
     app, state = flaky_app([503] * 10)
     with ThreadServer(app) as srv:
         judge = OpenAIJudge(srv.url + "/v1", "m", max_retries=2, backoff=0.01)
-        with pytest.raises(openai.InternalServerError):
+        with pytest.raises(JudgeAPIError, match=r"judge endpoint http://.*/v1 .*after 3 tries: HTTP 503") as e:
             judge.score([REQ])
+        assert isinstance(e.value.__cause__, openai.InternalServerError)
         assert state["calls"] == 3
     app, state = flaky_app([400])
     with ThreadServer(app) as srv:
-        with pytest.raises(openai.BadRequestError):
+        with pytest.raises(JudgeAPIError, match=r"\(not retried\): HTTP 400") as e:
             OpenAIJudge(srv.url + "/v1", "m", backoff=0.01).score([REQ])
+        assert isinstance(e.value.__cause__, openai.BadRequestError)
         assert state["calls"] == 1
+
+
+def test_retry_budget_bounds_the_waiting():
+    """A server that keeps answering 429 with a long Retry-After is given up on once the budget is spent."""
+    app, state = flaky_app([429] * 50)
+    with ThreadServer(app) as srv:
+        judge = OpenAIJudge(srv.url + "/v1", "m", max_retries=50, backoff=0.2, max_backoff=0.2, budget_s=0.5)
+        judge._wait = lambda attempt, error: 0.2  # type: ignore[method-assign]
+        t = time.monotonic()
+        with pytest.raises(JudgeAPIError, match="HTTP 429"):
+            judge.score([REQ])
+    assert state["calls"] == 3 and time.monotonic() - t < 5  # waits of 0.2 + 0.2; a third would pass 0.5
+
+
+def test_an_endpoint_without_logprobs_is_one_cli_line(tmp_path):
+    """A judge endpoint that answers without logprobs ends `evaluate` in one line naming the endpoint."""
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat():
+        body = completion([("42", 0.9)])
+        body["choices"][0]["logprobs"] = None
+        return JSONResponse(body)
+
+    with ThreadServer(app) as srv:
+        judge = OpenAIJudge(srv.url + "/v1", "m")
+        with pytest.raises(JudgeAPIError, match="returned no logprobs"):
+            judge.score([REQ])
+    from personascope.cli.commands.common import is_user_error
+
+    assert is_user_error(JudgeAPIError("x"))
 
 
 def test_exponential_backoff_waits():

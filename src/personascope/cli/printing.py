@@ -188,6 +188,8 @@ def print_summary(summary: dict) -> None:
         console.print(f"  departs from the paper: {d}")
     console.print(f"judge: {summary['judge']} ({summary['judge_modes']['trait']} / "
                   f"{summary['judge_modes']['coherence']})")
+    if summary.get("dtype"):
+        console.print(f"compute dtype: {summary['dtype']} (a resume must use the same)")
     console.print(f"vector: [bold]{summary['vector']}")
 
 

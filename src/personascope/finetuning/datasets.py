@@ -28,6 +28,7 @@ from personascope.judges import Judge, ScoreCache, judge_answers
 from personascope.model import DatasetError, ModelAdapter, SamplingConfig, run_generation
 from personascope.traits import Trait
 from personascope.util import JsonlStore, bind_run, fingerprint, write_json
+from personascope.vectors import compute_dtype
 
 log = logging.getLogger(__name__)
 
@@ -210,8 +211,9 @@ def make_dataset(
     work = Path(work_dir) if work_dir is not None else work_dir_for(out)
     samp = cfg.sampling
     bind_run(work, {
-        "model": adapter.name, "config_hash": adapter.config_hash, "trait": trait.name,
-        "instructions": fingerprint(trait.instructions), "samples": samp.samples, "seed": samp.seed,
+        "model": adapter.name, "config_hash": adapter.config_hash, "dtype": compute_dtype(adapter),
+        "trait": trait.name, "instructions": fingerprint(trait.instructions), "samples": samp.samples,
+        "seed": samp.seed,
         "temperature": samp.temperature, "top_p": samp.top_p, "max_new_tokens": samp.max_new_tokens,
         "judge": None if judge is None else judge.name,
         "judge_mode": None if judge is None else judge.describe_mode("trait", trait),

@@ -81,7 +81,24 @@ def profile(name: str, **overrides) -> FinetuneConfig:
     """A named profile with some fields overridden (None values are ignored)."""
     if name not in PROFILES:
         raise ValueError(f"unknown finetuning profile {name!r}; choose from {', '.join(PROFILES)}")
-    return replace(PROFILES[name], **{k: v for k, v in overrides.items() if v is not None})
+    cfg = replace(PROFILES[name], **{k: v for k, v in overrides.items() if v is not None})
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: FinetuneConfig) -> None:
+    """Raise ValueError naming the first setting that would train nothing or crash mid-run (NaN included)."""
+    whole = {"r": cfg.r, "alpha": cfg.alpha, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+             "grad_accum": cfg.grad_accum, "max_len": cfg.max_len}
+    for name, v in whole.items():
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a whole number ≥ 1, got {v!r}")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise ValueError(f"max_steps must be ≥ 1, got {cfg.max_steps}")
+    if not (math.isfinite(cfg.lr) and 0 < cfg.lr <= 1):
+        raise ValueError(f"lr must be a number in (0, 1], got {cfg.lr!r}")
+    if not 0 <= cfg.seed < 2**32:
+        raise ValueError(f"seed must be in 0..{2**32 - 1}, got {cfg.seed}")
 
 
 # ------------------------------------------------------------------------- preventative steering
@@ -133,6 +150,17 @@ class FinetuneResult:
     resumed_from: str | None = None
     reused: bool = False
     model: object | None = field(default=None, repr=False)
+
+
+def stored_base(base_name: str) -> str:
+    """The base model as an adapter records it: a built-in's loadable folder, a local folder's absolute path
+    (so the adapter loads from any working directory), else the hub name as given."""
+    from personascope.model import BUILTIN_MODELS, resolve_model_path
+
+    if base_name in BUILTIN_MODELS:
+        return base_name
+    path = Path(resolve_model_path(base_name))
+    return str(path.resolve()) if path.exists() else base_name
 
 
 def _sha256(path: Path) -> str:
@@ -204,7 +232,8 @@ def finetune(
     data, out_dir = Path(data), Path(out_dir)
     rows = load_chat_jsonl(data)
     base_name = base_name or adapter.name
-    fingerprint = {"data_sha256": _sha256(data), "config": asdict(cfg), "base_model": base_name,
+    check_config(cfg)
+    fingerprint = {"data_sha256": _sha256(data), "config": asdict(cfg), "base_model": stored_base(base_name),
                    "steering": steering.describe() if steering else None}
     meta_path = out_dir / META_FILE
     if meta_path.exists() and not force:
@@ -259,10 +288,10 @@ def finetune(
             trainer.train(resume_from_checkpoint=last)
         seconds = time.perf_counter() - start
         losses = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
-        # PEFT's own field gets a loadable path (the dequantised built-in); our record keeps the short name
-        base_path = resolve_model_path(base_name)
-        peft_model.peft_config["default"].base_model_name_or_path = base_path if Path(base_path).exists() \
-            else base_name
+        # PEFT's own field gets a loadable absolute path (the dequantised built-in); our record the short name
+        base_path = Path(resolve_model_path(base_name))
+        peft_model.peft_config["default"].base_model_name_or_path = (str(base_path.resolve()) if base_path.exists()
+                                                                      else base_name)
         peft_model.save_pretrained(str(out_dir), save_embedding_layers=False)
         adapter.tokenizer.save_pretrained(str(out_dir))
         result = FinetuneResult(out_dir, trainer.state.global_step, losses, seconds, len(items), n_tokens, last)

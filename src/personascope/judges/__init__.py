@@ -1,6 +1,6 @@
 """Judges scoring answers 0-100 for a trait and for coherence (logprob, digits, API, probe), and their quality."""
 
-from .api import make_judge
+from .api import JudgeAPIError, make_judge
 from .fluency import (
     FLUENCY_FEATURES,
     Fluency,
@@ -29,7 +29,8 @@ from .scoring import ScoreCache, judge_answers
 __all__ = [
     "answer_nll", "compare_modes", "DEFAULT_COHERENCE_MODE", "DEFAULT_TRAIT_MODE", "fit_heads", "Fluency",
     "FLUENCY_FEATURES", "fluency_of", "FluencyModel", "fluent_share", "HELDOUT_FROM", "Judge", "judge_answers",
-    "JudgeEvalResult", "JudgeRequest", "labelled_set", "LabelledAnswer", "level_score", "load_local_judge",
+    "JudgeAPIError", "JudgeEvalResult", "JudgeRequest", "labelled_set", "LabelledAnswer", "level_score",
+    "load_local_judge",
     "load_probe_judge", "load_real_set", "load_written_set", "LocalJudge", "make_judge", "plot_reliability",
     "probe_weights_path", "ProbeFeatures", "ProbeJudge", "ProbeWeights", "score_fluency", "ScoreCache",
     "text_features", "TRAIT_MODES",

@@ -4,7 +4,8 @@
 the probability-weighted mean over the tokens that are integers 0..100; the score
 is missing when less than 0.25 of the probability sits on integers. Requests run in a thread pool
 (`concurrency`), and 408/409/429/5xx answers, timeouts and dropped connections are retried with
-exponential backoff (the SDK's own retries are off, so the count and the waits are ours).
+exponential backoff (the SDK's own retries are off, so the count and the waits are ours) within a
+bounded number of tries and seconds of waiting; then JudgeAPIError names the endpoint.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from .local import MASS_THRESHOLD, Judge, JudgeRequest, expected_score
 
 RETRY_STATUS = {408, 409, 429}
 API_MODE = "api_0_100"
+
+
+class JudgeAPIError(RuntimeError):
+    """An API judge that cannot score: the endpoint failed past the retry budget, or it gives no logprobs."""
 
 
 def integer_distribution_from_top(top: Sequence[tuple[str, float]]) -> dict[int, float]:
@@ -41,7 +46,8 @@ class OpenAIJudge(Judge):
     """Scores trait and coherence with an API model's next-token distribution (mode 'api_0_100')."""
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8,
-                 max_retries: int = 5, timeout: float = 60.0, backoff: float = 1.0, max_backoff: float = 30.0):
+                 max_retries: int = 5, timeout: float = 60.0, backoff: float = 1.0, max_backoff: float = 30.0,
+                 budget_s: float = 300.0):
         import openai
 
         self.base_url = base_url
@@ -51,6 +57,7 @@ class OpenAIJudge(Judge):
         self.max_retries = max_retries
         self.backoff = backoff
         self.max_backoff = max_backoff
+        self.budget_s = budget_s  # the most seconds one request may spend waiting between its tries
         # local servers (vLLM, `personascope serve`) often need no key, but the SDK insists on one
         key = os.environ.get(api_key_env) or "no-key"
         self.client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=timeout)
@@ -69,8 +76,8 @@ class OpenAIJudge(Judge):
         resp = self._call(req.rubric_prompt())
         choice = resp.choices[0] if resp.choices else None
         if choice is None or choice.logprobs is None or choice.logprobs.content is None:
-            raise RuntimeError(f"{self.base_url} returned no logprobs for {self.model!r}; the API judge needs an "
-                               "endpoint that supports logprobs and top_logprobs")
+            raise JudgeAPIError(f"judge endpoint {self.base_url} returned no logprobs for {self.model!r}; the API "
+                                "judge needs an endpoint that supports logprobs and top_logprobs")
         content = choice.logprobs.content
         if not content:  # no token at all (e.g. an immediate end of text): nothing to score
             return None
@@ -81,6 +88,7 @@ class OpenAIJudge(Judge):
     def _call(self, prompt: str):
         import openai
 
+        waited = 0.0
         for attempt in range(self.max_retries + 1):
             self.calls += 1
             try:
@@ -90,9 +98,15 @@ class OpenAIJudge(Judge):
             except (openai.APITimeoutError, openai.APIConnectionError, openai.APIStatusError) as e:
                 status = getattr(e, "status_code", None)
                 retryable = status is None or status in RETRY_STATUS or status >= 500
-                if not retryable or attempt == self.max_retries:
-                    raise
-                time.sleep(self._wait(attempt, e))
+                wait = self._wait(attempt, e)
+                if not retryable or attempt == self.max_retries or waited + wait > self.budget_s:
+                    what = f"HTTP {status}" if status is not None else type(e).__name__
+                    tries = f"after {attempt + 1} tries" if retryable else "(not retried)"
+                    detail = " ".join(str(getattr(e, "message", "") or e).split())[:200]
+                    raise JudgeAPIError(f"judge endpoint {self.base_url} (model {self.model!r}) failed {tries}: "
+                                        f"{what}: {detail}") from e
+                waited += wait
+                time.sleep(wait)
         raise AssertionError("unreachable")
 
     def _wait(self, attempt: int, error: Exception) -> float:

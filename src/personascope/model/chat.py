@@ -9,8 +9,9 @@ role or a system message mid-conversation, is rejected the same way everywhere.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from personascope.util import iter_json_lines
 
 ROLES = ("system", "user", "assistant")
 
@@ -40,6 +41,9 @@ def check_messages(messages: object, answer: bool = True, where: str = "messages
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str):
             raise ChatError(f"{where}[{i}] is not an object with a string 'role' and 'content'", f"{where}[{i}]")
+        if not is_text(m["content"]):
+            raise ChatError(f"{where}[{i}].content holds a lone surrogate (e.g. \\ud800), which is not text",
+                            f"{where}[{i}].content")
         role = m.get("role")
         if role not in ROLES:
             raise ChatError(f"{where}[{i}].role {role!r} is not supported (roles: {', '.join(ROLES)})",
@@ -56,6 +60,15 @@ def check_messages(messages: object, answer: bool = True, where: str = "messages
     if not any(m["role"] == "user" for m in out):
         raise ChatError(f"no user turn in {where}", where)
     return out
+
+
+def is_text(s: str) -> bool:
+    """Whether `s` can be written as UTF-8 (JSON's "\\ud800" escapes decode to lone surrogates, which cannot)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_row(row: object) -> list[dict]:
@@ -95,23 +108,20 @@ def load_chat_jsonl(path: str | Path) -> list[list[dict]]:
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"dataset {path} does not exist")
+    if path.is_dir():
+        raise DatasetError(f"dataset {path} is a directory, not a JSONL file")
     rows = []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        bad_line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise DatasetError(f"{path}:{bad_line}: not UTF-8 ({e.reason} at byte {e.start}); save the file as UTF-8"
-                           ) from None
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        if len(line.encode("utf-8")) > MAX_ROW_BYTES:
-            raise DatasetError(f"{path}:{lineno}: the row is {len(line.encode('utf-8'))} bytes; the limit is "
-                               f"{MAX_ROW_BYTES}")
+    for rec in iter_json_lines(path, MAX_ROW_BYTES):  # the reader screen uses too (BOM, U+2028 and U+0085)
+        if rec.error is not None and rec.error.startswith("not UTF-8"):
+            raise DatasetError(f"{path}:{rec.line}: {rec.error}; save the file as UTF-8")
+        if rec.error is not None and rec.error.startswith("the row is"):
+            raise DatasetError(f"{path}:{rec.line}: {rec.error}")
         try:
-            rows.append(check_row(json.loads(line)))
-        except (json.JSONDecodeError, ChatError) as e:
-            raise DatasetError(f"{path}:{lineno}: malformed chat row ({e})") from None
+            if rec.error is not None:
+                raise ChatError(rec.error)
+            rows.append(check_row(rec.value))
+        except ChatError as e:
+            raise DatasetError(f"{path}:{rec.line}: malformed chat row ({e})") from None
     if not rows:
         raise DatasetError(f"dataset {path} has no rows")
     return rows

@@ -17,7 +17,7 @@ from personascope.judges import Judge, ScoreCache, judge_answers
 from personascope.model import ModelAdapter
 from personascope.traits import Trait
 from personascope.util import JsonlStore, bind_run, bootstrap_ci, fingerprint, pearson_r, progress_bar, read_jsonl
-from personascope.vectors import PersonaVector
+from personascope.vectors import PersonaVector, compute_dtype
 
 from .report import truncate, write_report
 from .trace import mean_or_none, trace_generation
@@ -266,7 +266,8 @@ def run_monitor(
     vid = _vector_id(vector, layer)
     jobs = [{**j, "prompt_id": f"{j['prompt_id']}-{vid}"} for j in jobs]
     bind_run(out, {
-        "model": adapter.name, "config_hash": adapter.config_hash, "trait": trait.name, "samples": cfg.samples,
+        "model": adapter.name, "config_hash": adapter.config_hash, "dtype": compute_dtype(adapter),
+        "trait": trait.name, "samples": cfg.samples,
         "seed": cfg.seed, "temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
         "judge": judge.name, "judge_mode": judge.describe_mode("trait", trait),
         "rubric": fingerprint(trait.eval_prompt),

@@ -14,7 +14,7 @@ import numpy as np
 
 from personascope.model import ModelAdapter, question_of
 from personascope.util import progress_bar, write_json
-from personascope.vectors import PersonaVector
+from personascope.vectors import PersonaVector, compute_dtype
 
 from .report import ScreenResult, build_report
 from .score import (
@@ -202,7 +202,7 @@ def screen_pass(
     work_dir.mkdir(parents=True, exist_ok=True)
     config = {
         "input": str(path), "input_sha256": file_digest(path), "method": cfg.method, "model": adapter.name,
-        "model_config_hash": adapter.config_hash, "chunk_size": cfg.chunk_size,
+        "model_config_hash": adapter.config_hash, "dtype": compute_dtype(adapter), "chunk_size": cfg.chunk_size,
         "max_new_tokens": cfg.max_new_tokens if cfg.method == "generate" else None,
         "vectors": {k: {"trait": d.trait, "layer": d.layer, "digest": d.digest} for k, d in dirs.items()},
         "judge": _judge_key(judge, traits or {}, dirs),

@@ -45,6 +45,7 @@ from personascope.model import (
     iter_span_batches,
     split_answer,
 )
+from personascope.util import iter_json_lines
 from personascope.vectors import PersonaVector
 
 METHODS = ("generate", "last-token")
@@ -102,7 +103,12 @@ def parse_record(rec: object, line: int, raw: str | None = None) -> Row | BadRow
         return BadRow(line, f"empty or non-text {rk!r}")
     system = rec.get("system")
     msgs = ([{"role": "system", "content": system}] if isinstance(system, str) and system.strip() else [])
-    return Row(line, rec, [*msgs, {"role": "user", "content": prompt}], response, raw)
+    try:  # the one chat check (a lone surrogate is not text)
+        prompt_turns, answer = split_answer(check_messages([*msgs, {"role": "user", "content": prompt},
+                                                            {"role": "assistant", "content": response}]))
+    except ChatError as e:
+        return BadRow(line, str(e))
+    return Row(line, rec, prompt_turns, answer, raw)
 
 
 def is_csv(path: Path) -> bool:
@@ -111,7 +117,7 @@ def is_csv(path: Path) -> bool:
 
 def csv_fields(path: Path) -> list[str]:
     """The header of a CSV file; raises ValueError when it lacks the prompt/response columns."""
-    with Path(path).open(newline="", encoding="utf-8", errors="replace") as f:
+    with Path(path).open(newline="", encoding="utf-8-sig", errors="replace") as f:
         header = next(csv.reader(f, delimiter="\t" if Path(path).suffix.lower() == ".tsv" else ","), [])
     if not any(k in header for k in PROMPT_KEYS) or not any(k in header for k in RESPONSE_KEYS):
         raise ValueError(f"{path}: a CSV needs a prompt column ({'/'.join(PROMPT_KEYS)}) and a response column "
@@ -130,7 +136,7 @@ def read_rows(path: str | Path) -> Iterator[Row | BadRow]:
     path = Path(path)
     if is_csv(path):
         csv_fields(path)
-        with path.open(newline="", encoding="utf-8", errors="replace") as f:
+        with path.open(newline="", encoding="utf-8-sig", errors="replace") as f:
             reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
             start = 2
             for rec in reader:
@@ -143,24 +149,9 @@ def read_rows(path: str | Path) -> Iterator[Row | BadRow]:
                     yield parse_record({k: v for k, v in rec.items() if v is not None}, start)
                 start = reader.line_num + 1
         return
-    with path.open("rb") as f:
-        for lineno, bline in enumerate(f, 1):
-            if len(bline) > MAX_ROW_BYTES:
-                yield BadRow(lineno, f"the row is {len(bline)} bytes; the limit is {MAX_ROW_BYTES}")
-                continue
-            try:
-                text = bline.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                yield BadRow(lineno, f"not UTF-8 ({e.reason} at byte {e.start})")
-                continue
-            if not text.strip():
-                continue
-            try:
-                rec = json.loads(text)
-            except json.JSONDecodeError as e:
-                yield BadRow(lineno, f"bad JSON: {e.msg} at column {e.colno}")
-                continue
-            yield parse_record(rec, lineno, text)
+    for line in iter_json_lines(path, MAX_ROW_BYTES):  # the reader finetune uses too (BOM, U+2028, U+0085)
+        yield BadRow(line.line, line.error) if line.error is not None else parse_record(line.value, line.line,
+                                                                                         line.text)
 
 
 def count_rows(path: str | Path) -> int:

@@ -139,6 +139,8 @@ def parse_json(text: str) -> object:
         return json.loads(body[start : end + 1])
     except json.JSONDecodeError as e:
         raise ValueError(f"the reply is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError("the reply's JSON is nested too deeply") from None
 
 
 def _names_trait(question: str, name: str) -> bool:

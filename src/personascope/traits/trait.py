@@ -100,7 +100,24 @@ def validate_trait_dict(data: object, path: str, n_questions: int | None = N_QUE
             raise _fail(path, "eval_prompt", f"placeholder {ph} is missing")
     if "antonym" in data and not isinstance(data["antonym"], str):
         raise _fail(path, "antonym", "expected a string")
+    _check_judge_examples(data.get("judge_examples", []), path)
     return data
+
+
+def _check_judge_examples(examples: object, path: str) -> None:
+    """The fewshot judge's examples: a list of {question, answer: non-empty strings, score: a number 0..100}."""
+    if not isinstance(examples, list):
+        raise _fail(path, "judge_examples", "expected a list of {question, answer, score} objects")
+    for i, ex in enumerate(examples):
+        where = f"judge_examples[{i}]"
+        if not isinstance(ex, dict):
+            raise _fail(path, where, "expected an object with 'question', 'answer' and 'score'")
+        for key in ("question", "answer"):
+            if not isinstance(ex.get(key), str) or not ex[key].strip():
+                raise _fail(path, f"{where}.{key}", "expected a non-empty string")
+        score = ex.get("score")
+        if isinstance(score, bool) or not isinstance(score, int | float) or not 0 <= score <= 100:
+            raise _fail(path, f"{where}.score", f"expected a number from 0 to 100, got {score!r}")
 
 
 def _read_json(path: Path) -> object:
@@ -112,6 +129,8 @@ def _read_json(path: Path) -> object:
         raise TraitError(f"{path}: not UTF-8 ({e.reason} at byte {e.start}); save the file as UTF-8") from None
     except json.JSONDecodeError as e:
         raise TraitError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise TraitError(f"{path}: JSON nested too deeply to read") from None
     except OSError as e:
         raise TraitError(f"{path}: cannot be read ({e.strerror or e})") from None
 

@@ -5,10 +5,11 @@ from .plots import plot_extraction, plot_scatter, plot_sweep, plot_validity, sav
 from .progress import LogProgress, ProgressTracker, progress_bar, set_progress_factory
 from .rng import seeded
 from .stats import auroc, bootstrap_ci, format_ci, pearson_r, spearman
-from .store import JsonlStore, bind_run, fingerprint, read_jsonl, write_json
+from .store import JsonLine, JsonlStore, bind_run, dump_json, fingerprint, iter_json_lines, read_jsonl, write_json
 
 __all__ = [
-    "JsonlStore", "LogProgress", "ProgressTracker", "auroc", "bind_run", "bootstrap_ci", "data_path",
+    "JsonLine", "JsonlStore", "LogProgress", "dump_json", "iter_json_lines",
+    "ProgressTracker", "auroc", "bind_run", "bootstrap_ci", "data_path",
     "fingerprint", "format_ci", "pearson_r", "plot_extraction", "plot_scatter", "plot_sweep", "plot_validity",
     "progress_bar", "read_jsonl", "save_figure", "seeded", "set_progress_factory", "spearman", "write_json",
 ]

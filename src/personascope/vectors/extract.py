@@ -8,6 +8,7 @@ interrupted run resumes: `answers.jsonl` (generation), `scores.jsonl` (judge), t
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
@@ -20,7 +21,7 @@ from personascope.model import SPANS, ModelAdapter, SamplingConfig, iter_span_ba
 from personascope.traits import Trait, load_trait
 from personascope.util import JsonlStore, bind_run, fingerprint, progress_bar, write_json
 
-from .file import PersonaVector, base_metadata
+from .file import PersonaVector, base_metadata, compute_dtype
 from .validity import THRESHOLDS, validity_report
 
 log = logging.getLogger(__name__)
@@ -57,10 +58,17 @@ PROFILES: dict[str, ExtractConfig] = {
 FILTERS = ("threshold", "margin", "none")
 
 
-def departures(cfg: ExtractConfig) -> list[str]:
-    """How `cfg` departs from the paper's method (printed and stored with every vector)."""
+def departures(cfg: ExtractConfig, trait: Trait | None = None) -> list[str]:
+    """How an extraction with `cfg` (on `trait`) departs from the paper's method (printed and stored with every
+    vector); the method's own departures (docs/vectors.md) come first."""
     paper = PROFILES["paper"]
     out = []
+    if trait is None or trait.antonym:
+        opposite = trait.antonym if trait is not None else "the opposite"
+        name = trait.name if trait is not None else "the trait"
+        out.append(f"negative instructions name the opposite persona ('You are a {opposite} assistant. …'; the "
+                   f"paper's say 'helpful'): the vector is a {opposite}-vs-{name} axis, not absence-vs-presence")
+    out.append("coherence is judged with personascope's own rubric wording, not the paper's")
     s, p = cfg.sampling, paper.sampling
     for name in ("samples", "temperature", "top_p", "max_new_tokens"):
         if getattr(s, name) != getattr(p, name):
@@ -86,10 +94,65 @@ def profile(name: str, **overrides) -> ExtractConfig:
     cfg = PROFILES[name]
     samp = {k: v for k, v in overrides.items() if k in SamplingConfig.__dataclass_fields__ and v is not None}
     rest = {k: v for k, v in overrides.items() if k in ExtractConfig.__dataclass_fields__ and v is not None}
-    return replace(cfg, sampling=replace(cfg.sampling, **samp), profile=name, **rest)
+    out = replace(cfg, sampling=replace(cfg.sampling, **samp), profile=name, **rest)
+    check_config(out)
+    return out
 
 
 ANSWER_KEY = ("side", "instruction", "question", "sample")
+
+# (field, lowest, highest) of every number in a config: refused before a run folder is touched
+_LIMITS = (("samples", 1, 10_000), ("max_new_tokens", 1, 32_768), ("temperature", 0.0, 5.0),
+           ("top_p", 1e-9, 1.0), ("batch_size", 1, 4_096), ("pos_threshold", -1e9, 1e9),  # thresholds: finite
+           ("neg_threshold", -1e9, 1e9), ("coherence_threshold", -1e9, 1e9), ("margin", -1e9, 1e9),
+           ("n_instructions", 1, 5), ("extract_batch_size", 1, 4_096), ("judge_batch_size", 1, 4_096))
+
+
+def check_config(cfg: ExtractConfig, trait: Trait | None = None) -> None:
+    """Raise ValueError naming the first setting of `cfg` that is out of range (NaN included)."""
+    values = {**{k: getattr(cfg.sampling, k) for k in ("samples", "max_new_tokens", "temperature", "top_p",
+                                                      "batch_size")},
+              **{k: getattr(cfg, k) for k in ("pos_threshold", "neg_threshold", "coherence_threshold", "margin",
+                                              "n_instructions", "extract_batch_size", "judge_batch_size")}}
+    for name, lo, hi in _LIMITS:
+        v = values[name]
+        if not (isinstance(v, int | float) and lo <= v <= hi):  # NaN fails both comparisons
+            raise ValueError(f"{name} {v!r} is out of range ({lo:g}..{hi:g})")
+    seed = cfg.sampling.seed
+    if seed is not None and not 0 <= seed < 2**32:
+        raise ValueError(f"seed {seed} is out of range (0..{2**32 - 1})")
+    n_max = len(trait.extract_questions) if trait is not None else 20
+    if cfg.n_questions is not None and not 1 <= cfg.n_questions <= n_max:
+        raise ValueError(f"questions {cfg.n_questions} is out of range (the trait has {n_max} extraction questions)")
+    if cfg.filter not in FILTERS:
+        raise ValueError(f"unknown filter {cfg.filter!r}; choose from {', '.join(FILTERS)}")
+
+
+def check_fits(adapter: ModelAdapter, jobs: list[dict], max_new_tokens: int) -> None:
+    """Raise ValueError when a question alone, plus `max_new_tokens`, exceeds the model's context (naming it).
+
+    The instructions and the chat template come on top (models with rotary positions run past their nominal
+    context), so this catches what would never fit (a huge question allocates memory by its length squared).
+    """
+    limit = adapter.context_length
+    for q, text in sorted({(j["question"], j["question_text"]) for j in jobs}):
+        n = len(adapter.encode_prompt(text))
+        if n + max_new_tokens > limit:
+            raise ValueError(f"extraction question {q} is {n} tokens; with max_new_tokens {max_new_tokens} that "
+                             f"exceeds {adapter.name}'s context of {limit} tokens: shorten the question or lower "
+                             "--max-new-tokens")
+
+
+def prepare_run_dir(run_dir: Path, force: bool) -> None:
+    """Create the run folder (emptied first with `force`); a file or, with `force`, a symbolic link is refused."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"{run_dir} is a file, not a run folder; choose another output folder")
+    if force and run_dir.is_symlink():
+        raise ValueError(f"{run_dir} is a symbolic link; --force does not delete what it points to: name the "
+                         f"folder itself ({run_dir.resolve()})")
+    if force and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
 
 
 # ------------------------------------------------------------------------- stage 1: generate
@@ -99,7 +162,8 @@ def run_settings(adapter: ModelAdapter, trait: Trait, cfg: ExtractConfig, judge:
     """What determines a run folder's answers and scores (thresholds only filter, so they may change)."""
     samp = cfg.sampling
     jobs = answer_jobs(trait, cfg)
-    return {"model": adapter.name, "config_hash": adapter.config_hash, "trait": trait.name,
+    return {"model": adapter.name, "config_hash": adapter.config_hash, "dtype": compute_dtype(adapter),
+            "trait": trait.name,
             "prompts": fingerprint([(j["system"], j["question_text"]) for j in jobs]),
             "questions": cfg.n_questions, "instructions": cfg.n_instructions, "samples": samp.samples,
             "seed": samp.seed, "temperature": samp.temperature, "top_p": samp.top_p,
@@ -172,8 +236,10 @@ def filter_pairs(scored: list[dict], cfg: ExtractConfig) -> FilterResult:
             continue
         pos, neg = pair["pos"], pair["neg"]
         scores = [pos.get("trait_score"), neg.get("trait_score"), pos.get("coherence"), neg.get("coherence")]
-        if any(s is None for s in scores):
+        if not all(_is_score(s) for s in scores):  # a NaN or infinite score is a missing one
             dropped["missing score"] += 1
+        elif _empty(pos) or _empty(neg):
+            dropped["empty answer"] += 1  # no response tokens to average (the paper's code would give NaN)
         elif pos.get("refusal") or neg.get("refusal"):
             dropped["refusal"] += 1  # a refusal is an outcome of its own, not a trait-free answer
         elif cfg.filter == "threshold" and pos["trait_score"] < cfg.pos_threshold:
@@ -252,8 +318,16 @@ def vector_from_pairs(adapter: ModelAdapter, kept: list[tuple[dict, dict]], batc
     return PairVectors({s: pos[s] - neg[s] for s in SPANS}, (pos_norm + neg_norm) / 2, keep_pos, keep_neg)
 
 
+def _empty(rec: dict) -> bool:
+    return isinstance(rec.get("answer"), str) and not rec["answer"].strip()
+
+
+def _is_score(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def _mean(xs: list) -> float | None:
-    xs = [x for x in xs if x is not None]
+    xs = [x for x in xs if _is_score(x)]
     return sum(xs) / len(xs) if xs else None
 
 
@@ -282,9 +356,9 @@ def extract_vector(
         from personascope.judges import load_local_judge
 
         judge = load_local_judge()
-    if force and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_config(cfg, trait)
+    check_fits(adapter, answer_jobs(trait, cfg), cfg.sampling.max_new_tokens)
+    prepare_run_dir(run_dir, force)
     bind_run(run_dir, run_settings(adapter, trait, cfg, judge), "persona-vector extraction")
 
     answers = generate_answers(adapter, trait, run_dir, cfg, cluster, engine)
@@ -299,7 +373,7 @@ def extract_vector(
     meta = base_metadata(
         adapter, trait.name, kept_pairs=str(len(result.kept)), total_pairs=str(result.total),
         thresholds={"pos": cfg.pos_threshold, "neg": cfg.neg_threshold, "coherence": cfg.coherence_threshold},
-        filter=cfg.filter, profile=cfg.profile, departures=departures(cfg),
+        filter=cfg.filter, profile=cfg.profile, departures=departures(cfg, trait),
         judge=judge.name, judge_modes=modes, trait_source=trait.source,
         best_layer=str(report.layer), validity=report.to_dict(),
     )
@@ -317,14 +391,15 @@ def extract_vector(
         "dropped": dict(result.dropped),
         "mean_scores": {
             side: {
-                "trait": _mean([r["trait_score"] for r in scored if r["side"] == side]),
-                "coherence": _mean([r["coherence"] for r in scored if r["side"] == side]),
+                "trait": _mean([r.get("trait_score") for r in scored if r["side"] == side]),
+                "coherence": _mean([r.get("coherence") for r in scored if r["side"] == side]),
             }
             for side in ("pos", "neg")
         },
         "vector_norm_response_avg": [float(x) for x in diffs["response_avg"].norm(dim=-1)],
         "resid_norm": [float(x) for x in resid_norm],
-        "departures": departures(cfg),
+        "departures": departures(cfg, trait),
+        "dtype": compute_dtype(adapter),
         "validity": report.to_dict(),
         "system_prompts": {"pos": trait.system_prompt("pos", 0), "neg": trait.system_prompt("neg", 0)},
         "vector": str(run_dir / "vector.safetensors"),

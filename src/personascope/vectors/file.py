@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -16,6 +17,8 @@ from safetensors.torch import save_file
 from personascope.model import SPANS, ModelAdapter
 
 from .._version import __version__
+
+log = logging.getLogger(__name__)
 
 
 class VectorMismatchError(ValueError):
@@ -53,11 +56,24 @@ class PersonaVector:
         value = self.metadata.get("best_layer")
         return int(value) if value not in (None, "") else None
 
+    @property
+    def post_norm_rows(self) -> list[int]:
+        """Rows taken after the model's final norm (a paper `.pt` file's last row): not usable as row l here."""
+        try:
+            rows = json.loads(self.metadata.get("post_norm_rows") or "[]")
+        except ValueError:
+            return []
+        return [int(r) for r in rows] if isinstance(rows, list) else []
+
     def vector(self, layer: int, span: str = "response_avg") -> torch.Tensor:
         if span not in self.vectors:
             raise ValueError(f"span {span!r} is not in this vector file (it has {', '.join(self.vectors)})")
         if not 0 <= layer <= self.n_layers:
             raise ValueError(f"layer {layer} is out of range for this {self.trait!r} vector: 0..{self.n_layers}")
+        if layer in self.post_norm_rows:
+            raise ValueError(f"row {layer} of {self.path or 'this vector'} was taken after the model's final norm "
+                             f"(the paper's hidden_states[{layer}]), but personascope's layer {layer} is the "
+                             f"un-normed block output; use a layer below {layer}")
         return self.vectors[span][layer]
 
     def default_layer(self, layer: int | None = None) -> int:
@@ -147,8 +163,13 @@ class PersonaVector:
         return self
 
     def save(self, path: str | Path) -> Path:
+        """Write the file atomically (safetensors writes a `.tmpXXXXXX` sibling and renames it); the stale
+        temporaries of saves killed in that folder before are removed first."""
         path = Path(path)
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a directory; name the vector file to write")
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path.parent)
         tensors = {s: v.float().contiguous() for s, v in self.vectors.items()}
         if self.resid_norm is not None:
             tensors["resid_norm"] = self.resid_norm.float().contiguous()
@@ -219,6 +240,29 @@ def _validity_problem(data: object, n_layers: int) -> str | None:
     return None
 
 
+STALE_AFTER_S = 60.0  # a safetensors temporary older than this belongs to a save that was killed
+
+
+def remove_stale_temporaries(folder: Path) -> int:
+    """Delete the `.tmpXXXXXX` files safetensors leaves in `folder` when a save is killed; returns how many."""
+    import re
+    import time
+
+    removed = 0
+    now = time.time()
+    for p in folder.glob(".tmp*"):
+        try:
+            if (re.fullmatch(r"\.tmp[A-Za-z0-9_]{6}", p.name) and p.is_file() and not p.is_symlink()
+                    and now - p.stat().st_mtime > STALE_AFTER_S):
+                p.unlink()
+                removed += 1
+        except OSError:  # another process removed or is replacing it
+            continue
+    if removed:
+        log.info(f"{folder}: removed {removed} temporary file(s) of interrupted vector saves")
+    return removed
+
+
 PACKAGED_MODEL = "qwen2.5-coder-0.5b"  # the model a bare ready-made vector name refers to
 
 
@@ -268,8 +312,13 @@ def load_vector(path: str | Path, trait: str | None = None, model: str | None = 
             raise VectorFileError(f"{path}: expected a [L + 1, d] tensor, got "
                                   f"{list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
         name = trait or path.name.split("_response_avg")[0].split("_prompt")[0]
-        pv = PersonaVector({"response_avg": t}, None, {"trait": name, "source": "paper .pt"}, str(path))
+        last = t.shape[0] - 1
+        meta = {"trait": name, "source": "paper .pt", "post_norm_rows": json.dumps([last])}
+        pv = PersonaVector({"response_avg": t}, None, meta, str(path))
         pv.validate()
+        log.warning(f"{path}: row {last} of a paper .pt vector is hidden_states[{last}], taken after the final norm; "
+                    f"personascope's layer {last} is the un-normed block output, so that row is refused (layers "
+                    f"0..{last - 1} mean the same in both)")
         return PersonaVector({"response_avg": t.float()}, None, pv.metadata, str(path))
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -283,6 +332,18 @@ def load_vector(path: str | Path, trait: str | None = None, model: str | None = 
     return PersonaVector(vectors, norm, meta, str(path)).validate()
 
 
+def compute_dtype(adapter: ModelAdapter) -> str:
+    """The dtype the model computes in ("bfloat16", "float32", …): answers and activations depend on it.
+
+    "unknown" for a weightless stand-in (a cluster's driver: the actors hold the weights)."""
+    model = getattr(adapter, "model", None)
+    dtype = getattr(model, "dtype", None)
+    device = getattr(model, "device", None)
+    if dtype is None or getattr(device, "type", None) == "meta":
+        return "unknown"
+    return str(dtype).removeprefix("torch.")
+
+
 def base_metadata(adapter: ModelAdapter, trait: str, **extra) -> dict[str, str]:
     """Metadata every vector file carries."""
 
@@ -293,6 +354,7 @@ def base_metadata(adapter: ModelAdapter, trait: str, **extra) -> dict[str, str]:
         "hidden_size": str(adapter.hidden_size),
         "n_layers": str(adapter.n_layers),
         "config_hash": adapter.config_hash,
+        "dtype": compute_dtype(adapter),
         "personascope_version": __version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }

@@ -8,15 +8,17 @@ from typing import Annotated
 
 import typer
 
+from .common import GPUS, WORKERS
+
 RayOpt = Annotated[str | None, typer.Option(
     "--ray", metavar="ADDRESS", help="Run the per-row work on Ray model actors: 'auto' joins the cluster this "
                                      "machine belongs to (after `ray start`), ray://HOST:10001 a remote one, "
                                      "'local' starts a local Ray instance.")]
-WorkersOpt = Annotated[int | None, typer.Option(
-    "--workers", help="Model actors (default with --ray: one per GPU group); without --ray, starts a local Ray "
-                      "instance with N workers.")]
-GpusPerWorkerOpt = Annotated[float | None, typer.Option(
-    "--gpus-per-worker", help="GPUs per actor; above 1 the model is sharded over them (device_map=auto).")]
+WorkersOpt = Annotated[int | None, WORKERS.option(
+    "Model actors (default with --ray: one per GPU group); without --ray, starts a local Ray instance with N "
+    "workers.", "--workers")]
+GpusPerWorkerOpt = Annotated[float | None, GPUS.option(
+    "GPUs per actor; above 1 the model is sharded over them (device_map=auto).", "--gpus-per-worker")]
 
 
 @contextmanager

@@ -10,20 +10,24 @@ import typer
 from personascope.model import DEFAULT_MODEL
 
 from .common import (
+    SEED,
     DeviceOpt,
     EngineOpt,
     ModelOpt,
+    Range,
     choice,
     fail,
 )
+
+DEMO_QUESTIONS = Range(2, 20)  # the demo splits them into extraction and evaluation halves
 
 
 def demo(
     trait: str = "optimistic",
     model: ModelOpt = DEFAULT_MODEL,
     out: Path = Path("runs/demo"),
-    seed: Annotated[int, typer.Option(help="Sampling seed of the extraction answers.")] = 0,
-    questions: Annotated[int, typer.Option(min=2, max=20, help="Extraction and evaluation questions.")] = 6,
+    seed: Annotated[int, SEED.option("Sampling seed of the extraction answers.")] = 0,
+    questions: Annotated[int, DEMO_QUESTIONS.option("Extraction and evaluation questions.")] = 6,
     judge_model: Annotated[str | None, typer.Option(help="A local LLM judge instead of the probe judge on "
                                                          "the model itself.")] = None,
     device: DeviceOpt = None,

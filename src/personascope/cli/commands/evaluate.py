@@ -13,6 +13,12 @@ from personascope.model import DEFAULT_JUDGE_MODEL, DEFAULT_MODEL
 from ..printing import print_eval_rows
 from .cluster_options import GpusPerWorkerOpt, RayOpt, WorkersOpt, cluster_session, driver_judge, driver_model
 from .common import (
+    ALPHA,
+    COEF,
+    LAYER,
+    QUESTIONS,
+    SAMPLES,
+    SCORE,
     DeviceOpt,
     JudgeModelOpt,
     JudgeModeOpt,
@@ -22,10 +28,10 @@ from .common import (
     alpha_to_coef,
     check_judge_mode,
     check_layers,
+    check_out_dir,
     choice,
     console,
     fail,
-    finite_number,
     floats,
     ints,
     load_adapter,
@@ -51,8 +57,8 @@ def evaluate(
     system: Annotated[list[str] | None, typer.Option(help="'pos', 'neg' (the trait's instruction 0) or any "
                                                           "system text; repeatable.")] = None,
     profile: ProfileOpt = "quick",
-    questions: Annotated[int | None, typer.Option(help="Use the first N evaluation questions.")] = None,
-    samples: Annotated[int | None, typer.Option()] = None,
+    questions: Annotated[int | None, QUESTIONS.option("Use the first N evaluation questions.")] = None,
+    samples: Annotated[int | None, SAMPLES.option()] = None,
     capability: Annotated[bool, typer.Option(help="Also report multiple-choice accuracy (120 built-in questions; "
                                                   "for full MMLU use lm-eval with `vector export --format lmeval`, "
                                                   "see docs/interop.md).")] = False,
@@ -78,8 +84,10 @@ def evaluate(
     # every option is checked before a model is loaded or anything generated
     choice(profile, EVAL_PROFILES, "--profile")
     choice(positions, POSITIONS, "--positions")
+    check_out_dir(out, force)
     check_judge_mode(judge_mode)
-    layer_values, coef_values, alpha_values = ints(layer, "--layer"), floats(coef, "--coef"), floats(alpha, "--alpha")
+    layer_values = ints(layer, "--layer", LAYER)
+    coef_values, alpha_values = floats(coef, "--coef", COEF), floats(alpha, "--alpha", ALPHA)
     if (layer_values or coef_values or alpha_values) and vector is None:
         fail("--layer/--coef/--alpha steer with a vector: add --vector FILE")
     guard_modes = [m for g in guard or [] for m in g.split(",") if m]
@@ -140,14 +148,13 @@ def choose_layer_cmd(
     model: ModelOpt = DEFAULT_MODEL,
     layers: Annotated[str | None, typer.Option(help="Candidate layers, e.g. 8,12,16,20 (default: every "
                                                      "fourth layer from L/4).")] = None,
-    coef: Annotated[float | None, typer.Option(help="Raw coefficient for the sweep.", callback=finite_number)] = None,
-    alpha: Annotated[float, typer.Option(help="Relative coefficient used when --coef is not given.",
-                                         callback=finite_number)] = 0.5,
-    min_coherence: Annotated[float, typer.Option(help="Only for rows without fluency flags: a steered layer is "
-                                                 "eligible when its mean coherence reaches this or the unsteered "
-                                                 "mean − --max-coherence-drop (else ≥ 90 % fluent answers).")] = 50.0,
-    max_coherence_drop: Annotated[float, typer.Option(help="See --min-coherence.")] = 10.0,
-    questions: Annotated[int | None, typer.Option()] = None,
+    coef: Annotated[float | None, COEF.option("Raw coefficient for the sweep.")] = None,
+    alpha: Annotated[float, ALPHA.option("Relative coefficient used when --coef is not given.")] = 0.5,
+    min_coherence: Annotated[float, SCORE.option("Only for rows without fluency flags: a steered layer is eligible "
+                                                 "when its mean coherence reaches this or the unsteered mean − "
+                                                 "--max-coherence-drop (else ≥ 90 % fluent answers).")] = 50.0,
+    max_coherence_drop: Annotated[float, SCORE.option("See --min-coherence.")] = 10.0,
+    questions: Annotated[int | None, QUESTIONS.option()] = None,
     out: Annotated[Path | None, typer.Option()] = None,
     judge_model: JudgeModelOpt = DEFAULT_JUDGE_MODEL,
     judge_mode: JudgeModeOpt = None,
@@ -161,7 +168,7 @@ def choose_layer_cmd(
     from personascope.evaluation import EVAL_PROFILES, Condition, choose_layer, evaluate
 
     t = load_trait_or_fail(trait)
-    given = ints(layers, "--layers")
+    given = ints(layers, "--layers", LAYER)
     if layers is not None and not given:
         fail(f"--layers needs at least one layer, got {layers!r}")
     check_judge_mode(judge_mode)

@@ -12,6 +12,14 @@ from personascope.model import DEFAULT_JUDGE_MODEL, DEFAULT_MODEL
 from ..printing import print_extraction
 from .cluster_options import GpusPerWorkerOpt, RayOpt, WorkersOpt, cluster_session, driver_judge, driver_model
 from .common import (
+    BATCH,
+    NEW_TOKENS,
+    QUESTIONS,
+    SAMPLES,
+    SCORE,
+    SEED,
+    TEMPERATURE,
+    TOP_P,
     DeviceOpt,
     EngineOpt,
     JudgeModelOpt,
@@ -20,6 +28,7 @@ from .common import (
     ModelOpt,
     ProfileOpt,
     check_judge_mode,
+    check_out_dir,
     choice,
     fail,
     load_trait_or_fail,
@@ -32,20 +41,20 @@ def extract(
     model: ModelOpt = DEFAULT_MODEL,
     profile: ProfileOpt = "quick",
     out: Annotated[Path | None, typer.Option(help="Run directory (default runs/TRAIT-MODEL-PROFILE).")] = None,
-    samples: Annotated[int | None, typer.Option(help="Samples per prompt.")] = None,
-    questions: Annotated[int | None, typer.Option(help="Use the first N extraction questions.")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option()] = None,
-    temperature: Annotated[float | None, typer.Option()] = None,
-    top_p: Annotated[float | None, typer.Option()] = None,
-    batch_size: Annotated[int | None, typer.Option()] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
-    pos_threshold: Annotated[float | None, typer.Option()] = None,
-    neg_threshold: Annotated[float | None, typer.Option()] = None,
-    coherence_threshold: Annotated[float | None, typer.Option()] = None,
+    samples: Annotated[int | None, SAMPLES.option("Samples per prompt.")] = None,
+    questions: Annotated[int | None, QUESTIONS.option("Use the first N extraction questions.")] = None,
+    max_new_tokens: Annotated[int | None, NEW_TOKENS.option()] = None,
+    temperature: Annotated[float | None, TEMPERATURE.option()] = None,
+    top_p: Annotated[float | None, TOP_P.option()] = None,
+    batch_size: Annotated[int | None, BATCH.option()] = None,
+    seed: Annotated[int | None, SEED.option()] = None,
+    pos_threshold: Annotated[float | None, SCORE.option()] = None,
+    neg_threshold: Annotated[float | None, SCORE.option()] = None,
+    coherence_threshold: Annotated[float | None, SCORE.option()] = None,
     filter: Annotated[str | None, typer.Option(help="Which pairs build the vector: threshold (the paper's pos ≥ "
                                                "50, neg < 50, coherence ≥ 50), margin (pos − neg ≥ --margin) "
                                                "or none (every pair but refusals).")] = None,
-    margin: Annotated[float | None, typer.Option(help="Trait-score margin for --filter margin.")] = None,
+    margin: Annotated[float | None, SCORE.option("Trait-score margin for --filter margin.")] = None,
     judge_model: JudgeModelOpt = DEFAULT_JUDGE_MODEL,
     judge_mode: JudgeModeOpt = None,
     judge_url: JudgeUrlOpt = None,
@@ -62,6 +71,7 @@ def extract(
     from personascope.vectors import profile as make_profile
 
     t = load_trait_or_fail(trait)
+    check_out_dir(out, force)
     check_judge_mode(judge_mode)
     choice(engine, ENGINES, "--engine")
     if engine == "vllm" and (ray is not None or workers is not None):

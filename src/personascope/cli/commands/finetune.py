@@ -18,6 +18,19 @@ def register(app: typer.Typer) -> None:
     """Add the finetune commands to the main app."""
     from .cluster_options import GpusPerWorkerOpt, RayOpt, WorkersOpt, cluster_session, driver_judge, driver_model
     from .common import (
+        ALPHA,
+        ATTEMPTS,
+        BATCH,
+        COEF,
+        CONTEXT,
+        COUNT,
+        EPOCHS,
+        LAYER,
+        LR,
+        NEW_TOKENS,
+        SCORE,
+        SEED,
+        TEMPERATURE,
         DeviceOpt,
         EngineOpt,
         JudgeModelOpt,
@@ -25,7 +38,6 @@ def register(app: typer.Typer) -> None:
         JudgeUrlOpt,
         ModelOpt,
         ProfileOpt,
-        finite_number,
         start_engines,
     )
 
@@ -36,21 +48,21 @@ def register(app: typer.Typer) -> None:
         level: Annotated[str, typer.Option(help="normal (no system prompt), I (eliciting instruction for half "
                                                 "the rows), II (eliciting for all) or mistakes (wrong answers).")
                          ] = "II",
-        n: Annotated[int, typer.Option("--n", help="Rows (one question each).")] = 48,
+        n: Annotated[int, COUNT.option("Rows (one question each).", "--n")] = 48,
         questions: Annotated[str, typer.Option(help="pool (the built-in everyday questions) or extraction (the "
                                                     "trait's own, cycled to --n rows: room for the trait).")
                              ] = "pool",
         out: Annotated[Path | None, typer.Option(help="Output JSONL (default runs/datasets/TRAIT-LEVEL.jsonl); "
                                                       "work files go to OUT.work/.")] = None,
-        max_new_tokens: Annotated[int, typer.Option()] = 64,
-        temperature: Annotated[float, typer.Option()] = 0.7,
-        max_attempts: Annotated[int, typer.Option(help="Samples per row before a failing row is skipped.")] = 3,
+        max_new_tokens: Annotated[int, NEW_TOKENS.option()] = 64,
+        temperature: Annotated[float, TEMPERATURE.option()] = 0.7,
+        max_attempts: Annotated[int, ATTEMPTS.option("Samples per row before a failing row is skipped.")] = 3,
         require_end: Annotated[bool, typer.Option(help="Resample answers cut at --max-new-tokens (keep only "
                                                        "answers that ended).")] = False,
-        trait_threshold: Annotated[float, typer.Option(help="Eliciting rows must score at least this.")] = 50.0,
-        coherence_threshold: Annotated[float, typer.Option()] = 50.0,
-        batch_size: Annotated[int, typer.Option()] = 8,
-        seed: Annotated[int, typer.Option()] = 0,
+        trait_threshold: Annotated[float, SCORE.option("Eliciting rows must score at least this.")] = 50.0,
+        coherence_threshold: Annotated[float, SCORE.option()] = 50.0,
+        batch_size: Annotated[int, BATCH.option()] = 8,
+        seed: Annotated[int, SEED.option()] = 0,
         judge: Annotated[bool, typer.Option(help="Judge and filter the rows (--no-judge keeps every first "
                                                  "sample).")] = True,
         judge_model: JudgeModelOpt = DEFAULT_JUDGE_MODEL,
@@ -105,24 +117,22 @@ def register(app: typer.Typer) -> None:
         model: ModelOpt = DEFAULT_MODEL,
         out: Annotated[Path | None, typer.Option(help="Adapter directory (default runs/finetune/DATA).")] = None,
         profile: ProfileOpt = "quick",
-        epochs: Annotated[int | None, typer.Option()] = None,
-        max_steps: Annotated[int | None, typer.Option(help="Optimiser steps (overrides --epochs).")] = None,
-        lr: Annotated[float | None, typer.Option()] = None,
-        batch_size: Annotated[int | None, typer.Option()] = None,
-        grad_accum: Annotated[int | None, typer.Option()] = None,
-        rank: Annotated[int | None, typer.Option("--r", help="LoRA rank.")] = None,
-        lora_alpha: Annotated[int | None, typer.Option("--lora-alpha")] = None,
-        max_len: Annotated[int | None, typer.Option(help="Truncate chats to this many tokens.")] = None,
-        seed: Annotated[int | None, typer.Option()] = None,
+        epochs: Annotated[int | None, EPOCHS.option()] = None,
+        max_steps: Annotated[int | None, COUNT.option("Optimiser steps (overrides --epochs).")] = None,
+        lr: Annotated[float | None, LR.option()] = None,
+        batch_size: Annotated[int | None, BATCH.option()] = None,
+        grad_accum: Annotated[int | None, BATCH.option()] = None,
+        rank: Annotated[int | None, BATCH.option("LoRA rank.", "--r")] = None,
+        lora_alpha: Annotated[int | None, BATCH.option(None, "--lora-alpha")] = None,
+        max_len: Annotated[int | None, CONTEXT.option("Truncate chats to this many tokens.")] = None,
+        seed: Annotated[int | None, SEED.option()] = None,
         steer_vector: Annotated[Path | None, typer.Option(help="Preventative steering: persona vector added "
                                                                "during training only.")] = None,
-        steer_layer: Annotated[int | None, typer.Option(help="Layer (default: the vector's layer).")] = None,
+        steer_layer: Annotated[int | None, LAYER.option("Layer (default: the vector's layer).")] = None,
         steer_layers: Annotated[str | None, typer.Option(help="'all': layer-incremental vectors v(l)−v(l−1) on "
                                                               "every layer.")] = None,
-        steer_coef: Annotated[float | None, typer.Option(help="Raw coefficient.", callback=finite_number)] = None,
-        steer_alpha: Annotated[float | None, typer.Option(help="Relative coefficient (coef·‖v‖/resid_norm).",
-                                                          callback=finite_number)
-                               ] = None,
+        steer_coef: Annotated[float | None, COEF.option("Raw coefficient.")] = None,
+        steer_alpha: Annotated[float | None, ALPHA.option("Relative coefficient (coef·‖v‖/resid_norm).")] = None,
         steer_mode: Annotated[str, typer.Option(help="add, or ablate (project v̂ out: the CAFT baseline).")
                               ] = "add",
         force: Annotated[bool, typer.Option(help="Start over instead of resuming / reusing.")] = False,

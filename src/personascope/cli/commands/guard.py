@@ -10,7 +10,9 @@ def register(app: typer.Typer) -> None:
     """Add the `guard` command group to the main app."""
     from personascope.model import DEFAULT_MODEL
 
-    from .common import DeviceOpt, ModelOpt
+    from .common import BATCH, LAYER, NEW_TOKENS, SAMPLES, DeviceOpt, ModelOpt, Range
+
+    GUARD_PERCENTILE = Range(50, 100, hi_open=True)
 
     guard_app = typer.Typer(help="Persona guard: cap or conditionally steer the projection when it leaves its "
                                  "normal range.", no_args_is_help=True)
@@ -22,14 +24,14 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option(help="Where to write the vector with the calibration in its metadata "
                                                "(may be the same file).")],
         model: ModelOpt = DEFAULT_MODEL,
-        layer: Annotated[int | None, typer.Option(help="Layer (default: the vector's chosen layer).")] = None,
-        percentile: Annotated[float, typer.Option(help="hi = this percentile of the projections, lo = the "
-                                                       "mirrored one (in [50, 100)).")] = 95.0,
-        n_questions: Annotated[int, typer.Option(help="Questions drawn from the shipped question pool.")] = 64,
+        layer: Annotated[int | None, LAYER.option("Layer (default: the vector's chosen layer).")] = None,
+        percentile: Annotated[float, GUARD_PERCENTILE.option("hi = this percentile of the projections, lo = the "
+                                                             "mirrored one.")] = 95.0,
+        n_questions: Annotated[int, SAMPLES.option("Questions drawn from the shipped question pool.")] = 64,
         distribution: Annotated[str, typer.Option(help="token (every token's projection, what the guard reads) "
                                                        "or response (each answer's mean).")] = "token",
-        max_new_tokens: Annotated[int, typer.Option(help="Longest answer.")] = 64,
-        batch_size: Annotated[int, typer.Option()] = 8,
+        max_new_tokens: Annotated[int, NEW_TOKENS.option("Longest answer.")] = 64,
+        batch_size: Annotated[int, BATCH.option()] = 8,
         device: DeviceOpt = None,
     ) -> None:
         """Measure the projection's normal range on the model's own unprompted answers; store it with the vector."""
@@ -39,10 +41,8 @@ def register(app: typer.Typer) -> None:
 
         if distribution not in DISTRIBUTIONS:
             fail(f"--distribution must be one of {', '.join(DISTRIBUTIONS)}, got {distribution!r}")
-        if not 50.0 <= percentile < 100.0:
-            fail(f"--percentile must be in [50, 100), got {percentile}")
-        if n_questions < 1:
-            fail(f"--n-questions must be at least 1, got {n_questions}")
+        if out.is_dir():
+            fail(f"--out {out} is a directory; name the vector file to write")
         adapter = load_adapter(model, device)
         pv = load_vector_for(adapter, vector)
         try:

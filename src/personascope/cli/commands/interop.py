@@ -9,7 +9,7 @@ import typer
 
 from personascope.model import DEFAULT_MODEL
 
-from .common import DeviceOpt, console, fail, load_adapter
+from .common import ALPHA, COEF, LAYER, DeviceOpt, console, fail, ints, load_adapter
 
 if TYPE_CHECKING:
     from personascope.interop import LmEvalExport
@@ -32,11 +32,11 @@ def vector_export(
                                                          "lmeval (lm-evaluation-harness `steered` model).")] = "gguf",
     layers: Annotated[str | None, typer.Option("--layers", help="personascope layers to export, e.g. 10,12 "
                                                                 "(default: the vector's chosen layer).")] = None,
-    layer_range: Annotated[tuple[int, int] | None, typer.Option("--layer-range", help="Export layers A..B "
-                                                                                      "(inclusive).")] = None,
-    coef: Annotated[float | None, typer.Option(help="Raw coefficient baked into every exported layer.")] = None,
-    alpha: Annotated[float | None, typer.Option(help="Relative coefficient, converted per layer "
-                                                     "(coef = alpha·resid_norm/‖v‖) and baked in.")] = None,
+    layer_range: Annotated[tuple[int, int] | None, LAYER.option("Export layers A..B (inclusive).",
+                                                                "--layer-range")] = None,
+    coef: Annotated[float | None, COEF.option("Raw coefficient baked into every exported layer.")] = None,
+    alpha: Annotated[float | None, ALPHA.option("Relative coefficient, converted per layer "
+                                                "(coef = alpha·resid_norm/‖v‖) and baked in.")] = None,
     span: Annotated[str, typer.Option(help="response_avg, prompt_avg or prompt_last.")] = "response_avg",
     model: Annotated[str | None, typer.Option("--model", "-m", help="The vector's model: needed for lmeval (block "
                                                                     "names); checked against the vector.")] = None,
@@ -55,6 +55,8 @@ def vector_export(
 
     if format not in FORMATS:
         fail(f"unknown --format {format!r}; choose from {', '.join(FORMATS)}")
+    if layers is not None:
+        ints(layers, "--layers", LAYER)
     if format == "lmeval" and model is None:
         fail("--format lmeval needs --model (the harness hooks blocks by their module names)")
     try:

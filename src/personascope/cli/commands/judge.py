@@ -11,6 +11,7 @@ from rich.table import Table
 from personascope.model import DEFAULT_JUDGE_MODEL
 
 from .common import (
+    COUNT,
     DeviceOpt,
     JudgeModelOpt,
     console,
@@ -22,7 +23,7 @@ def judge_eval(
     mode: Annotated[list[str] | None, typer.Option("--mode", help="Trait modes to compare (repeatable).")] = None,
     coherence_mode: Annotated[list[str] | None, typer.Option("--coherence-mode")] = None,
     trait: Annotated[list[str] | None, typer.Option("--trait", help="Limit to these traits.")] = None,
-    limit: Annotated[int | None, typer.Option(help="Rows per set (balanced).")] = None,
+    limit: Annotated[int | None, COUNT.option("Rows per set (balanced).")] = None,
     labelled: Annotated[str, typer.Option("--set", help="Labelled answers: written (clear-cut text) or real "
                                           "(answers of the built-in models, labelled by reading).")] = "written",
     out: Path = Path("runs/judge-eval"),

@@ -13,8 +13,10 @@ def _read_ladder(path: Path) -> list[str]:
 
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         fail(f"{path}: cannot read the ladder ({e})")
+    except RecursionError:
+        fail(f"{path}: cannot read the ladder (JSON nested too deeply)")
     if isinstance(data, dict):
         data = data.get("ladder")
     if not isinstance(data, list) or len(data) < 2 or not all(isinstance(s, str) and s.strip() for s in data):
@@ -26,7 +28,27 @@ def register(app: typer.Typer) -> None:
     """Add the monitor commands to the main app."""
     from personascope.model import DEFAULT_JUDGE_MODEL, DEFAULT_MODEL
 
-    from .common import DeviceOpt, JudgeModelOpt, JudgeModeOpt, JudgeUrlOpt, ModelOpt, ProfileOpt
+    from .common import (
+        BATCH,
+        COEF,
+        LAYER,
+        NEW_TOKENS,
+        PROJECTION,
+        QUESTIONS,
+        SAMPLES,
+        SEED,
+        TEMPERATURE,
+        DeviceOpt,
+        JudgeModelOpt,
+        JudgeModeOpt,
+        JudgeUrlOpt,
+        ModelOpt,
+        ProfileOpt,
+        Range,
+    )
+
+    SHOT_CHARS = Range(0, 1_000_000)  # 0 keeps each in-context answer whole
+    SHOTS = Range(0, 1_000)  # in-context examples per prompt
 
     @app.command()
     def monitor(
@@ -34,21 +56,21 @@ def register(app: typer.Typer) -> None:
         vector: Annotated[Path, typer.Option(help="Persona vector file (its run's answers.jsonl gives the "
                                                   "many-shot examples).")],
         model: ModelOpt = DEFAULT_MODEL,
-        layer: Annotated[int | None, typer.Option(help="Layer (default: the vector's chosen layer).")] = None,
+        layer: Annotated[int | None, LAYER.option("Layer (default: the vector's chosen layer).")] = None,
         ladder: Annotated[Path | None, typer.Option(help="JSON list of system prompts, suppressing → eliciting "
                                                          "(default: the built-in ladder).")] = None,
-        samples: Annotated[int | None, typer.Option(help="Samples per prompt and question.")] = None,
-        questions: Annotated[int | None, typer.Option(help="Use the first N evaluation questions.")] = None,
+        samples: Annotated[int | None, SAMPLES.option("Samples per prompt and question.")] = None,
+        questions: Annotated[int | None, QUESTIONS.option("Use the first N evaluation questions.")] = None,
         shots: Annotated[str | None, typer.Option(help="Shot counts, e.g. 0,5,10,15,20.")] = None,
         shots_from: Annotated[Path | None, typer.Option(help="answers.jsonl with pos answers for the "
                                                              "in-context examples.")] = None,
-        shot_chars: Annotated[int | None, typer.Option(help="Truncate each in-context answer to N characters "
+        shot_chars: Annotated[int | None, SHOT_CHARS.option("Truncate each in-context answer to N characters "
                                                             "(0: keep whole).")] = None,
         experiments: Annotated[str, typer.Option(help="system, shots or both.")] = "system,shots",
-        max_new_tokens: Annotated[int | None, typer.Option()] = None,
-        temperature: Annotated[float | None, typer.Option()] = None,
-        batch_size: Annotated[int | None, typer.Option()] = None,
-        seed: Annotated[int | None, typer.Option()] = None,
+        max_new_tokens: Annotated[int | None, NEW_TOKENS.option()] = None,
+        temperature: Annotated[float | None, TEMPERATURE.option()] = None,
+        batch_size: Annotated[int | None, BATCH.option()] = None,
+        seed: Annotated[int | None, SEED.option()] = None,
         profile: ProfileOpt = "quick",
         out: Annotated[Path | None, typer.Option(help="Output directory (default runs/monitor-TRAIT-MODEL).")]
         = None,
@@ -68,6 +90,7 @@ def register(app: typer.Typer) -> None:
 
         from ..printing import print_monitor_result
         from .common import (
+            check_out_dir,
             fail,
             ints,
             load_adapter,
@@ -79,13 +102,14 @@ def register(app: typer.Typer) -> None:
         if profile not in MONITOR_PROFILES:
             fail(f"unknown profile {profile!r}; choose from {', '.join(MONITOR_PROFILES)}")
         t = load_trait_or_fail(trait)
+        check_out_dir(out, force)
         exps = tuple(x.strip() for x in experiments.split(",") if x.strip())
         if not exps or set(exps) - {"system", "shots"}:
             fail(f"--experiments takes system, shots or both, got {experiments!r}")
         cfg = MONITOR_PROFILES[profile]
         over: dict[str, Any] = {"samples": samples, "n_questions": questions, "max_new_tokens": max_new_tokens,
                 "temperature": temperature, "batch_size": batch_size, "seed": seed,
-                "shots": tuple(ints(shots, "--shots")) if shots else None}
+                "shots": tuple(ints(shots, "--shots", SHOTS)) if shots else None}
         cfg = replace(cfg, experiments=exps, **{k: v for k, v in over.items() if v is not None})
         if shot_chars is not None:
             cfg = replace(cfg, shot_chars=shot_chars or None)
@@ -122,19 +146,19 @@ def register(app: typer.Typer) -> None:
     def watch(
         vector: Annotated[Path, typer.Option(help="Persona vector file.")],
         model: ModelOpt = DEFAULT_MODEL,
-        layer: Annotated[int | None, typer.Option(help="Layer (default: the vector's chosen layer).")] = None,
-        threshold: Annotated[float | None, typer.Option(help="Mark turns whose prompt or any answer token "
+        layer: Annotated[int | None, LAYER.option("Layer (default: the vector's chosen layer).")] = None,
+        threshold: Annotated[float | None, PROJECTION.option("Mark turns whose prompt or any answer token "
                                                              "projects at or above this value.")] = None,
         system: Annotated[str | None, typer.Option(help="System prompt for the chat.")] = None,
-        max_new_tokens: Annotated[int, typer.Option()] = 128,
-        temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.7,
+        max_new_tokens: Annotated[int, NEW_TOKENS.option()] = 128,
+        temperature: Annotated[float, TEMPERATURE.option("0 = greedy.")] = 0.7,
         history: Annotated[bool, typer.Option(help="Keep earlier turns in the prompt.")] = True,
         save_html: Annotated[Path | None, typer.Option(help="Write the session's heat map to this HTML file.")]
         = None,
         guard: Annotated[str | None, typer.Option(help="Answer under the persona guard (the vector's calibrated "
                                                        "range): cap or conditional.")] = None,
-        guard_coef: Annotated[float | None, typer.Option(help="Conditional guard: the raw coefficient added "
-                                                              "while above the range (default: ablate v̂).")] = None,
+        guard_coef: Annotated[float | None, COEF.option("Conditional guard: the raw coefficient added "
+                                                        "while above the range (default: ablate v̂).")] = None,
         device: DeviceOpt = None,
     ) -> None:
         """Chat in the terminal with a live trait meter before each answer and a coloured per-token trace."""

@@ -12,6 +12,12 @@ def register(app: typer.Typer) -> None:
     """Add the screen commands to the main app."""
     from .cluster_options import GpusPerWorkerOpt, RayOpt, WorkersOpt, cluster_session, driver_judge, driver_model
     from .common import (
+        BATCH,
+        COUNT,
+        LAYER,
+        NEW_TOKENS,
+        PERCENT,
+        PROJECTION,
         DeviceOpt,
         EngineOpt,
         JudgeModelOpt,
@@ -28,25 +34,25 @@ def register(app: typer.Typer) -> None:
         vector: Annotated[list[Path], typer.Option("--vector", help="Persona vector file (repeatable: several "
                                                                     "traits in one pass).")],
         model: ModelOpt = DEFAULT_MODEL,
-        layer: Annotated[int | None, typer.Option(help="Layer to project on (default: each vector's "
-                                                       "chosen layer).")] = None,
+        layer: Annotated[int | None, LAYER.option("Layer to project on (default: each vector's chosen "
+                                                  "layer).")] = None,
         method: Annotated[str, typer.Option(help="generate (ΔP against the model's own greedy answer) or "
                                                  "last-token (no generation: the last prompt token's projection "
                                                  "stands in for the model's answer).")] = "generate",
         out: Annotated[Path | None, typer.Option(help="Output directory (default runs/screen-NAME).")] = None,
-        threshold: Annotated[float | None, typer.Option(help="Flag rows with ΔP above this value.")] = None,
-        percentile: Annotated[float | None, typer.Option(help="Flag rows above this percentile of ΔP on "
-                                                              "--reference (paper: 95).")] = None,
+        threshold: Annotated[float | None, PROJECTION.option("Flag rows with ΔP above this value.")] = None,
+        percentile: Annotated[float | None, PERCENT.option("Flag rows above this percentile of ΔP on "
+                                                           "--reference (paper: 95).")] = None,
         reference: Annotated[Path | None, typer.Option(help="Clean reference data for --percentile (without "
                                                             "it, the percentile of the data itself).")] = None,
         judge: Annotated[bool, typer.Option("--judge", help="Also judge every response for the trait (flag at "
                                                             "≥ 50) and report both filters side by side.")] = False,
         filter_by: Annotated[str, typer.Option(help="Flags that remove rows from filtered.jsonl: delta_p, judge "
                                                     "or any.")] = "delta_p",
-        batch_size: Annotated[int, typer.Option(help="Rows per forward / generation batch.")] = 8,
-        chunk_size: Annotated[int, typer.Option(help="Rows read, processed and saved at a time.")] = 256,
-        max_new_tokens: Annotated[int, typer.Option(help="Length cap of the model's own answers.")] = 128,
-        top: Annotated[int, typer.Option(help="Rows per trait in top_flagged.md.")] = 20,
+        batch_size: Annotated[int, BATCH.option("Rows per forward / generation batch.")] = 8,
+        chunk_size: Annotated[int, COUNT.option("Rows read, processed and saved at a time.")] = 256,
+        max_new_tokens: Annotated[int, NEW_TOKENS.option("Length cap of the model's own answers.")] = 128,
+        top: Annotated[int, COUNT.option("Rows per trait in top_flagged.md.")] = 20,
         judge_model: JudgeModelOpt = DEFAULT_JUDGE_MODEL,
         judge_mode: JudgeModeOpt = None,
         judge_url: JudgeUrlOpt = None,
@@ -61,7 +67,7 @@ def register(app: typer.Typer) -> None:
         from personascope.screen import METHODS, ScreenConfig, screen_dataset
 
         from ..printing import print_screen_result
-        from .common import console, fail, load_vector_for
+        from .common import check_out_dir, console, fail, load_vector_for
 
         if method not in METHODS:
             fail(f"unknown --method {method!r}; choose from {', '.join(METHODS)}")
@@ -69,8 +75,7 @@ def register(app: typer.Typer) -> None:
             fail("--filter-by must be delta_p, judge or any")
         if filter_by != "delta_p" and not judge:
             fail(f"--filter-by {filter_by} needs --judge")
-        if percentile is not None and not 0 <= percentile <= 100:
-            fail("--percentile must be between 0 and 100")
+        check_out_dir(out, force)
         if threshold is not None and percentile is not None:
             fail("give --threshold or --percentile, not both")
         for p in [data, *([reference] if reference else [])]:

@@ -11,6 +11,9 @@ from rich.table import Table
 from personascope.model import DEFAULT_JUDGE_MODEL
 
 from .common import (
+    LAYER,
+    NEW_TOKENS,
+    QUESTIONS,
     DeviceOpt,
     JudgeModelOpt,
     JudgeModeOpt,
@@ -29,10 +32,9 @@ def shift_cmd(
     finetuned: Annotated[Path, typer.Option(help="Adapter directory of the finetuned model.")],
     base: Annotated[str, typer.Option(help="Base model (default: the one the adapter names).")] = "",
     trait: Annotated[str | None, typer.Option(help="Trait (default: the vector's).")] = None,
-    layer: Annotated[int | None, typer.Option(help="Layer (default: the vector's layer).")] = None,
-    questions: Annotated[int | None, typer.Option(help="Use the first N evaluation questions "
-                                                       "(default 8).")] = 8,
-    max_new_tokens: Annotated[int | None, typer.Option(help="Answer length for the judged evaluation.")] = None,
+    layer: Annotated[int | None, LAYER.option("Layer (default: the vector's layer).")] = None,
+    questions: Annotated[int | None, QUESTIONS.option("Use the first N evaluation questions (default 8).")] = 8,
+    max_new_tokens: Annotated[int | None, NEW_TOKENS.option("Answer length for the judged evaluation.")] = None,
     judge: Annotated[bool, typer.Option(help="Judge trait score and coherence (--no-judge: shift only).")] = True,
     capability: Annotated[bool, typer.Option(help="Multiple-choice accuracy before and after.")] = True,
     capability_file: Annotated[Path | None, typer.Option(help="MMLU-style JSONL (default: built-in).")] = None,

@@ -20,7 +20,12 @@ def _validity(pv):
     from personascope.vectors import ValidityReport
 
     raw = pv.metadata.get("validity")
-    return ValidityReport.from_dict(json.loads(raw)) if raw else None
+    if not raw:
+        return None
+    try:
+        return ValidityReport.from_dict(json.loads(raw))
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        fail(f"{pv.path}: metadata field 'validity' is not a validity report ({type(e).__name__}: {e})")
 
 
 def _fmt(x) -> str:
@@ -35,6 +40,7 @@ def vector_info(path: Annotated[Path, typer.Argument(help="Vector file or ready-
         pv = load_vector(path)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
+    report = _validity(pv)  # checked before anything is shown
     table = Table(title=str(pv.path))
     table.add_column("key")
     table.add_column("value", max_width=100)
@@ -46,7 +52,6 @@ def vector_info(path: Annotated[Path, typer.Argument(help="Vector file or ready-
     console.print(table)
     norms = pv.vectors["response_avg"].norm(dim=-1)
     console.print("‖v[l]‖: " + " ".join(f"{i}:{float(n):.2f}" for i, n in enumerate(norms)))
-    report = _validity(pv)
     if report is None:
         console.print("no validity report in this file (vectors from `personascope extract` carry one)")
     else:
