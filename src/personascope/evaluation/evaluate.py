@@ -19,7 +19,7 @@ from personascope.model import ModelAdapter, SamplingConfig, run_generation
 from personascope.steering import GUARD_MODES, Guard, GuardCalibration, Steerer
 from personascope.traits import Trait
 from personascope.util import JsonlStore, bind_run, fingerprint, write_json
-from personascope.vectors import PersonaVector
+from personascope.vectors import PersonaVector, compute_dtype
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +179,8 @@ def evaluate(
     questions = trait.eval_questions[: cfg.n_questions] if cfg.n_questions else trait.eval_questions
     samp = cfg.sampling
     bind_run(run_dir, {
-        "model": adapter.name, "config_hash": adapter.config_hash, "trait": trait.name,
-        "questions": fingerprint(questions), "samples": samp.samples, "seed": samp.seed,
+        "model": adapter.name, "config_hash": adapter.config_hash, "dtype": compute_dtype(adapter),
+        "trait": trait.name, "questions": fingerprint(questions), "samples": samp.samples, "seed": samp.seed,
         "temperature": samp.temperature, "top_p": samp.top_p, "max_new_tokens": samp.max_new_tokens,
         "judge": judge.name, "judge_mode": judge.describe_mode("trait", trait),
         "rubric": fingerprint(trait.eval_prompt),
