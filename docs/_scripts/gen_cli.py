@@ -1,10 +1,10 @@
 """Write the CLI reference (reference/cli.md) from the typer app at site-build time (mkdocs-gen-files)."""
 
+import mkdocs_gen_files
 import typer
 import typer.main
 from typer.cli import get_docs_for_click
 
-import mkdocs_gen_files
 from personascope.cli.main import app
 
 command = typer.main.get_command(app)

@@ -38,8 +38,8 @@ def main() -> int:
         nbformat.write(nb, args.out / path.name)
         slow = seconds > args.budget
         failed |= slow
-        print(f"{path.relative_to(ROOT)}: ran in {seconds:.0f} s{' (over the budget of %.0f s)' % args.budget if slow else ''}"
-              f" -> {(args.out / path.name).relative_to(ROOT)}")
+        over = f" (over the budget of {args.budget:.0f} s)" if slow else ""
+        print(f"{path.relative_to(ROOT)}: ran in {seconds:.0f} s{over} -> {(args.out / path.name).relative_to(ROOT)}")
     return 1 if failed else 0
 
 
