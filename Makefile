@@ -65,6 +65,7 @@ lint: $(STAMP)
 
 # the documentation site (mkdocs.yml): built with warnings as errors (broken links, missing references and
 # pages fail), into build/site; `docs-serve` serves it with live reload at http://127.0.0.1:8000
+# (the tutorial renders without outputs; DOCS_EXECUTE_NOTEBOOKS=1 make docs runs it into the site, for publishing)
 MKDOCS_ENV := DISABLE_MKDOCS_2_WARNING=true NO_MKDOCS_2_WARNING=1
 docs: $(STAMP)
 	$(MKDOCS_ENV) $(BIN)/mkdocs build --strict --site-dir build/site
