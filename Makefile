@@ -75,8 +75,9 @@ docs-serve: $(STAMP)
 
 # the tutorial notebook(s), run top to bottom on the built-in 0.5B (fails on an error or past 5 min);
 # executed copies in build/notebooks/
+# (one torch thread: on a shared 2-core machine two threads spin-wait for each other and run ~8x slower)
 notebook: $(STAMP)
-	$(BIN)/python docs/_scripts/run_notebooks.py --budget 300
+	OMP_NUM_THREADS=1 $(BIN)/python docs/_scripts/run_notebooks.py --budget 300
 
 # sdist + wheel, the wheel installed into a fresh venv outside the checkout, the CLI and the README's example run there
 wheel-check: $(STAMP)
