@@ -75,7 +75,8 @@ docs-serve: $(STAMP)
 
 # the tutorial notebook(s), run top to bottom on the built-in 0.5B (fails on an error or past 5 min);
 # executed copies in build/notebooks/
-# (one torch thread: on a shared 2-core machine two threads spin-wait for each other and run ~8x slower)
+# (one torch thread: on a shared 2-core machine two threads spin-wait for each other; on a loaded one it ran in
+# 206 s with one thread and timed out past 10 min with two)
 notebook: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python docs/_scripts/run_notebooks.py --budget 300
 
