@@ -110,12 +110,12 @@ def run_demo(trait_name: str, model_name: str, out: Path, device: str | None = N
     plot = plot_sweep(sweep_rows(ladder, [layer]), out / f"steer-{source}" / "sweep.png",
                       f"{trait.name} steering on {adapter.name}")
     report = write_report(rows, out / "report.html", trait.name, adapter.name, plot)
-    validity = json.loads(pv.metadata["validity"])
+    validity = json.loads(fresh.metadata["validity"])
     base = rows[1]
     at = (alphas[0], 0, alphas[1])
     summary = {
         "trait": trait.name, "model": adapter.name, "seed": seed, "judge": judge.name, "layer": layer,
-        "alphas": list(alphas), "kept_pairs": int(pv.metadata["kept_pairs"]), "validity": validity["at_layer"],
+        "alphas": list(alphas), "kept_pairs": int(fresh.metadata["kept_pairs"]), "validity": validity["at_layer"],
         "valid": validity["valid"], "trait_mean": {str(a): r["trait_mean"] for a, r in zip(at, rows, strict=True)},
         "coherence_mean": {str(a): r["coherence_mean"] for a, r in zip(at, rows, strict=True)},
         "fluent_share": {str(a): r["fluent_share"] for a, r in zip(at, rows, strict=True)},
@@ -126,7 +126,8 @@ def run_demo(trait_name: str, model_name: str, out: Path, device: str | None = N
         "delta_plus": None if rows[2]["trait_mean"] is None or base["trait_mean"] is None
         else rows[2]["trait_mean"] - base["trait_mean"],
         "engine": gen.name, "vector": fresh.path, "steered_with": source, "steering_vector": pv.path,
-        "cosine_fresh_steering": cosine, "report": str(report),
+        "cosine_fresh_steering": cosine,
+        "steering_validity": json.loads(pv.metadata.get("validity", "null") or "null"), "report": str(report),
     }
     write_json(out / "summary.json", summary)
     fluent = all((r["fluent_share"] or 0) >= 1.0 for r in rows)
