@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from personascope.evaluation import Condition, EvalConfig, choose_steering, evaluate
-from personascope.judges import ProbeJudge, ProbeWeights, probe_weights_path
+from personascope.judges import ProbeJudge, ProbeWeights, load_probe_judge, probe_weights_path
 from personascope.model import ModelAdapter, SamplingConfig, load_model
 from personascope.traits import builtin_traits, load_trait
 from personascope.vectors import load_vector
@@ -32,6 +32,9 @@ def main() -> None:
     ap.add_argument("--model", default="qwen2.5-coder-0.5b")
     ap.add_argument("--traits", nargs="*", default=builtin_traits())
     ap.add_argument("--alphas", nargs="*", type=float, default=[-1.0, -0.75, -0.5, -0.25, 0.25, 0.5, 0.75, 1.0])
+    ap.add_argument("--judge-model", default=None,
+                    help="the probe judge's model (default: the subject model when the package has its probe, "
+                         "else qwen2.5-coder-0.5b)")
     ap.add_argument("--questions", type=int, default=6)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=2)
@@ -39,7 +42,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
     adapter = ModelAdapter(model, tok)
-    judge = ProbeJudge(adapter, ProbeWeights.load(probe_weights_path(args.model)), name=f"probe:{args.model}")
+    judge_model = args.judge_model or (args.model if probe_weights_path(args.model).exists() else "qwen2.5-coder-0.5b")
+    judge = load_probe_judge(judge_model) if judge_model != args.model else ProbeJudge(
+        adapter, ProbeWeights.load(probe_weights_path(args.model)), name=f"probe:{args.model}")
     cfg = EvalConfig(SamplingConfig(samples=1, temperature=0.0, max_new_tokens=args.max_new_tokens,
                                     batch_size=args.questions), n_questions=args.questions)
     for name in args.traits:
