@@ -18,6 +18,7 @@ ENGINES = ("hf", "vllm", "auto")
 # pay: vLLM saved about 4 ms per generated token and 2 ms per judged prompt token there (measured before
 # bench/engines.py, on a quieter machine)
 AUTO_MIN_TOKENS = 100_000
+MIN_PARAMS = 20_000_000  # smaller models (tests' tiny ones) keep their dtype and the HF engine unmeasured
 
 
 from .types import Engine  # noqa: E402  (re-exported: the interface every engine implements)
@@ -59,6 +60,8 @@ def resolve_engine(engine: str, adapter, work_tokens: int, timer=None, model_pat
     fixed = dtype_name(forced) if forced else (None if dev == "cpu" else current)
     if fixed and (engine == "hf" or not vllm_available()):
         return Choice("hf", fixed, "given" if engine == "hf" else "the only engine here")
+    if timer is None and engine != "vllm" and sum(p.numel() for p in adapter.model.parameters()) < MIN_PARAMS:
+        return Choice("hf", current, "a model this small is not worth measuring")
     name = str(adapter.model.config.name_or_path)
     timings = calibrate(name, dev, timer or model_timer(adapter, model_path), vllm=vllm_available())
     choice = decide(timings, work_tokens, engine, fixed, prefer=("hf", current))

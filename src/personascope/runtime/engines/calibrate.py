@@ -158,7 +158,8 @@ def time_hf(model: torch.nn.Module, dtype: str, steps: int = CAL_NEW_TOKENS, row
     subject = model if lossless or current == target else copy.deepcopy(model)
     dev = next(model.parameters()).device
     vocab = int(getattr(model.config, "vocab_size", 1000))
-    ids = torch.randint(10, max(11, min(vocab, 30_000)), (rows, prompt_tokens), generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, max(11, min(vocab, 30_000)), (rows, prompt_tokens), generator=gen)
     kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None, min_new_tokens=steps)
     try:
         subject.to(target)
