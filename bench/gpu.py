@@ -140,8 +140,8 @@ def lines_for(res: dict) -> list[str]:
             continue
         mem = r.get("peak_memory_gib", r.get("peak_rss_gib", 0.0))
         for i, (b, gr) in enumerate(r["generate"].items()):
-            first = (f"| {size} | {r['forward_tok_s']:,.0f} | {r['extract_tok_s']:,.0f} (×{r['extract_vs_forward']:.2f})"
-                     if i == 0 else "| | |")
+            ext = f"{r['extract_tok_s']:,.0f} (×{r['extract_vs_forward']:.2f})"
+            first = f"| {size} | {r['forward_tok_s']:,.0f} | {ext}" if i == 0 else "| | |"
             rows.append(f"{first} | {b} | {gr['new_tok_s']:,.0f} | {gr['steered_new_tok_s']:,.0f} | "
                         f"{gr['steering_overhead_pct']:+.1f} % | {mem:.1f} |")
     return [head, "", *rows]

@@ -95,7 +95,8 @@ def main() -> None:
 
         sp = res["s_per_judgement"]
         record("judge cost before/after the shared-prefix forwards (bench/judge_cost.py)", [
-            f"{args.model}, {dtype}, {args.threads} threads, CPU flags `{res['cpu_flags']}`; {len(rows)} answers of the "
+            f"{args.model}, {dtype}, {args.threads} threads, CPU flags `{res['cpu_flags']}`; {len(rows)} answers of "
+            "the "
             f"real labelled set ({args.per_trait} per trait) × trait + coherence = {len(reqs)} judgements, default "
             f"modes (trait auto, coherence binary); both paths in one process, chunk by chunk, order alternating; "
             f"load average at the end {res['load_average']:.1f}", "",
