@@ -18,12 +18,24 @@ import sys
 import time
 from pathlib import Path
 
-GEN_MODEL, JUDGE_MODEL = "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"
-N_ANSWERS, NEW_TOKENS, N_JUDGE = 64, 64, 32
+GEN_MODEL, JUDGE_MODEL = os.environ.get("BENCH_GEN_MODEL", "qwen2.5-coder-0.5b"), "qwen2.5-coder-1.5b"
+N_ANSWERS, NEW_TOKENS = int(os.environ.get("BENCH_N", "64")), int(os.environ.get("BENCH_NEW_TOKENS", "64"))
+N_JUDGE = int(os.environ.get("BENCH_N_JUDGE", "32"))
 EAGER = os.environ.get("BENCH_VLLM_EAGER", "1") == "1"  # eager (steerable) vLLM: no graph compilation
 # float32 by default: the product's CPU dtype (a CPU without native bf16 matmul, like AVX2-only EPYC, runs bf16 slower)
 DTYPE = os.environ.get("BENCH_DTYPE", "float32")
-PARTS = ("gen-hf16", "gen-hf64", "gen-hfauto", "gen-vllm", "judge-hf", "judge-hfengine", "judge-vllm")
+PARTS = ("gen-hf16", "gen-hf64", "gen-hfauto", "gen-hf-bf16", "gen-hf-fp32", "gen-vllm", "gen-vllm-raw", "judge-hf",
+         "judge-hfengine", "judge-vllm")
+PART_DTYPE = {"gen-hf-bf16": "bfloat16", "gen-hf-fp32": "float32"}  # these ignore BENCH_DTYPE
+
+
+def cpu_flags() -> str:
+    """The CPU flags that decide bf16's speed (recorded with every figure)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "?"
+    return " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags) or "none"
 
 
 def gen_prompts(ad) -> list[str]:
@@ -50,7 +62,7 @@ def run_part(part: str, work: Path) -> dict:
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     name = GEN_MODEL if part.startswith("gen") else JUDGE_MODEL
-    model, tok = load_model(name, device="cpu", dtype=getattr(torch, DTYPE))
+    model, tok = load_model(name, device="cpu", dtype=getattr(torch, PART_DTYPE.get(part, DTYPE)))
     ad = ModelAdapter(model, tok)
     res: dict = {"part": part}
     t0 = time.perf_counter()
@@ -66,6 +78,19 @@ def run_part(part: str, work: Path) -> dict:
             eng.generate(prompts[:2], SamplingConfig(temperature=0.0, max_new_tokens=4))  # warm-up
             t0 = time.perf_counter()
             texts = eng.generate(prompts, cfg)
+        elif part == "gen-vllm-raw":  # the anchor: raw vllm.LLM, compiled, on the same token ids
+            from vllm import LLM, SamplingParams
+            from vllm.inputs import TokensPrompt
+
+            llm = LLM(model=resolve_model_path(name), dtype=DTYPE, max_model_len=2048, seed=0,
+                      enable_prefix_caching=True, disable_log_stats=True)
+            res["startup_s"] = time.perf_counter() - t0
+            toks = [TokensPrompt(prompt_token_ids=ad.encode_prompt(p)) for p in prompts]
+            sp = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, detokenize=False)
+            llm.generate(toks[:2], SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
+            t0 = time.perf_counter()
+            outs = llm.generate(toks, sp, use_tqdm=False)
+            texts = [tok.decode(list(o.outputs[0].token_ids), skip_special_tokens=True).strip() for o in outs]
         elif part == "gen-hf16":  # the product's path before engines: sorted by length, batches of 16
             order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
             texts = [""] * len(prompts)
@@ -116,7 +141,7 @@ def drive(parts: list[str], work: Path) -> None:
     threads = os.environ.get("BENCH_THREADS", "2")
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": threads}
     for part in parts:
-        if part.endswith("vllm"):
+        if "vllm" in part:
             import importlib.util
 
             if importlib.util.find_spec("vllm") is None:
@@ -126,12 +151,15 @@ def drive(parts: list[str], work: Path) -> None:
         subprocess.run([sys.executable, __file__, "--part", part, "--work", str(work)], check=True, env=env)
     got = {p: json.loads((work / f"{p}.json").read_text()) for p in PARTS if (work / f"{p}.json").exists()}
     lines = [f"{N_ANSWERS} answers × {NEW_TOKENS} new tokens greedy on {GEN_MODEL}; {N_JUDGE} binary judge prompts "
-             f"(optimistic, labelled set) on {JUDGE_MODEL}; {DTYPE}; one run each, each in a fresh process; "
+             f"(optimistic, labelled set) on {JUDGE_MODEL}; {DTYPE} unless the variant names a dtype; CPU flags "
+             f"`{cpu_flags()}`; one run each, each in a fresh process; "
              f"load average at the end {os.getloadavg()[0]:.1f}; vLLM {'eager' if EAGER else 'compiled'}; "
              f"torch threads {os.environ.get('BENCH_THREADS', '2')}", "",
              "| variant | seconds | rate | start-up (s) |", "|---|---|---|---|"]
     labels = {"gen-hf16": "HF, product path (batch 16)", "gen-hf64": "HFEngine, batch 64",
               "gen-hfauto": "HFEngine, batch from memory", "gen-vllm": "VLLMEngine",
+              "gen-hf-bf16": "HFEngine, batch from memory, bf16", "gen-hf-fp32": "HFEngine, batch from memory, fp32",
+              "gen-vllm-raw": "raw vllm.LLM, compiled (anchor)",
               "judge-hf": "HF judge, product path (batch 4)", "judge-hfengine": "HFEngine judge (shared prefix)",
               "judge-vllm": "VLLMEngine judge (prefix caching)"}
     for p, r in got.items():
@@ -140,9 +168,9 @@ def drive(parts: list[str], work: Path) -> None:
                                          "prompt tok/s)")
         lines.append(f"| {labels[p]} | {r['seconds']:.1f} | {rate} | {r.get('startup_s', 0):.0f} |")
     lines.append("")
-    ref = next((p for p in ("gen-hf16", "gen-hfauto", "gen-hf64") if p in got), None)
+    ref = next((p for p in ("gen-hf16", "gen-hfauto", "gen-hf64", "gen-hf-fp32") if p in got), None)
     base = got.get(ref) if ref else None
-    for p in ("gen-hf64", "gen-hfauto", "gen-vllm"):
+    for p in ("gen-hf64", "gen-hfauto", "gen-hf-bf16", "gen-vllm", "gen-vllm-raw"):
         if base and p in got and p != ref:
             same = sum(a == b for a, b in zip(base["texts"], got[p]["texts"], strict=True)) / len(base["texts"])
             lines.append(f"- {labels[p]} vs {labels[ref]}: greedy text identical on {100 * same:.0f} % of "

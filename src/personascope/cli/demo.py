@@ -13,7 +13,7 @@ from rich.table import Table
 from personascope.evaluation import Condition, EvalConfig, choose_steering, evaluate, passes_gate, sweep_rows
 from personascope.judges import Judge, ProbeJudge, ProbeWeights, load_local_judge, probe_weights_path
 from personascope.model import ModelAdapter, SamplingConfig, load_model
-from personascope.runtime.engines import make_engine, work_tokens
+from personascope.runtime.engines import make_engine, resolve_engine, work_tokens
 from personascope.traits import Trait, load_trait
 from personascope.util import plot_sweep, write_json
 from personascope.vectors import PersonaVector, extract_vector, find_packaged, load_vector, profile
@@ -84,7 +84,10 @@ def run_demo(trait_name: str, model_name: str, out: Path, device: str | None = N
     console.print(f"e.g. pos system prompt: [italic]{trait.system_prompt('pos', 0)}[/]\nquestion: [italic]{q}[/]")
     config = profile("builtin", n_questions=n_questions, seed=seed)
     n_answers = 2 * n_questions * config.n_instructions * config.sampling.samples
-    gen = make_engine(engine, adapter, work_tokens(n_answers, 100, config.sampling.max_new_tokens))
+    work = work_tokens(n_answers, 100, config.sampling.max_new_tokens)
+    picked = resolve_engine(engine, adapter, work)
+    console.print(picked.line(), soft_wrap=True, highlight=False)
+    gen = make_engine(picked.engine, adapter, work, dtype=picked.torch_dtype)
     pv = extract_vector(adapter, trait, judge=judge, run_dir=out / "extract", config=config,
                         engine=None if gen.name == "hf" else gen)
     print_extraction(out / "extract")
@@ -125,8 +128,8 @@ def run_demo(trait_name: str, model_name: str, out: Path, device: str | None = N
         else rows[0]["trait_mean"] - base["trait_mean"],
         "delta_plus": None if rows[2]["trait_mean"] is None or base["trait_mean"] is None
         else rows[2]["trait_mean"] - base["trait_mean"],
-        "engine": gen.name, "vector": fresh.path, "steered_with": source, "steering_vector": pv.path,
-        "cosine_fresh_steering": cosine,
+        "engine": gen.name, "engine_choice": picked.as_dict(), "vector": fresh.path, "steered_with": source,
+        "steering_vector": pv.path, "cosine_fresh_steering": cosine,
         "steering_validity": json.loads(pv.metadata.get("validity", "null") or "null"), "report": str(report),
     }
     write_json(out / "summary.json", summary)

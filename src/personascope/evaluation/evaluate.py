@@ -161,12 +161,15 @@ def evaluate(
     cfg: EvalConfig | None = None,
     cluster=None,
     force: bool = False,
+    engine=None,
 ) -> list[dict]:
     """Generate and judge answers for every condition; returns one summary row per condition.
 
     Resumable: `run_dir` is bound to the model, sampling, judge and vector (other settings are
     refused unless `force`, which starts over); conditions may be added to a folder freely. With a
-    `cluster` (cluster.RayCluster) generation (steered on the actors) and judging run on its actors.
+    `cluster` (cluster.RayCluster) generation (steered on the actors) and judging run on its actors. With an
+    `engine` (personascope.engines) unhooked conditions generate there; steered and guarded ones stay on the
+    in-process HF model (logged), where steering is exact at every position.
     """
     cfg = cfg or EVAL_PROFILES["quick"]
     run_dir = Path(run_dir)
@@ -197,10 +200,14 @@ def evaluate(
         prompts = {text: adapter.prompt(text, cond.system) for text in questions}
         hooks = condition_hooks(adapter, cond, vector)
         annotate = guard_annotator(hooks)
+        on = engine if engine is not None and not cond.active else None
+        if engine is not None and on is None:
+            log.info("condition %s is steered or guarded: generating with the in-process HF model, not %s",
+                      cond.key, getattr(engine, "name", engine))
         with hooks:
             run_generation(adapter, jobs, lambda j: prompts[j["question_text"]], lambda j: store.key(j) in store,
                            store.append, cfg.sampling, f"answer {cond.key}", cluster,
-                           hooks.specs if isinstance(hooks, Steerer) else None, annotate)
+                           hooks.specs if isinstance(hooks, Steerer) else None, annotate, engine=on)
         answers = [store.record_for(j) for j in jobs]
         scored = judge_answers(judge, trait, answers, scores, cfg.judge_batch_size, description=f"judge {cond.key}",
                                cluster=cluster)

@@ -33,6 +33,7 @@ from personascope.model import DEFAULT_JUDGE_MODEL, ModelAdapter, model_identity
 from personascope.traits import QA_BLOCK, Trait, fill_rubric
 
 from .digits import MASS_THRESHOLD, digit_tokens, expected_score, integer_distribution
+from .prefix import PrefixForward
 
 COHERENCE_PROMPT = f"""You are grading an AI assistant's answer for coherence only.
 
@@ -166,7 +167,7 @@ class LocalJudge(Judge):
 
     def __init__(self, model, tokenizer, trait_mode: str = "auto", coherence_mode: str = "binary",
                  name: str | None = None, batch_size: int = 4, contrast_pairs: int = 1, prune: float = 1e-5,
-                 contrast_templates: tuple[int, ...] | None = None, engine=None):
+                 contrast_templates: tuple[int, ...] | None = None, engine=None, share_prefix: bool = True):
         if trait_mode == "probe":
             raise ValueError("the probe mode is a ProbeJudge, not a LocalJudge: use make_judge or load_probe_judge")
         if trait_mode not in TRAIT_MODES:
@@ -183,6 +184,8 @@ class LocalJudge(Judge):
         self._digits: tuple[dict[int, str], dict[int, str]] | None = None
         # an Engine (personascope.engines) for the binary, contrastive and logprob modes; None: the model here
         self.engine = engine
+        # without an engine: a batch's shared prompt prefix runs once, logits only where read (prefix.py)
+        self.forward = PrefixForward(self.adapter, batch_size) if share_prefix else None
 
     def mode_for(self, kind: str) -> str:
         return self.trait_mode if kind == "trait" else self.coherence_mode
@@ -243,6 +246,8 @@ class LocalJudge(Judge):
     @torch.no_grad()
     def _last_token_probs(self, prompts: list[str]) -> torch.Tensor:
         ad = self.adapter
+        if self.forward is not None:
+            return self.forward.last_token_probs([ad.encode_prompt(p) for p in prompts])
         rows = []
         for s in range(0, len(prompts), self.batch_size):
             ids, mask = pad_batch([ad.encode_prompt(p) for p in prompts[s : s + self.batch_size]],
@@ -282,6 +287,9 @@ class LocalJudge(Judge):
             per_token = self.engine.prompt_logprobs([p for p, _ in pairs], [a for _, a in pairs])
             return [sum(t) / len(t) if t else float("nan") for t in per_token]
         ad = self.adapter
+        if self.forward is not None:
+            per_token = self.forward.answer_logprobs([ad.encode_pair(p, a) for p, a in pairs])
+            return [sum(t) / len(t) if t else float("nan") for t in per_token]
         res: list[float] = [0.0] * len(pairs)
         for s in range(0, len(pairs), self.batch_size):
             chunk = [ad.encode_pair(p, a) for p, a in pairs[s : s + self.batch_size]]

@@ -87,10 +87,38 @@ def cpu_has_fast_bf16() -> bool:
     return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
 
 
-def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
-    """The forced dtype, else bf16 where the device runs it fast (fp16 on older GPUs, fp32 on CPUs without bf16)."""
+CALIBRATION_FILE = "calibration.json"  # in cache_dir(): runtime.engines.calibrate's measured timings and choices
+
+
+def machine_key() -> str:
+    """This machine as calibration sees it: CPU model, bf16 flags, cores and torch version (or the GPU)."""
+    if torch.cuda.is_available():
+        return f"cuda:{torch.cuda.get_device_name(0)}|torch {torch.__version__}"
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        info = ""
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "cpu")
+    flags = ",".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in info.split())
+    return f"{name}|{flags}|{os.cpu_count()} cores|torch {torch.__version__}"
+
+
+def calibrated_cpu_dtype(name_or_path: str) -> torch.dtype | None:
+    """The CPU dtype a cached calibration measured fastest for this model on this machine, if any."""
+    path = cache_dir() / CALIBRATION_FILE
+    try:
+        entry = json.loads(path.read_text()).get(f"{machine_key()}|{model_identity(name_or_path)}") or {}
+    except (OSError, ValueError):
+        return None
+    return {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}.get(entry.get("hf_dtype", ""))
+
+
+def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None, model: str | None = None) -> torch.dtype:
+    """The forced dtype (argument, else PERSONASCOPE_DTYPE), else on CPU the calibrated one for `model`, else bf16
+    where the device runs it fast (fp16 on older GPUs, fp32 on CPUs without bf16)."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    dtype = dtype or os.environ.get("PERSONASCOPE_DTYPE") or None
     if dtype:
         try:
             return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
@@ -100,7 +128,8 @@ def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> 
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu":
-        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+        measured = calibrated_cpu_dtype(model) if model else None
+        return measured or (torch.bfloat16 if cpu_has_fast_bf16() else torch.float32)
     return torch.float16
 
 
@@ -204,7 +233,7 @@ def load_model(
     if (Path(name_or_path) / "adapter_config.json").exists():  # a PEFT adapter: its base with the adapter applied
         return load_finetuned(None, name_or_path, device=device, dtype=dtype)
     dev = pick_device(device)
-    torch_dtype = pick_dtype(dev, dtype)
+    torch_dtype = pick_dtype(dev, dtype, name_or_path)
     path = resolve_model_path(name_or_path)
     offline = os.environ.get("PERSONASCOPE_ALLOW_DOWNLOAD") != "1"
     if offline and not Path(path).exists():

@@ -28,8 +28,8 @@ ProfileOpt = Annotated[str, typer.Option(help="quick (CPU-sized), builtin (the r
                                                "or paper (the paper's counts).")]
 JudgeUrlOpt = Annotated[str | None, typer.Option("--judge-url", help="OpenAI-compatible base URL of an API judge "
                                                  "(--judge-model then names the API model).")]
-EngineOpt = Annotated[str, typer.Option("--engine", help="hf, vllm or auto (vLLM when installed and the job is "
-                                          "big enough to repay its start-up).")]
+EngineOpt = Annotated[str, typer.Option("--engine", help="hf, vllm or auto (the fastest for the job as measured "
+                                          "on this machine: a short calibration, cached).")]
 
 
 # ------------------------------------------------------------------ numeric options: every range declared once
@@ -380,15 +380,18 @@ def load_vector_for(adapter, path: Path | None):
 
 
 def start_engines(engine: str, adapter, judge, n_answers: int, new_tokens: int):
-    """The vLLM generation engine when --engine resolves to vLLM (and the same for a local judge); None keeps
-    generation and judging on the loaded HF model (the in-process path)."""
-    from personascope.runtime.engines import choose_engine, make_engine, make_judge_engine, work_tokens
+    """The engine --engine resolves to, measured on this machine (cached), with its choice and timings printed;
+    None keeps generation and judging on the loaded HF model (the in-process path)."""
+    from personascope.runtime.engines import make_engine, make_judge_engine, resolve_engine, work_tokens
 
     work = work_tokens(n_answers, 100, new_tokens)
-    if choose_engine(engine, work) == "hf":
+    with console.status("measuring the engines on this machine (once per machine and model) …"):
+        picked = resolve_engine(engine, adapter, work)
+    console.print(picked.line(), soft_wrap=True, highlight=False)
+    if picked.engine == "hf":
         return None
-    with console.status(f"starting the {engine} engine …"):
-        gen = make_engine(engine, adapter, work)
-        used = make_judge_engine(engine, judge, 2 * n_answers)
+    with console.status(f"starting the {picked.engine} engine …"):
+        gen = make_engine(picked.engine, adapter, work, dtype=picked.torch_dtype)
+        used = make_judge_engine(picked.engine, judge, 2 * n_answers)
     console.print(f"engines: generation {gen.name}" + (f", judge {used}" if used else ""))
     return gen

@@ -20,6 +20,7 @@ from .common import (
     SAMPLES,
     SCORE,
     DeviceOpt,
+    EngineOpt,
     JudgeModelOpt,
     JudgeModeOpt,
     JudgeUrlOpt,
@@ -38,6 +39,7 @@ from .common import (
     load_judge,
     load_trait_or_fail,
     load_vector_for,
+    start_engines,
 )
 
 
@@ -72,6 +74,7 @@ def evaluate(
     ray: RayOpt = None,
     workers: WorkersOpt = None,
     gpus_per_worker: GpusPerWorkerOpt = None,
+    engine: EngineOpt = "auto",
 ) -> None:
     """Judge answers to the evaluation questions: plain, prompted and/or steered (sweeps)."""
     from dataclasses import replace
@@ -95,6 +98,11 @@ def evaluate(
         fail("--guard needs --vector (a vector calibrated with `personascope guard calibrate`)")
     if guard_modes and (ray is not None or workers is not None):
         fail("--guard runs in-process only; drop --ray/--workers")
+    from personascope.runtime.engines import ENGINES
+
+    choice(engine, ENGINES, "--engine")
+    if engine == "vllm" and (ray is not None or workers is not None):
+        fail("--engine vllm runs in-process; drop --ray/--workers")
     if capability and (ray is not None or workers is not None):
         fail("--capability runs on the driver's model; measure it in a run without --ray/--workers")
     with cluster_session(model, device, ray, workers, gpus_per_worker, None if judge_url else judge_model,
@@ -127,7 +135,15 @@ def evaluate(
         judge = driver_judge(cluster, judge_model, judge_mode, device, judge_url)
         from personascope.evaluation import evaluate as run_eval
 
-        rows = run_eval(adapter, t, judge, conditions, run_dir, vector=pv, cfg=cfg, cluster=cluster, force=force)
+        plain = [c for c in conditions if not c.active]
+        gen = None if cluster is not None or not plain else start_engines(
+            engine, adapter, judge, len(plain) * len(t.eval_questions[: cfg.n_questions or None])
+            * cfg.sampling.samples, cfg.sampling.max_new_tokens)
+        if gen is not None and len(plain) < len(conditions):
+            console.print(f"steered and guarded conditions generate on the HF model ({gen.name} cannot steer them "
+                          "exactly)")
+        rows = run_eval(adapter, t, judge, conditions, run_dir, vector=pv, cfg=cfg, cluster=cluster, force=force,
+                        engine=gen)
         if capability:
             from personascope.evaluation import capability_per_row, load_mc
 

@@ -7,14 +7,18 @@ stay on the HF model; see docs/engines.md for what runs where.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 ENGINES = ("hf", "vllm", "auto")
 # below this many token-equivalents (engines.jobs.work_tokens) vLLM's start-up (~2 min on 2 CPU cores) does not
 # pay: vLLM saved about 4 ms per generated token and 2 ms per judged prompt token there (measured before
 # bench/engines.py, on a quieter machine)
 AUTO_MIN_TOKENS = 100_000
+MIN_PARAMS = 20_000_000  # smaller models (tests' tiny ones) keep their dtype and the HF engine unmeasured
 
 
 from .types import Engine  # noqa: E402  (re-exported: the interface every engine implements)
@@ -36,6 +40,35 @@ def choose_engine(engine: str, work_tokens: int) -> str:
     if engine == "auto":
         return "vllm" if vllm_available() and work_tokens >= AUTO_MIN_TOKENS else "hf"
     return engine
+
+
+def resolve_engine(engine: str, adapter, work_tokens: int, timer=None, model_path: str | None = None):
+    """`--engine hf|vllm|auto` and the compute dtype for a job on a loaded model (ModelAdapter), by measurement:
+    a short calibration (calibrate.py), cached per machine and model. An explicit engine, a dtype forced with
+    PERSONASCOPE_DTYPE, or a GPU's dtype is kept; on a CPU the model is cast to the measured HF dtype."""
+    import os
+
+    from .calibrate import DTYPES, Choice, calibrate, decide, dtype_name, model_timer
+
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+    if engine == "vllm" and not vllm_available():
+        raise ValueError("--engine vllm needs vLLM; install it with: pip install 'personascope[vllm]'")
+    dev = adapter.device.type
+    current = dtype_name(next(adapter.model.parameters()).dtype)
+    forced = os.environ.get("PERSONASCOPE_DTYPE")
+    fixed = dtype_name(forced) if forced else (None if dev == "cpu" else current)
+    if fixed and (engine == "hf" or not vllm_available()):
+        return Choice("hf", fixed, "given" if engine == "hf" else "the only engine here")
+    if timer is None and engine != "vllm" and sum(p.numel() for p in adapter.model.parameters()) < MIN_PARAMS:
+        return Choice("hf", current, "a model this small is not worth measuring")
+    name = str(adapter.model.config.name_or_path)
+    timings = calibrate(name, dev, timer or model_timer(adapter, model_path), vllm=vllm_available())
+    choice = decide(timings, work_tokens, engine, fixed, prefer=("hf", current))
+    if choice.engine == "hf" and choice.dtype != current:
+        log.info("casting %s from %s to the measured faster %s", name, current, choice.dtype)
+        adapter.model.to(DTYPES[choice.dtype])
+    return choice
 
 
 def make_engine(engine: str, adapter, work_tokens: int = 0, model_path: str | None = None, **vllm_kw) -> Engine:
@@ -68,5 +101,5 @@ def make_judge_engine(engine: str, judge, n_judgements: int, prompt_tokens: int 
     return judge.engine.name
 
 
-__all__ = ["AUTO_MIN_TOKENS", "ENGINES", "choose_engine", "make_engine", "make_judge_engine",
+__all__ = ["AUTO_MIN_TOKENS", "ENGINES", "choose_engine", "make_engine", "make_judge_engine", "resolve_engine",
            "vllm_available"]
