@@ -103,8 +103,8 @@ def run_demo(trait_name: str, model_name: str, out: Path, device: str | None = N
                      n_questions=n_questions)
     console.rule(f"[bold]2. find the strongest α at layer {layer} whose answers stay fluent (≥ 90 % flagged)")
     ladder, choice = choose_alphas(adapter, trait, judge, pv, layer, out / f"steer-{source}", cfg)
-    picked = [choice["minus"], choice["plus"]]
-    alphas = tuple(c["alpha"] if c else 0.0 for c in picked)
+    sides = [choice["minus"], choice["plus"]]
+    alphas = tuple(c["alpha"] if c else 0.0 for c in sides)
     by_alpha = {r["alpha"] or 0.0: r for r in ladder}
     rows = [by_alpha[alphas[0]], ladder[0], by_alpha[alphas[1]]]
     console.rule(f"[bold]3. steer at layer {layer} with α = {alphas[0]:g}, 0, {alphas[1]:g}")
