@@ -6,6 +6,7 @@ The trajectory (`persona_shift.jsonl`) holds one row per measurement, `{"step", 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -91,10 +92,8 @@ def probe_last_token(adapter: ModelAdapter, prompts: Sequence[list[int]], layers
             if slot == top:
                 raise _Stop
 
-        try:
+        with contextlib.suppress(_Stop):
             forward_with_residual_hooks(adapter, layers, read, ids, mask)
-        except _Stop:
-            pass
     return out
 
 
