@@ -40,7 +40,7 @@ from personascope.traits import load_trait
 from personascope.util import bootstrap_ci, pearson_r, write_json
 from personascope.vectors import load_vector
 
-SIZES = {"full": dict(rows=10, epochs=3, eval_q=8, eval_tokens=40, mc=24, probe_q=10),
+SIZES = {"full": dict(rows=10, epochs=3, eval_q=6, eval_tokens=32, mc=24, probe_q=10),
          "smoke": dict(rows=4, epochs=1, eval_q=2, eval_tokens=8, mc=4, probe_q=2)}
 LEVELS = ("normal", "I", "II")
 ANSWERS = Path(__file__).parent / "real_answers" / "answers-{model}.jsonl"
@@ -104,7 +104,7 @@ def main() -> None:
                       n_questions=s["eval_q"])
     cfg = ft_profile("quick", epochs=s["epochs"])
     vectors = {t: load_vector(t, t, args.model) for t in args.traits}
-    acts = {t: last_token_activations(base, eval_prompts(base, load_trait(t))) for t in args.traits}
+    acts = {t: last_token_activations(base, eval_prompts(base, load_trait(t), s["probe_q"])) for t in args.traits}
 
     def judged(adapter: ModelAdapter, trait: str, label: str) -> dict:
         row = evaluate(adapter, load_trait(trait), judge, [Condition(label=label)], work / "eval" / label / trait,
@@ -118,30 +118,29 @@ def main() -> None:
             res.get(f"dataset|{t}-{lv}", lambda t=t, lv=lv: {
                 "rows": write_level(args.model, t, lv, s["rows"], work / "datasets" / f"{t}-{lv}.jsonl")})
 
-    def run(name: str, data: Path, trait: str, watch=None) -> dict:
+    def run(name: str, data: Path, trait: str, watch=None, capability: bool = False) -> dict:
         def make() -> dict:
             r = finetune(base, data, work / "ft" / name, cfg, base_name=args.model, profile_name="quick",
                          watch=watch, force=True)
             rec = {"steps": r.steps, "seconds": r.seconds, "losses": r.losses,
                    "measure_seconds": watch.seconds if watch else 0.0}
             with adapter_applied(base, r.out_dir) as ft:
-                for t in args.traits:
-                    post = shift_from_activations(acts[t], last_token_activations(ft, eval_prompts(ft, load_trait(t))),
-                                                  vectors[t], vectors[t].default_layer())
-                    rec[f"posthoc_shift|{t}"] = post.shift
+                after = last_token_activations(ft, eval_prompts(ft, load_trait(trait), s["probe_q"]))
+                post = shift_from_activations(acts[trait], after, vectors[trait], vectors[trait].default_layer())
+                rec[f"posthoc_shift|{trait}"] = post.shift
                 rec.update({f"eval|{k}": v for k, v in judged(ft, trait, name).items()})
-                rec["capability"] = mc_accuracy(ft, mc).accuracy
+                rec["capability"] = mc_accuracy(ft, mc).accuracy if capability else None
             return rec
 
         return res.get(f"run|{name}", make)
 
     runs = {}
+    t0 = args.traits[0]
     for t in args.traits:
         for lv in LEVELS:
             name = f"{t}-{lv}"
             watch = watch_traits(base, vectors.values(), n_questions=s["probe_q"])
-            runs[name] = run(name, work / "datasets" / f"{name}.jsonl", t, watch)
-    t0 = args.traits[0]
+            runs[name] = run(name, work / "datasets" / f"{name}.jsonl", t, watch, capability=(t, lv) == (t0, "II"))
     plain = run(f"{t0}-II-plain", work / "datasets" / f"{t0}-II.jsonl", t0)
     # steer_above: threshold = the II run's shift at 25 % of training, so the rule fires early in the same run
     traj = {n: read_trajectory(work / "ft" / n)[0] for n in runs}
@@ -149,7 +148,7 @@ def main() -> None:
     coef = vectors[t0].coef_from_alpha(args.steer_alpha, vectors[t0].default_layer())
     steered = run(f"{t0}-II-steer", work / "datasets" / f"{t0}-II.jsonl", t0,
                   watch_traits(base, vectors.values(), n_questions=s["probe_q"],
-                               rules=[ShiftRule.steer(t0, thr, coef)]))
+                               rules=[ShiftRule.steer(t0, thr, coef)]), capability=True)
     traj[f"{t0}-II-steer"] = read_trajectory(work / "ft" / f"{t0}-II-steer")[0]
     events = read_trajectory(work / "ft" / f"{t0}-II-steer")[1]
 

@@ -116,7 +116,8 @@ def read_trajectory(path: str | Path) -> tuple[list[dict], list[dict]]:
         path = path / TRAJECTORY_FILE if (path / TRAJECTORY_FILE).exists() else path / "checkpoints" / TRAJECTORY_FILE
     if not path.exists():
         raise FileNotFoundError(f"no persona-shift trajectory at {path} (finetune with --watch-vector writes one)")
-    rows, events = [], []
+    rows: list[dict] = []
+    events: list[dict] = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue

@@ -118,7 +118,7 @@ def _plot_beside(traj: tuple[list[dict], list[dict]], name: str, layer: int, shi
     same = logged is not None and logged["layer"] == layer
     plot_trajectory(rows, events, path, f"persona shift during training; final measured afterwards ({name})",
                     final={name: shift} if same else None)
-    if same:
+    if same and logged is not None:
         console.print(f"logged during training: {name} {logged['shift']:+.3f} at step {rows[-1]['step']} "
                       f"(probe of {len(rows)} measurements); plot {path}")
     else:
