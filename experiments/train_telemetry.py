@@ -72,6 +72,11 @@ class Cache:
         return self.data[key]
 
 
+def res_data(work: Path) -> dict:
+    """The cache of a run so far."""
+    return json.loads((work / "results.json").read_text())
+
+
 def at_fraction(rows: list[dict], name: str, frac: float) -> float:
     """The shift at the first measurement at or after `frac` of training."""
     last = rows[-1]["step"]
@@ -94,8 +99,10 @@ def main() -> None:
     work = args.work or Path("runs") / f"train-telemetry{tag}"
     out = args.out or Path("experiments/results") / f"train-telemetry{tag}"
     out.mkdir(parents=True, exist_ok=True)
-    if args.report_only:
-        report(json.loads((out / "summary.json").read_text()), out)
+    if args.report_only:  # from the cache and run folders, without loading a model (also on a cut-short run)
+        old = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+        meta = {k: old.get(k) for k in ("model", "judge", "steer_alpha", "steer_coef", "layers", "wall_minutes")}
+        summarise(res_data(work), work, out, args.traits, {**meta, "model": args.model, "sizes": s})
         return
     res = Cache(work / "results.json")
     t_start = time.perf_counter()
@@ -115,7 +122,7 @@ def main() -> None:
                        cfg=ecfg)[0]
         return {"trait": row["trait_mean"], "coherence": row["coherence_mean"], "n": row["n"]}
 
-    base_cap = res.get("capability|base", lambda: mc_accuracy(base, mc).accuracy)
+    res.get("capability|base", lambda: mc_accuracy(base, mc).accuracy)
     for t in args.traits:
         res.get(f"eval|base|{t}", lambda t=t: judged(base, t, "base"))
         for lv in LEVELS:
@@ -148,42 +155,49 @@ def main() -> None:
             runs[name] = run(name, work / "datasets" / f"{name}.jsonl", t, watch, capability=(t, lv) == (t0, "II"))
 
     levels(t0)  # the first trait, its overhead twin and its steer_above run first: the rest can be cut short
-    plain = run(f"{t0}-II-plain", work / "datasets" / f"{t0}-II.jsonl", t0)
+    run(f"{t0}-II-plain", work / "datasets" / f"{t0}-II.jsonl", t0)
     # steer_above: threshold = the II run's shift at 25 % of training, so the rule fires early in the same run
     thr = res.get("steer_threshold", lambda: round(at_fraction(read_trajectory(work / "ft" / f"{t0}-II")[0], t0,
                                                                0.25), 3))
     coef = vectors[t0].coef_from_alpha(args.steer_alpha, vectors[t0].default_layer())
-    steered = run(f"{t0}-II-steer", work / "datasets" / f"{t0}-II.jsonl", t0,
-                  watch_traits(base, vectors.values(), n_questions=s["probe_q"],
-                               rules=[ShiftRule.steer(t0, thr, coef)]), capability=True)
+    run(f"{t0}-II-steer", work / "datasets" / f"{t0}-II.jsonl", t0,
+        watch_traits(base, vectors.values(), n_questions=s["probe_q"], rules=[ShiftRule.steer(t0, thr, coef)]),
+        capability=True)
     for t in args.traits[1:]:
         levels(t)
-    traj = {n: read_trajectory(work / "ft" / n)[0] for n in [*runs, f"{t0}-II-steer"]}
-    events = read_trajectory(work / "ft" / f"{t0}-II-steer")[1]
+    summarise(res.data, work, out, args.traits, {
+        "model": args.model, "judge": judge.name, "sizes": s, "steer_alpha": args.steer_alpha, "steer_coef": coef,
+        "layers": {t: vectors[t].default_layer() for t in args.traits},
+        "wall_minutes": (time.perf_counter() - t_start) / 60})
 
-    # ---- analysis
-    summary: dict = {"model": args.model, "judge": judge.name, "sizes": s, "traits": args.traits,
-                     "layers": {t: vectors[t].default_layer() for t in args.traits}, "base_capability": base_cap,
-                     "base": {t: res.data[f"eval|base|{t}"] for t in args.traits}, "runs": runs, "plain": plain,
-                     "steered": steered, "steer": {"threshold": thr, "alpha": args.steer_alpha, "coef": coef,
-                                                   "events": events},
-                     "trajectories": {n: [{"step": r["step"], **{t: r["values"][t]["shift"] for t in args.traits}}
-                                          for r in rows] for n, rows in traj.items()}}
+
+def summarise(data: dict, work: Path, out: Path, traits: list[str], meta: dict) -> None:
+    """summary.json, the curves and report.md from the cache and the run folders (works on a cut-short run)."""
+    t0 = traits[0]
+    runs = {k.split("|", 1)[1]: v for k, v in data.items() if k.startswith("run|")}
+    traj = {n: read_trajectory(work / "ft" / n) for n in runs if (work / "ft" / n / "persona_shift.jsonl").exists()}
+    summary: dict = {**meta, "traits": traits, "base_capability": data.get("capability|base"),
+                     "base": {t: data.get(f"eval|base|{t}") for t in traits}, "runs": runs,
+                     "steer": {"threshold": data.get("steer_threshold"), "alpha": meta.get("steer_alpha"),
+                               "coef": meta.get("steer_coef"), "events": traj.get(f"{t0}-II-steer", ([], []))[1]},
+                     "trajectories": {n: [{"step": r["step"], **{t: r["values"][t]["shift"] for t in traits}}
+                                          for r in rows] for n, (rows, _) in traj.items()}}
     order = {}
-    for t in args.traits:
-        rows = [traj[f"{t}-{lv}"] for lv in LEVELS]
+    for t in traits:
+        if not all(f"{t}-{lv}" in traj for lv in LEVELS):
+            continue
+        rows = [traj[f"{t}-{lv}"][0] for lv in LEVELS]
         steps = [r["step"] for r in rows[0]]
-        last = steps[-1]
         ok = [all(rows[i][k]["values"][t]["shift"] < rows[i + 1][k]["values"][t]["shift"] for i in range(2))
               for k in range(len(steps))]
         first = next((steps[k] for k in range(len(steps)) if all(ok[k:])), None)
         order[t] = {"final_order_holds": ok[-1], "first_step_from_which_it_holds": first,
-                    "fraction": None if first is None else first / last}
+                    "fraction": None if first is None else first / steps[-1]}
     summary["ordering"] = order
-    fin = [(n, t) for t in args.traits for n in (f"{t}-{lv}" for lv in LEVELS)]
-    pts = [{"name": n, "s25": at_fraction(traj[n], t, 0.25), "final": traj[n][-1]["values"][t]["shift"],
+    pts = [{"name": n, "s25": at_fraction(traj[n][0], t, 0.25), "final": traj[n][0][-1]["values"][t]["shift"],
             "posthoc": runs[n][f"posthoc_shift|{t}"],
-            "dtrait": runs[n]["eval|trait"] - summary["base"][t]["trait"]} for n, t in fin]
+            "dtrait": runs[n]["eval|trait"] - summary["base"][t]["trait"]}
+           for t in traits for n in (f"{t}-{lv}" for lv in LEVELS) if n in traj]
 
     def corr(key: str) -> dict:
         def stat(rs):
@@ -194,12 +208,12 @@ def main() -> None:
     summary["points"] = pts
     summary["r_s25_final"], summary["r_s25_trait_change"] = corr("final"), corr("dtrait")
     summary["r_final_posthoc"] = pearson_r([p["final"] for p in pts], [p["posthoc"] for p in pts])
-    w = runs[f"{t0}-II"]
-    summary["overhead"] = {"with_s": w["seconds"], "without_s": plain["seconds"],
-                           "wall_overhead": w["seconds"] / plain["seconds"] - 1,
-                           "measure_s": w["measure_seconds"], "measure_share": w["measure_seconds"] / w["seconds"],
-                           "losses_identical": w["losses"] == plain["losses"]}
-    summary["wall_minutes"] = (time.perf_counter() - t_start) / 60
+    w, plain = runs.get(f"{t0}-II"), runs.get(f"{t0}-II-plain")
+    if w and plain:
+        summary["overhead"] = {"with_s": w["seconds"], "without_s": plain["seconds"],
+                               "wall_overhead": w["seconds"] / plain["seconds"] - 1, "measure_s": w["measure_seconds"],
+                               "measure_share": w["measure_seconds"] / w["seconds"],
+                               "losses_identical": w["losses"] == plain["losses"]}
     write_json(out / "summary.json", summary)
     plot(summary, out)
     report(summary, out)
@@ -214,7 +228,8 @@ def report(sm: dict, out: Path) -> None:
     t0 = sm["traits"][0]
     lines = [f"# Persona shift while training ({sm['model']}, judge `{sm['judge']}`)", "",
              "Generated by `experiments/train_telemetry.py` from `summary.json`; sizes: " +
-             ", ".join(f"{k} {v}" for k, v in sm["sizes"].items()) + f"; wall {sm['wall_minutes']:.0f} min.", "",
+             ", ".join(f"{k} {v}" for k, v in sm["sizes"].items()) +
+             f"; wall {_f(sm.get('wall_minutes'), '.0f')} min.", "",
              "![shift curves](shift_curves.png)", "",
              "| run | steps | shift at 25 % | final logged shift | shift measured after training | judged trait "
              "(base) | coherence |", "|---|---|---|---|---|---|---|"]
@@ -235,25 +250,27 @@ def report(sm: dict, out: Path) -> None:
               f"Across the {len(sm['points'])} finetunes: r(shift at 25 %, final shift) = {_f(a['r'], '.2f')} "
               f"(bootstrap 95 % {ci(a['ci95'])}); r(shift at 25 %, judged trait change) = {_f(b['r'], '.2f')} "
               f"({ci(b['ci95'])}); r(final logged, measured after training) = {_f(sm['r_final_posthoc'], '.3f')}."]
-    st, ii = sm["steered"], sm["runs"][f"{t0}-II"]
+    st, ii = sm["runs"].get(f"{t0}-II-steer"), sm["runs"].get(f"{t0}-II")
     ev = sm["steer"]["events"]
-    lines += ["", f"## steer_above on {t0}-II", "",
-              f"Rule: steer when the {t0} shift exceeds {sm['steer']['threshold']} (α {sm['steer']['alpha']}, coef "
-              f"{sm['steer']['coef']:.2f}); fired: " + ("; ".join(f"step {e['step']} (shift {e['shift']:+.3f})"
-                                                          for e in ev) or "no"), "",
-              "| model | trait | coherence | capability | final shift |", "|---|---|---|---|---|",
-              f"| base | {sm['base'][t0]['trait']:.1f} | {sm['base'][t0]['coherence']:.1f} | "
-              f"{sm['base_capability']:.3f} | 0 |",
-              f"| {t0}-II | {ii['eval|trait']:.1f} | {ii['eval|coherence']:.1f} | {_f(ii['capability'], '.3f')} | "
-              f"{_f(ii[f'posthoc_shift|{t0}'])} |",
-              f"| {t0}-II + steer_above | {st['eval|trait']:.1f} | {st['eval|coherence']:.1f} | "
-              f"{_f(st['capability'], '.3f')} | {_f(st[f'posthoc_shift|{t0}'])} |"]
-    o = sm["overhead"]
-    lines += ["", "## Overhead", "",
-              f"{t0}-II with the callback at its default interval: {o['with_s']:.1f} s; "
-              f"without: {o['without_s']:.1f} s "
-              f"(wall {o['wall_overhead']:+.1%}); time inside the callback {o['measure_s']:.1f} s "
-              f"({o['measure_share']:.1%} of the run); losses identical: {o['losses_identical']}."]
+    if st and ii:
+        lines += ["", f"## steer_above on {t0}-II", "",
+                  f"Rule: steer when the {t0} shift exceeds {sm['steer']['threshold']} (α {sm['steer']['alpha']}, coef "
+                  f"{sm['steer']['coef']:.2f}); fired: " + ("; ".join(f"step {e['step']} (shift {e['shift']:+.3f})"
+                                                              for e in ev) or "no"), "",
+                  "| model | trait | coherence | capability | final shift |", "|---|---|---|---|---|",
+                  f"| base | {sm['base'][t0]['trait']:.1f} | {sm['base'][t0]['coherence']:.1f} | "
+                  f"{sm['base_capability']:.3f} | 0 |",
+                  f"| {t0}-II | {ii['eval|trait']:.1f} | {ii['eval|coherence']:.1f} | {_f(ii['capability'], '.3f')} | "
+                  f"{_f(ii[f'posthoc_shift|{t0}'])} |",
+                  f"| {t0}-II + steer_above | {st['eval|trait']:.1f} | {st['eval|coherence']:.1f} | "
+                  f"{_f(st['capability'], '.3f')} | {_f(st[f'posthoc_shift|{t0}'])} |"]
+    o = sm.get("overhead")
+    if o:
+        lines += ["", "## Overhead", "",
+                  f"{t0}-II with the callback at its default interval: {o['with_s']:.1f} s; "
+                  f"without: {o['without_s']:.1f} s "
+                  f"(wall {o['wall_overhead']:+.1%}); time inside the callback {o['measure_s']:.1f} s "
+                  f"({o['measure_share']:.1%} of the run); losses identical: {o['losses_identical']}."]
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
@@ -267,7 +284,9 @@ def plot(summary: dict, out: Path) -> None:
     fig, axes = plt.subplots(1, len(traits), figsize=(5 * len(traits), 3.6))
     for ax, t in zip(axes, traits, strict=True):
         for lv in LEVELS:
-            rows = summary["trajectories"][f"{t}-{lv}"]
+            rows = summary["trajectories"].get(f"{t}-{lv}")
+            if not rows:
+                continue
             ax.plot([r["step"] for r in rows], [r[t] for r in rows], marker="o", ms=3, label=f"{t}-{lv}")
             ax.scatter([rows[-1]["step"]], [summary["runs"][f"{t}-{lv}"][f"posthoc_shift|{t}"]], marker="*", s=70)
         steer = summary["trajectories"].get(f"{t}-II-steer")
