@@ -129,12 +129,14 @@ def main() -> None:
             res.get(f"dataset|{t}-{lv}", lambda t=t, lv=lv: {
                 "rows": write_level(args.model, t, lv, s["rows"], work / "datasets" / f"{t}-{lv}.jsonl")})
 
-    def run(name: str, data: Path, trait: str, watch=None, capability: bool = False) -> dict:
+    def run(name: str, data: Path, trait: str, watch=None, capability: bool = False, measure: bool = True) -> dict:
         def make() -> dict:
             r = finetune(base, data, work / "ft" / name, cfg, base_name=args.model, profile_name="quick",
                          watch=watch, force=True)
             rec = {"steps": r.steps, "seconds": r.seconds, "losses": r.losses,
                    "measure_seconds": watch.seconds if watch else 0.0}
+            if not measure:  # the overhead twin: only its training time and losses are compared
+                return rec
             with adapter_applied(base, r.out_dir) as ft:
                 after = last_token_activations(ft, eval_prompts(ft, load_trait(trait), s["probe_q"]))
                 post = shift_from_activations(acts[trait], after, vectors[trait], vectors[trait].default_layer())
@@ -155,7 +157,7 @@ def main() -> None:
             runs[name] = run(name, work / "datasets" / f"{name}.jsonl", t, watch, capability=(t, lv) == (t0, "II"))
 
     levels(t0)  # the first trait, its overhead twin and its steer_above run first: the rest can be cut short
-    run(f"{t0}-II-plain", work / "datasets" / f"{t0}-II.jsonl", t0)
+    run(f"{t0}-II-plain", work / "datasets" / f"{t0}-II.jsonl", t0, measure=False)
     # steer_above: threshold = the II run's shift at 25 % of training, so the rule fires early in the same run
     thr = res.get("steer_threshold", lambda: round(at_fraction(read_trajectory(work / "ft" / f"{t0}-II")[0], t0,
                                                                0.25), 3))
