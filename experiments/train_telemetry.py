@@ -92,6 +92,7 @@ def main() -> None:
     ap.add_argument("--steer-alpha", type=float, default=1.0, help="steer_above coefficient, relative (α)")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--no-judge", action="store_true", help="shift only: no judged evaluation, no capability")
     ap.add_argument("--report-only", action="store_true", help="rewrite report.md from summary.json (no model)")
     args = ap.parse_args()
     s = SIZES["smoke" if args.smoke else "full"]
@@ -109,7 +110,7 @@ def main() -> None:
 
     model, tok = load_model(args.model)
     base = ModelAdapter(model, tok)
-    judge = make_judge(args.judge_model)
+    judge = None if args.no_judge else make_judge(args.judge_model)
     mc = load_mc()[: s["mc"]]
     ecfg = EvalConfig(SamplingConfig(samples=1, temperature=0.0, max_new_tokens=s["eval_tokens"], batch_size=10),
                       n_questions=s["eval_q"])
@@ -122,9 +123,9 @@ def main() -> None:
                        cfg=ecfg)[0]
         return {"trait": row["trait_mean"], "coherence": row["coherence_mean"], "n": row["n"]}
 
-    res.get("capability|base", lambda: mc_accuracy(base, mc).accuracy)
+    if judge is not None:
+        res.get("capability|base", lambda: mc_accuracy(base, mc).accuracy)
     for t in args.traits:
-        res.get(f"eval|base|{t}", lambda t=t: judged(base, t, "base"))
         for lv in LEVELS:
             res.get(f"dataset|{t}-{lv}", lambda t=t, lv=lv: {
                 "rows": write_level(args.model, t, lv, s["rows"], work / "datasets" / f"{t}-{lv}.jsonl")})
@@ -141,8 +142,9 @@ def main() -> None:
                 after = last_token_activations(ft, eval_prompts(ft, load_trait(trait), s["probe_q"]))
                 post = shift_from_activations(acts[trait], after, vectors[trait], vectors[trait].default_layer())
                 rec[f"posthoc_shift|{trait}"] = post.shift
-                rec.update({f"eval|{k}": v for k, v in judged(ft, trait, name).items()})
-                rec["capability"] = mc_accuracy(ft, mc).accuracy if capability else None
+                if judge is not None:
+                    rec.update({f"eval|{k}": v for k, v in judged(ft, trait, name).items()})
+                    rec["capability"] = mc_accuracy(ft, mc).accuracy if capability else None
             return rec
 
         return res.get(f"run|{name}", make)
@@ -151,6 +153,8 @@ def main() -> None:
     t0 = args.traits[0]
 
     def levels(t: str) -> None:
+        if judge is not None:
+            res.get(f"eval|base|{t}", lambda t=t: judged(base, t, "base"))
         for lv in LEVELS:
             name = f"{t}-{lv}"
             watch = watch_traits(base, vectors.values(), n_questions=s["probe_q"])
@@ -168,7 +172,8 @@ def main() -> None:
     for t in args.traits[1:]:
         levels(t)
     summarise(res.data, work, out, args.traits, {
-        "model": args.model, "judge": judge.name, "sizes": s, "steer_alpha": args.steer_alpha, "steer_coef": coef,
+        "model": args.model, "judge": judge.name if judge else None, "sizes": s, "steer_alpha": args.steer_alpha,
+        "steer_coef": coef,
         "layers": {t: vectors[t].default_layer() for t in args.traits},
         "wall_minutes": (time.perf_counter() - t_start) / 60})
 
@@ -198,7 +203,7 @@ def summarise(data: dict, work: Path, out: Path, traits: list[str], meta: dict) 
     summary["ordering"] = order
     pts = [{"name": n, "s25": at_fraction(traj[n][0], t, 0.25), "final": traj[n][0][-1]["values"][t]["shift"],
             "posthoc": runs[n][f"posthoc_shift|{t}"],
-            "dtrait": runs[n]["eval|trait"] - summary["base"][t]["trait"]}
+            "dtrait": runs[n]["eval|trait"] - summary["base"][t]["trait"] if "eval|trait" in runs[n] else None}
            for t in traits for n in (f"{t}-{lv}" for lv in LEVELS) if n in traj]
 
     def corr(key: str) -> dict:
@@ -237,13 +242,15 @@ def report(sm: dict, out: Path) -> None:
              "(base) | coherence |", "|---|---|---|---|---|---|---|"]
     for p in sm["points"]:
         r, t = sm["runs"][p["name"]], p["name"].rsplit("-", 1)[0]
+        judged = f"{r['eval|trait']:.1f} ({sm['base'][t]['trait']:.1f}) | {r['eval|coherence']:.1f}" \
+            if "eval|trait" in r else "— | —"
         lines.append(f"| {p['name']} | {r['steps']} | {_f(p['s25'])} | {_f(p['final'])} | {_f(p['posthoc'])} | "
-                     f"{r['eval|trait']:.1f} ({sm['base'][t]['trait']:.1f}) | {r['eval|coherence']:.1f} |")
+                     f"{judged} |")
     lines += ["", "## Ordering normal < I < II", ""]
     for t, o in sm["ordering"].items():
         lines.append(f"- {t}: final order holds: {o['final_order_holds']}; holds from step "
                      f"{o['first_step_from_which_it_holds']} on (fraction {_f(o['fraction'], '.2f')} of training)")
-    a, b = sm["r_s25_final"], sm["r_s25_trait_change"]
+    a, b = sm["r_s25_final"], sm["r_s25_trait_change"]  # b is None-valued without a judge
 
     def ci(c) -> str:
         return "—" if not c else f"[{c[0]:.2f}, {c[1]:.2f}]"
@@ -254,7 +261,14 @@ def report(sm: dict, out: Path) -> None:
               f"({ci(b['ci95'])}); r(final logged, measured after training) = {_f(sm['r_final_posthoc'], '.3f')}."]
     st, ii = sm["runs"].get(f"{t0}-II-steer"), sm["runs"].get(f"{t0}-II")
     ev = sm["steer"]["events"]
-    if st and ii:
+    if st and ii and "eval|trait" not in st:
+        lines += ["", f"## steer_above on {t0}-II", "",
+                  f"Rule: steer when the {t0} shift exceeds {sm['steer']['threshold']} (α {sm['steer']['alpha']}, coef "
+                  f"{_f(sm['steer']['coef'], '.2f')}); fired: " + ("; ".join(
+                      f"step {e['step']} (shift {e['shift']:+.3f})" for e in ev) or "no") +
+                  f". Shift measured after training: {t0}-II {_f(ii[f'posthoc_shift|{t0}'])}, with steer_above "
+                  f"{_f(st[f'posthoc_shift|{t0}'])} (not judged in this run)."]
+    elif st and ii:
         lines += ["", f"## steer_above on {t0}-II", "",
                   f"Rule: steer when the {t0} shift exceeds {sm['steer']['threshold']} (α {sm['steer']['alpha']}, coef "
                   f"{sm['steer']['coef']:.2f}); fired: " + ("; ".join(f"step {e['step']} (shift {e['shift']:+.3f})"
