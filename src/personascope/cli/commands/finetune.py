@@ -28,6 +28,7 @@ def register(app: typer.Typer) -> None:
         LAYER,
         LR,
         NEW_TOKENS,
+        QUESTIONS,
         SCORE,
         SEED,
         TEMPERATURE,
@@ -138,20 +139,18 @@ def register(app: typer.Typer) -> None:
         watch_vector: Annotated[list[str] | None, typer.Option(
             help="Persona vector (ready-made name or file) whose shift is tracked during training; repeatable. "
                  "Logged to persona_shift.jsonl/.png in --out.")] = None,
-        watch_every: Annotated[int | None, typer.Option(help="Measure every N optimiser steps (default: every "
-                                                             "10 % of training).", min=1)] = None,
-        watch_questions: Annotated[int | None, typer.Option(help="Probe with the first N evaluation questions "
-                                                                 "of each trait (default: all).", min=1)] = None,
+        watch_every: Annotated[int | None, COUNT.option("Measure every N optimiser steps (default: every 10 % of "
+                                                        "training).")] = None,
+        watch_questions: Annotated[int | None, QUESTIONS.option("Probe with the first N evaluation questions of "
+                                                                "each trait (default: all).")] = None,
         stop_above: Annotated[list[str] | None, typer.Option(
             help="NAME=SHIFT: stop when a watched vector's shift exceeds SHIFT, keeping the last good weights; "
                  "repeatable.")] = None,
         steer_above: Annotated[list[str] | None, typer.Option(
             help="NAME=SHIFT: from then on add preventative steering along that vector; repeatable.")] = None,
-        steer_above_alpha: Annotated[float, typer.Option(help="Relative coefficient of --steer-above steering.",
-                                                         callback=finite_number)] = 1.0,
-        steer_above_coef: Annotated[float | None, typer.Option(help="Raw coefficient of --steer-above steering "
-                                                                    "(instead of the alpha).",
-                                                               callback=finite_number)] = None,
+        steer_above_alpha: Annotated[float, ALPHA.option("Relative coefficient of --steer-above steering.")] = 1.0,
+        steer_above_coef: Annotated[float | None, COEF.option("Raw coefficient of --steer-above steering (instead "
+                                                              "of the alpha).")] = None,
         force: Annotated[bool, typer.Option(help="Start over instead of resuming / reusing.")] = False,
         device: DeviceOpt = None,
     ) -> None:
