@@ -42,6 +42,7 @@ from personascope.steering import Steerer
 from personascope.util import write_json
 from personascope.vectors import PersonaVector
 
+from .callback import PersonaShiftCallback
 from .data import ChatCollator, ChatDataset, Encoded, encode_chat, encode_dataset  # noqa: E402,F401
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,7 @@ class FinetuneResult:
     resumed_from: str | None = None
     reused: bool = False
     model: object | None = field(default=None, repr=False)
+    persona_shift: dict | None = None  # PersonaShiftCallback.summary() when watched
 
 
 def stored_base(base_name: str) -> str:
@@ -212,13 +214,15 @@ def finetune(
     keep_model: bool = False,
     profile_name: str = "",
     callbacks: list | None = None,
+    watch: PersonaShiftCallback | None = None,
 ) -> FinetuneResult:
     """Train a LoRA adapter on a chat JSONL file and save it to `out_dir` (resumable).
 
     The caller's model gets the LoRA layers only while training: they are unloaded afterwards
     unless `keep_model`, in which case `result.model` is the trained PeftModel. A finished
     `out_dir` with the same data, config and steering is reused instead of retrained; an
-    interrupted one resumes from its last epoch checkpoint. `callbacks` are extra TrainerCallbacks.
+    interrupted one resumes from its last epoch checkpoint. `callbacks` are extra TrainerCallbacks;
+    `watch` tracks persona shifts (checked against the model before anything is written) and acts on its rules.
     """
     import shutil
 
@@ -235,13 +239,16 @@ def finetune(
     check_config(cfg)
     fingerprint = {"data_sha256": _sha256(data), "config": asdict(cfg), "base_model": stored_base(base_name),
                    "steering": steering.describe() if steering else None}
+    if watch is not None:
+        watch.check(adapter)  # a vector of another model or a probe set too long fails before anything is written
+        fingerprint["watch"] = {k: v for k, v in watch.summary().items() if k in ("vectors", "every_n_steps", "rules")}
     meta_path = out_dir / META_FILE
     if meta_path.exists() and not force:
         meta = json.loads(meta_path.read_text())
         if meta.get("finished") and {k: meta.get(k) for k in fingerprint} == json.loads(json.dumps(fingerprint)):
             log.info(f"{out_dir} already holds this finetune; reusing it (--force retrains)")
             return FinetuneResult(out_dir, meta["steps"], meta["losses"], meta["seconds"], meta["rows"],
-                                  meta["tokens"], reused=True)
+                                  meta["tokens"], reused=True, persona_shift=meta.get("persona_shift"))
         if meta.get("finished"):
             raise ValueError(f"{out_dir} holds a finished finetune with other data, settings or steering; "
                              "use --force to overwrite it or choose another --out")
@@ -276,6 +283,10 @@ def finetune(
     trainer = Trainer(model=peft_model, args=args, train_dataset=ChatDataset(items),
                       data_collator=ChatCollator(pad_id(adapter.tokenizer)), callbacks=[progress, *(callbacks or [])])
     trainer.remove_callback(PrinterCallback)  # the rich bar shows the loss; no raw dicts on stdout
+    if watch is not None:
+        watch.out_dir = watch.out_dir or out_dir
+        watch.paused = [steerer] if steerer is not None else []
+        watch.attach(trainer)
     last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.exists() else None
     if last:
         log.info(f"resuming from {last}")
@@ -295,13 +306,17 @@ def finetune(
         peft_model.save_pretrained(str(out_dir), save_embedding_layers=False)
         adapter.tokenizer.save_pretrained(str(out_dir))
         result = FinetuneResult(out_dir, trainer.state.global_step, losses, seconds, len(items), n_tokens, last)
+        shift = watch.summary() if watch is not None else None
+        result.persona_shift = shift
         write_json(meta_path, {**fingerprint, "finished": True, "dataset": str(data), "profile": profile_name,
                                "steps": result.steps, "losses": losses, "seconds": seconds, "rows": len(items),
-                               "tokens": n_tokens, "resumed_from": last,
+                               "tokens": n_tokens, "resumed_from": last, "persona_shift": shift,
                                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
         _plot_losses(losses, out_dir / "loss.png", f"finetune {data.name} ({base_name})")
     finally:
         progress.close()
+        if watch is not None:
+            watch.close()
         if use_cache is not None:
             model.config.use_cache = use_cache
         peft_model.eval()

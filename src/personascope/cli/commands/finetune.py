@@ -28,6 +28,7 @@ def register(app: typer.Typer) -> None:
         LAYER,
         LR,
         NEW_TOKENS,
+        QUESTIONS,
         SCORE,
         SEED,
         TEMPERATURE,
@@ -135,6 +136,21 @@ def register(app: typer.Typer) -> None:
         steer_alpha: Annotated[float | None, ALPHA.option("Relative coefficient (coef·‖v‖/resid_norm).")] = None,
         steer_mode: Annotated[str, typer.Option(help="add, or ablate (project v̂ out: the CAFT baseline).")
                               ] = "add",
+        watch_vector: Annotated[list[str] | None, typer.Option(
+            help="Persona vector (ready-made name or file) whose shift is tracked during training; repeatable. "
+                 "Logged to persona_shift.jsonl/.png in --out.")] = None,
+        watch_every: Annotated[int | None, COUNT.option("Measure every N optimiser steps (default: every 10 % of "
+                                                        "training).")] = None,
+        watch_questions: Annotated[int | None, QUESTIONS.option("Probe with the first N evaluation questions of "
+                                                                "each trait (default: all).")] = None,
+        stop_above: Annotated[list[str] | None, typer.Option(
+            help="NAME=SHIFT: stop when a watched vector's shift exceeds SHIFT, keeping the last good weights; "
+                 "repeatable.")] = None,
+        steer_above: Annotated[list[str] | None, typer.Option(
+            help="NAME=SHIFT: from then on add preventative steering along that vector; repeatable.")] = None,
+        steer_above_alpha: Annotated[float, ALPHA.option("Relative coefficient of --steer-above steering.")] = 1.0,
+        steer_above_coef: Annotated[float | None, COEF.option("Raw coefficient of --steer-above steering (instead "
+                                                              "of the alpha).")] = None,
         force: Annotated[bool, typer.Option(help="Start over instead of resuming / reusing.")] = False,
         device: DeviceOpt = None,
     ) -> None:
@@ -156,6 +172,15 @@ def register(app: typer.Typer) -> None:
             fail(f"unknown --steer-mode {steer_mode!r}; use add or ablate")
         if steer_layers not in (None, "all"):
             fail("--steer-layers takes only 'all' (use --steer-layer L for one layer)")
+        from personascope.finetuning import ShiftInputError, parse_rule
+
+        try:
+            stops = [parse_rule(x, "--stop-above") for x in stop_above or []]
+            steers = [parse_rule(x, "--steer-above") for x in steer_above or []]
+        except ShiftInputError as e:
+            fail(str(e))
+        if (stops or steers or watch_every or watch_questions) and not watch_vector:
+            fail("--stop-above/--steer-above/--watch-every/--watch-questions need --watch-vector")
         try:
             cfg = make_profile(profile, epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size,
                                grad_accum=grad_accum, r=rank, alpha=lora_alpha, max_len=max_len, seed=seed)
@@ -184,12 +209,62 @@ def register(app: typer.Typer) -> None:
             console.print(f"preventative steering (training only): {steering.describe()}")
         elif any(x is not None for x in (steer_layer, steer_layers, steer_coef, steer_alpha)):
             fail("--steer-layer/--steer-layers/--steer-coef/--steer-alpha need --steer-vector")
+        watch = _watch(adapter, watch_vector or [], watch_every, watch_questions, stops, steers, steer_above_alpha,
+                       steer_above_coef) if watch_vector else None
         out = out or Path("runs") / "finetune" / data.stem
         try:
             res = finetune(adapter, data, out, cfg, steering=steering, base_name=model, force=force,
-                           profile_name=profile)
+                           profile_name=profile, watch=watch)
         except (DatasetError, ValueError) as e:
             fail(str(e))
+        if res.persona_shift:
+            _print_shift(res.persona_shift, res.out_dir)
         losses = f"loss {res.losses[0]:.3f} → {res.losses[-1]:.3f}" if res.losses else ""
         console.print(f"adapter: {res.out_dir} ({res.steps} steps on {res.rows} rows, {res.seconds:.0f} s; {losses})")
         console.print(f"use it with any command: --model {res.out_dir}")
+
+
+def _watch(adapter, specs: list[str], every: int | None, n_questions: int | None, stops: list[tuple[str, float]],
+           steers: list[tuple[str, float]], alpha: float, coef: float | None):
+    """The PersonaShiftCallback for --watch-vector and its rules, checked against the model (fails in one line)."""
+    from personascope.finetuning import ShiftInputError, ShiftRule, watch_traits
+    from personascope.traits import TraitError
+
+    from .common import fail, load_vector_for
+
+    vectors = {}
+    for spec in specs:
+        pv = load_vector_for(adapter, Path(spec))
+        if pv.trait in vectors:
+            fail(f"--watch-vector {spec}: a vector for trait {pv.trait!r} is already watched")
+        vectors[pv.trait] = pv
+    rules = [ShiftRule.stop(n, thr) for n, thr in stops]
+    for name, thr in steers:
+        if name not in vectors:
+            fail(f"--steer-above names {name!r}, which is not watched (watched: {', '.join(vectors)})")
+        pv = vectors[name]
+        try:
+            c = coef if coef is not None else pv.coef_from_alpha(alpha, pv.default_layer())
+        except ValueError as e:
+            fail(f"--steer-above-alpha: {e}")
+        rules.append(ShiftRule.steer(name, thr, c))
+    try:
+        watch = watch_traits(adapter, vectors, every, rules, n_questions)
+        watch.check(adapter)
+    except (ShiftInputError, TraitError) as e:
+        fail(str(e))
+    return watch
+
+
+def _print_shift(summary: dict, out: Path) -> None:
+    from .common import console
+
+    final = summary.get("final") or {}
+    shifts = ", ".join(f"{n} {v['shift']:+.3f} (layer {v['layer']})" for n, v in final.items())
+    console.print(f"persona shift at the end of training: {shifts}; trajectory {out / 'persona_shift.jsonl'}, "
+                  f"plot {out / 'persona_shift.png'}")
+    for ev in summary.get("events", []):
+        what = (f"training stopped; weights of step {ev.get('kept_step')} kept" if ev["event"] == "stop" else
+                f"preventative steering on from then (coef {ev.get('coef', 0):.3g})")
+        console.print(f"[bold]{ev['event']}_above[/] fired at step {ev['step']}: {ev['vector']} shift "
+                      f"{ev['shift']:+.3f} > {ev['threshold']}: {what}")

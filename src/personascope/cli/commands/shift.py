@@ -39,6 +39,9 @@ def shift_cmd(
     capability: Annotated[bool, typer.Option(help="Multiple-choice accuracy before and after.")] = True,
     capability_file: Annotated[Path | None, typer.Option(help="MMLU-style JSONL (default: built-in).")] = None,
     out: Annotated[Path | None, typer.Option(help="Run directory (default runs/shift-ADAPTER).")] = None,
+    trajectory: Annotated[Path | None, typer.Option(help="persona_shift.jsonl logged during training (default: "
+                                                         "the adapter's own, when it was watched); plotted beside "
+                                                         "the final shift.")] = None,
     judge_model: JudgeModelOpt = DEFAULT_JUDGE_MODEL,
     judge_mode: JudgeModeOpt = None,
     judge_url: JudgeUrlOpt = None,
@@ -53,6 +56,7 @@ def shift_cmd(
 
     if not is_adapter_dir(finetuned):
         fail(f"{finetuned} is not an adapter directory (no adapter_config.json)")
+    traj = _read_trajectory(trajectory, finetuned)
     base_name = base or adapter_base_name(finetuned)
     base_adapter = load_adapter(base_name, device)
     pv = load_vector_for(base_adapter, vector)
@@ -86,9 +90,39 @@ def shift_cmd(
         console.print(f"capability accuracy: base {rep.capability['base']:.3f} → finetuned "
                       f"{rep.capability['finetuned']:.3f} (n={rep.n_capability})")
     console.print(f"shift at layer {res.layer}: [bold]{res.shift:+.3f}[/]")
+    if traj is not None:
+        _plot_beside(traj, t.name, res.layer, res.shift, rep.run_dir / "shift_trajectory.png")
     console.print(f"results: {rep.run_dir / 'shift.json'}, plot {rep.run_dir / 'shift.png'}")
     console.print(f"mitigate after the fact: personascope evaluate {t.name} --model {finetuned} "
                   f"--vector {vector} --layer {res.layer} --alpha -0.5")
+
+
+def _read_trajectory(path: Path | None, finetuned: Path) -> tuple[list[dict], list[dict]] | None:
+    """The logged trajectory (given, or the adapter's own when present); a bad file fails in one line."""
+    from personascope.finetuning import ShiftInputError, read_trajectory
+
+    if path is None and not (finetuned / "persona_shift.jsonl").exists():
+        return None
+    try:
+        return read_trajectory(path or finetuned)
+    except (FileNotFoundError, ShiftInputError) as e:
+        fail(f"--trajectory: {e}")
+
+
+def _plot_beside(traj: tuple[list[dict], list[dict]], name: str, layer: int, shift: float, path: Path) -> None:
+    """Plot the logged shift per step with this measurement's final shift beside it (same trait and layer)."""
+    from personascope.finetuning import plot_trajectory
+
+    rows, events = traj
+    logged = rows[-1]["values"].get(name) if rows else None
+    same = logged is not None and logged["layer"] == layer
+    plot_trajectory(rows, events, path, f"persona shift during training; final measured afterwards ({name})",
+                    final={name: shift} if same else None)
+    if same and logged is not None:
+        console.print(f"logged during training: {name} {logged['shift']:+.3f} at step {rows[-1]['step']} "
+                      f"(probe of {len(rows)} measurements); plot {path}")
+    else:
+        console.print(f"trajectory plotted to {path} (it does not log {name} at layer {layer})")
 
 
 def register(app: typer.Typer) -> None:
