@@ -1,8 +1,8 @@
 """Monitoring: last-prompt-token and answer projections on a persona vector; the paper's monitoring experiments."""
 
 from .drift import DriftVector, Normal, Trajectory, TurnPoint, trajectories, trajectory
-from .drift_run import DriftResult, read_conversations, run_drift
 from .drift_rule import Alert, DriftRule
+from .drift_run import DriftResult, read_conversations, run_drift
 from .heatmap import HeatmapItem, color_scale, diverging, render_heatmap
 from .report import with_ci
 from .run import MONITOR_PROFILES, load_shot_pool, run_monitor

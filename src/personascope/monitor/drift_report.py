@@ -1,4 +1,4 @@
-"""The drift run's HTML report: the distribution over all conversations, and each flagged trajectory beside its turns."""
+"""The drift run's HTML report: the distribution over all conversations, each flagged trajectory beside its turns."""
 
 from __future__ import annotations
 

@@ -25,9 +25,12 @@ use a vector) and no request sees another's steering. Finished rows leave the ba
 
 
 from .app import complete, create_app, run_server, stream
+from .drift_service import DriftService
+from .drift_store import DriftStore, StoreError, TurnRecord
 from .engine import Engine
 from .jobs import Job, Row
 from .loading import TINY_PREFIX, load_serving_model, tiny_random_model
+from .metrics import Metrics
 from .protocol import (
     MAX_STOP,
     MAX_TOP_LOGPROBS,
@@ -43,7 +46,8 @@ from .protocol import (
 )
 
 __all__ = [
-    "ApiError", "ChatRequest", "Engine", "Event", "GuardItem", "Job", "MAX_STOP", "MAX_TOP_LOGPROBS",
-    "MonitorSpec", "RequestParser", "Row", "ServeConfig", "SteerItem", "TINY_PREFIX", "VECTOR_NAME", "complete",
-    "create_app", "load_serving_model", "run_server", "stream", "tiny_random_model",
+    "ApiError", "ChatRequest", "DriftService", "DriftStore", "Engine", "Event", "GuardItem", "Job", "MAX_STOP",
+    "MAX_TOP_LOGPROBS", "Metrics", "MonitorSpec", "RequestParser", "Row", "ServeConfig", "SteerItem", "StoreError",
+    "TINY_PREFIX", "TurnRecord", "VECTOR_NAME", "complete", "create_app", "load_serving_model", "run_server",
+    "stream", "tiny_random_model",
 ]

@@ -11,11 +11,15 @@ import traceback
 import uuid
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
 from .engine import Engine, Job, finite
 from .protocol import LOOPBACK_HOSTS, MAX_JSON_DEPTH, ApiError, ChatRequest, ServeConfig, invalid
+
+if TYPE_CHECKING:
+    from .drift_service import DriftService
 
 # ---------------------------------------------------------------- responses
 
@@ -215,8 +219,9 @@ def _dashboard_html() -> str:
     return (resources.files("personascope") / "static" / "dashboard.html").read_text(encoding="utf-8")
 
 
-def create_app(engine: Engine):
-    """The FastAPI app around an engine (the engine's worker starts and stops with the app)."""
+def create_app(engine: Engine, drift: DriftService | None = None):
+    """The FastAPI app around an engine (the engine's worker starts and stops with the app); `drift` adds
+    /metrics, conversation recording and /v1/conversations (serve/drift_service.py)."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI
@@ -231,6 +236,8 @@ def create_app(engine: Engine):
         engine.start()
         yield
         engine.stop()
+        if drift is not None and drift.store is not None:
+            drift.store.close()
 
     app = FastAPI(title="personascope", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -320,10 +327,14 @@ def create_app(engine: Engine):
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         authorize(request)
-        req = engine.parse(await read_json(request))
-        job = Job(req, asyncio.get_running_loop())
-        engine.submit(job)
+        body = await read_json(request)
+        req = engine.parse(body)
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        if drift is not None:  # the drift monitor and any auto-guard ride on the engine's copy of the request
+            req, job = await drift.begin(dict(request.headers), body, req, rid, asyncio.get_running_loop())
+        else:
+            job = Job(req, asyncio.get_running_loop())
+        engine.submit(job)
         if req.stream:
             return StreamingResponse(stream(engine, req, job, rid), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -334,12 +345,15 @@ def create_app(engine: Engine):
             job.cancelled = True
             watcher.cancel()
 
+    if drift is not None:
+        drift.add_routes(app, authorize)
     return app
 
 
-def run_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+def run_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+               drift: DriftService | None = None) -> None:
     """Serve with uvicorn until interrupted."""
     import uvicorn
 
-    uvicorn.run(create_app(engine), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(create_app(engine, drift), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
 

@@ -9,8 +9,9 @@ from personascope.model import DEFAULT_MODEL
 
 
 def drift_vector(adapter, name: str, pv, layer: int | None, calibrate_n: int, batch_size: int = 8):
-    """A DriftVector for a loaded vector: its normal range from the stored guard calibration, measured now
-    (on `calibrate_n` pool questions) when the file has none at that layer, or none at all with calibrate_n 0."""
+    """(DriftVector, GuardCalibration | None) for a loaded vector: the normal range from the stored guard
+    calibration, measured now on `calibrate_n` pool questions when the file has none at that layer (none at all
+    with calibrate_n 0)."""
     from personascope.monitor import DriftVector, Normal
     from personascope.steering import GuardCalibration, calibrate_guard
 
@@ -19,10 +20,12 @@ def drift_vector(adapter, name: str, pv, layer: int | None, calibrate_n: int, ba
     cal = GuardCalibration.from_vector(pv)
     if (cal is None or cal.layer != layer or cal.normal("prompt") is None) and calibrate_n > 0:
         cal = calibrate_guard(adapter, pv, layer, n_questions=calibrate_n, batch_size=batch_size)
-    if cal is None or cal.layer != layer or cal.normal("prompt") is None:
-        return DriftVector(name, pv, layer)
+    if cal is None or cal.layer != layer:
+        return DriftVector(name, pv, layer), None
+    if cal.normal("prompt") is None or cal.normal("response") is None:
+        return DriftVector(name, pv, layer), cal
     (pm, ps), (rm, rs) = cal.normal("prompt"), cal.normal("response")  # type: ignore[misc]
-    return DriftVector(name, pv, layer, Normal(pm, ps, rm, rs))
+    return DriftVector(name, pv, layer, Normal(pm, ps, rm, rs)), cal
 
 
 def register(app: typer.Typer) -> None:
@@ -73,7 +76,7 @@ def register(app: typer.Typer) -> None:
             name = pv.trait if pv.trait not in [d.name for d in dvs] else f"{pv.trait}:{Path(spec).stem}"
             try:
                 with console.status(f"normal range of {name} …"):
-                    dvs.append(drift_vector(adapter, name, pv, layer, calibrate))
+                    dvs.append(drift_vector(adapter, name, pv, layer, calibrate)[0])
             except ValueError as e:
                 fail(f"--vector {spec}: {e}")
         rule = DriftRule(z, turns, rise, span)
