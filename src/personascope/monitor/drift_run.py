@@ -142,13 +142,14 @@ def run_drift(adapter: ModelAdapter, data: Path, vectors: list[DriftVector], rul
                 f.write(json.dumps({"line": r["line"], "id": r["id"], **t}) + "\n")
     flagged = {dv.name: [r["id"] for r in rows if dv.name in r["alerts"]] for dv in vectors}
     err_rows = sorted(errors.records.values(), key=lambda r: r["line"])
+    n_turns = sum(len(r["turns"]) for r in rows)
     summary = {"data": str(data), "model": adapter.name, "rule": rule.describe(), "conversations": len(rows),
-               "turns": sum(len(r["turns"]) for r in rows), "skipped_lines": err_rows,
+               "turns": n_turns, "skipped_lines": err_rows,
                "flagged": {k: {"n": len(v), "ids": v} for k, v in flagged.items()},
                "layers": {dv.name: dv.layer for dv in vectors},
                "calibrated": {dv.name: dv.normal is not None for dv in vectors}}
     write_json(out_dir / "summary.json", summary)
     report = write_report(rows, summary, rule, out_dir / "report.html", max_plots)
-    return DriftResult(len(rows), summary["turns"], flagged, err_rows, out_dir, time.monotonic() - t0,
+    return DriftResult(len(rows), n_turns, flagged, err_rows, out_dir, time.monotonic() - t0,
                        {"summary": str(out_dir / "summary.json"), "turns": str(out_dir / "turns.jsonl"),
                         "report": str(report)})

@@ -139,16 +139,18 @@ class DriftService:
         dv = self.vectors.get(name)
         return dv.normal if dv is not None and dv.layer == layer else None
 
-    async def begin(self, headers: dict[str, str], body: dict, req: ChatRequest, rid: str,
+    async def begin(self, headers: dict[str, str], body: object, req: ChatRequest, rid: str,
                     loop: asyncio.AbstractEventLoop) -> tuple[ChatRequest, Job]:
         """(the request as the client sees it, the engine's job) with the drift monitor and any auto-guard added."""
+        body = body if isinstance(body, dict) else {}
         cid = conversation_id(headers, body)
-        messages = body.get("messages") if isinstance(body.get("messages"), list) else []
+        raw = body.get("messages")
+        messages: list = raw if isinstance(raw, list) else []
         recording = self.store is not None and (bool(self.vectors) or (req.monitor is not None and cid is not None))
         if recording and cid is None:
             cid = hashed_id(messages)
         turn = sum(1 for m in messages if isinstance(m, dict) and m.get("role") == "assistant")
-        client, engine_req, names = req, req, []
+        client, engine_req, names = req, req, list[str]()
         guard_source = "request" if req.guard is not None else None
         if recording:
             assert self.store is not None and cid is not None

@@ -70,7 +70,7 @@ def register(app: typer.Typer) -> None:
         if batch_size < 1:
             fail(f"--batch-size must be at least 1, got {batch_size}")
         adapter = load_adapter(model, device)
-        dvs = []
+        dvs: list = []
         for spec in vector:
             pv = load_vector_for(adapter, Path(spec))
             name = pv.trait if pv.trait not in [d.name for d in dvs] else f"{pv.trait}:{Path(spec).stem}"
@@ -87,8 +87,8 @@ def register(app: typer.Typer) -> None:
                 res = run_drift(adapter, data, dvs, rule, folder, batch_size, force, max_plots, settings)
         except (ValueError, FileNotFoundError) as e:
             fail(str(e))
-        for e in res.errors:
-            console.print(f"[yellow]skipped[/] {data}:{e['line']}: {e['error']}", markup=True, highlight=False)
+        for bad in res.errors:
+            console.print(f"[yellow]skipped[/] {data}:{bad['line']}: {bad['error']}", markup=True, highlight=False)
         console.print(f"{res.conversations} conversations, {res.turns} turns in {res.seconds:.1f} s; rule: "
                       f"{rule.describe()}")
         for name, ids in res.flagged.items():
