@@ -35,6 +35,9 @@ def _drift_service(engine, store, names: list[str], loaded: dict, rule_args: tup
         except ValueError as e:
             fail(f"--monitor {name}: {e}")
         dvs.append(dv)
+        if dv.normal is None:
+            console.print(f"[yellow]warning:[/] {name} has no normal range at layer {dv.layer}: its raw projections "
+                          "are recorded, but it never raises an alert (calibrate it, or leave --drift-calibrate on)")
         if cal is not None:
             guards[name] = GuardItem(name, cal.layer, auto_guard or "cap", None, cal.hi, None, "response")
     try:
