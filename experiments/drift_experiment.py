@@ -229,7 +229,7 @@ def _judge(adapter, rows: list[tuple[str, str, str]], cache_path: Path) -> dict[
 
 
 def analyze(args) -> None:
-    from analysis_drift import report  # noqa: PLC0415  (the report lives beside this script)
+    from drift_analysis import report  # the report lives beside this script
 
     data = json.loads((args.out / "conversations.json").read_text())
     base = json.loads((args.out / "base.json").read_text())
