@@ -175,6 +175,8 @@ def main() -> None:
         done = sum(r["requests"] for r in rows) + len(rows)
         lines.append(f"Drift database: {kept} turn rows for {done} completed requests (warm-ups included).")
     Console().print(table)
+    if args.monitor:
+        print(lines[-1])
     if not args.no_record:
         record(title, lines)
 

@@ -77,6 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--n-calibration", type=int, default=32)
+    p.add_argument("--calibration-tokens", type=int, default=64, help="answer length while calibrating")
     p.add_argument("--z", type=float, default=2.0, help="the rule's z threshold (DriftRule)")
     p.add_argument("--turns", type=int, default=2, help="the rule's consecutive turns")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -96,7 +97,8 @@ def _vectors(adapter: ModelAdapter, args) -> dict:
         if not path.exists():
             pv = load_vector(trait, model=args.model)
             t0 = time.monotonic()
-            cal = calibrate_guard(adapter, pv, n_questions=args.n_calibration, batch_size=args.batch_size)
+            cal = calibrate_guard(adapter, pv, n_questions=args.n_calibration, batch_size=args.batch_size,
+                                  max_new_tokens=args.calibration_tokens)
             print(f"{trait}: calibrated at layer {cal.layer} in {time.monotonic() - t0:.0f} s", file=sys.stderr)
             with_calibration(pv, cal).save(path)
         pv = load_vector(path)
