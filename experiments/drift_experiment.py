@@ -81,10 +81,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--z", type=float, default=2.0, help="the rule's z threshold (DriftRule)")
     p.add_argument("--turns", type=int, default=2, help="the rule's consecutive turns")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 on a crowded machine)")
     return p.parse_args(argv)
 
 
 def _load(args):
+    import torch
+
+    torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
     return ModelAdapter(model, tok)
 
