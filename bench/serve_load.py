@@ -6,6 +6,7 @@ requests steer with one of two vectors at different coefficients, so batches mix
 
     python bench/serve_load.py                                 # tiny random model (fast, measures the server)
     python bench/serve_load.py --model qwen2.5-coder-0.5b      # a real model (run under flock on shared CPUs)
+    python bench/serve_load.py --monitor                       # with drift recording (SQLite), rows counted
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -53,7 +55,8 @@ def random_vectors(model: str, folder: Path) -> list[str]:
     return specs
 
 
-def start(model: str, vectors: list[str], max_batch: int, device: str | None) -> tuple[subprocess.Popen, str]:
+def start(model: str, vectors: list[str], max_batch: int, device: str | None,
+          extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "personascope.cli", "serve", "--model", model, "--host", "127.0.0.1", "--port",
            str(port), "--max-batch", str(max_batch)]
@@ -61,6 +64,7 @@ def start(model: str, vectors: list[str], max_batch: int, device: str | None) ->
         cmd += ["--vector", v]
     if device:
         cmd += ["--device", device]
+    cmd += list(extra)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "COLUMNS": "200"})
     url = f"http://127.0.0.1:{port}"
@@ -79,7 +83,8 @@ def start(model: str, vectors: list[str], max_batch: int, device: str | None) ->
 
 def body(model: str, i: int, max_tokens: int) -> dict:
     b = {"model": model, "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
-         "max_tokens": max_tokens, "temperature": 0.8, "seed": i}
+         "max_tokens": max_tokens, "temperature": 0.8, "seed": i,
+         "conversation_id": uuid.uuid4().hex}  # one conversation per request (ignored without --monitor)
     if i % 2:
         b["steering"] = [{"vector": "ab"[(i // 2) % 2], "alpha": [-0.5, 0.25, 0.5][i % 3]}]
     return b
@@ -128,10 +133,14 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--time-limit", type=float, default=600.0, help="Stop issuing requests after this many s.")
     ap.add_argument("--no-record", action="store_true", help="Print only; do not append to RESULTS.md.")
+    ap.add_argument("--monitor", action="store_true", help="Record every completion's drift trajectory on both "
+                    "vectors (serve --monitor a,b, SQLite in a temporary folder) and count the rows at the end.")
     args = ap.parse_args()
     deadline = time.monotonic() + args.time_limit
     with tempfile.TemporaryDirectory() as tmp:
-        proc, url = start(args.model, random_vectors(args.model, Path(tmp)), args.max_batch, args.device)
+        db = Path(tmp) / "drift.sqlite3"
+        extra = ("--monitor", "a,b", "--drift-db", str(db), "--drift-calibrate", "0") if args.monitor else ()
+        proc, url = start(args.model, random_vectors(args.model, Path(tmp)), args.max_batch, args.device, extra)
         try:
             rows = []
             for c in [int(x) for x in args.levels.split(",")]:
@@ -144,8 +153,12 @@ def main() -> None:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        if args.monitor:
+            import sqlite3
+
+            kept = sqlite3.connect(db).execute("SELECT COUNT(*) FROM turns").fetchone()[0]
     title = (f"serve_load: {args.model}, max_tokens {args.max_tokens}, max_batch {args.max_batch}, "
-             "half the requests steered")
+             "half the requests steered" + (", drift recording on (--monitor a,b, SQLite)" if args.monitor else ""))
     table = Table(title=title)
     for col in ("clients", "requests", "errors", "req/s", "new tok/s", "p50 s", "p95 s", "tokens/answer"):
         table.add_column(col, justify="right")
@@ -158,7 +171,12 @@ def main() -> None:
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(f"\nServer: {stats['batches']} batches, {stats['rows']} rows, largest batch {stats['max_batch_rows']} "
                  "rows. Sampling at temperature 0.8 with a seed per request; steering alternates two random vectors.")
+    if args.monitor:  # every acknowledged completion is a row (the warm-ups too: one per level)
+        done = sum(r["requests"] for r in rows) + len(rows)
+        lines.append(f"Drift database: {kept} turn rows for {done} completed requests (warm-ups included).")
     Console().print(table)
+    if args.monitor:
+        print(lines[-1])
     if not args.no_record:
         record(title, lines)
 

@@ -6,6 +6,7 @@ import typer
 
 from .commands import (
     demo,
+    drift,
     evaluate,
     extract,
     finetune,
@@ -28,7 +29,7 @@ vector_app = vector.register(app)  # vector info (export / import attached by co
 
 
 def _register_command_groups() -> None:
-    for module in (extract, evaluate, judge, demo, monitor, finetune, shift, screen, guard):
+    for module in (extract, evaluate, judge, demo, monitor, finetune, shift, screen, guard, drift):
         module.register(app)
     serve.register(app, traits_app)  # `serve` and `traits new` (which talks to a served model)
     interop.register(vector_app)  # `vector export` / `vector import` (llama.cpp, repeng, EasySteer, lm-eval)

@@ -32,10 +32,13 @@ use a vector) and no request sees another's steering. Finished rows leave the ba
 
 
 from .app import complete, create_app, run_server, stream
+from .drift_service import DriftService
+from .drift_store import DriftStore, StoreError, TurnRecord
 from .engine import Engine
 from .jobs import Job, Row
 from .lifecycle import bind_socket
 from .loading import TINY_PREFIX, load_serving_model, tiny_random_model
+from .metrics import Metrics
 from .protocol import (
     MAX_STEERING,
     MAX_STOP,
@@ -53,8 +56,9 @@ from .protocol import (
 from .wire import OPTION_RANGES, decode_body, option_problem
 
 __all__ = [
-    "ApiError", "ChatRequest", "Engine", "Event", "GuardItem", "Job", "MAX_STEERING", "MAX_STOP", "MAX_TOP_LOGPROBS",
-    "MonitorSpec", "OPTION_RANGES", "RequestParser", "Row", "ServeConfig", "SteerItem", "TINY_PREFIX", "VECTOR_NAME",
-    "bind_socket", "complete", "create_app", "decode_body", "load_serving_model", "option_problem", "run_server",
+    "ApiError", "ChatRequest", "DriftService", "DriftStore", "Engine", "Event", "GuardItem", "Job", "MAX_STEERING",
+    "MAX_STOP", "MAX_TOP_LOGPROBS", "Metrics", "MonitorSpec", "OPTION_RANGES", "RequestParser", "Row", "ServeConfig",
+    "SteerItem", "StoreError", "TINY_PREFIX", "TurnRecord", "VECTOR_NAME", "bind_socket", "complete", "create_app",
+    "decode_body", "load_serving_model", "option_problem", "run_server",
     "stream", "tiny_random_model",
 ]

@@ -12,6 +12,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
@@ -22,6 +23,9 @@ from .wire import ApiError, decode_body, json_depth
 
 log = logging.getLogger(__name__)
 __all__ = ["BrowserGuard", "complete", "create_app", "host_name", "json_depth", "run_server", "stream"]
+
+if TYPE_CHECKING:
+    from .drift_service import DriftService
 
 # ---------------------------------------------------------------- responses
 
@@ -211,9 +215,10 @@ def _dashboard_html() -> str:
     return (resources.files("personascope") / "static" / "dashboard.html").read_text(encoding="utf-8")
 
 
-def create_app(engine: Engine):
+def create_app(engine: Engine, drift: DriftService | None = None):
     """The FastAPI app around an engine (the engine's worker starts and stops with the app); `app.state.drain`
-    ends open requests in the protocol's shape at shutdown (see `run_server`)."""
+    ends open requests in the protocol's shape at shutdown (see `run_server`); `drift` adds /metrics,
+    conversation recording and /v1/conversations (serve/drift_service.py)."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI
@@ -232,6 +237,8 @@ def create_app(engine: Engine):
         yield
         drain.end_open()
         engine.stop()
+        if drift is not None and drift.store is not None:
+            drift.store.close()
 
     app = FastAPI(title="personascope", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.drain = drain
@@ -283,8 +290,9 @@ def create_app(engine: Engine):
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def read_request(request: Request) -> ChatRequest:
-        """The body, read within the body timeout (408 past it), decoded and validated off the event loop."""
+    async def read_request(request: Request) -> tuple[object, ChatRequest]:
+        """The body (decoded JSON) and the request, read within the body timeout (408 past it), decoded and
+        validated off the event loop."""
         try:
             async with asyncio.timeout(cfg.body_timeout_s):
                 raw = await read_body(request)
@@ -295,7 +303,8 @@ def create_app(engine: Engine):
             raise ApiError(400, "the client closed the connection before the whole body arrived", None,
                            "client_closed") from None
         ctype = request.headers.get("content-type", "application/json")
-        return await asyncio.to_thread(lambda: engine.parse(decode_body(raw, ctype)))
+        body = await asyncio.to_thread(decode_body, raw, ctype)
+        return body, await asyncio.to_thread(engine.parse, body)
 
     def unavailable() -> ApiError | None:
         if drain.started:
@@ -341,14 +350,17 @@ def create_app(engine: Engine):
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         authorize(request)
-        req = await read_request(request)
+        body, req = await read_request(request)
         down = unavailable()
         if down is not None:
             raise down
-        job = Job(req, asyncio.get_running_loop())
+        rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        if drift is not None:  # the drift monitor and any auto-guard ride on the engine's copy of the request
+            req, job = await drift.begin(dict(request.headers), body, req, rid, asyncio.get_running_loop())
+        else:
+            job = Job(req, asyncio.get_running_loop())
         engine.submit(job)
         drain.jobs.add(job)
-        rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         if req.stream:
             async def events():
                 try:
@@ -367,17 +379,19 @@ def create_app(engine: Engine):
             drain.jobs.discard(job)
             watcher.cancel()
 
+    if drift is not None:
+        drift.add_routes(app, authorize)
     return app
 
 
 def run_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
-               sock: socket.socket | None = None) -> None:
+               sock: socket.socket | None = None, drift: DriftService | None = None) -> None:
     """Serve with uvicorn until SIGTERM/SIGINT, then drain: no new requests, open ones get `drain_timeout_s` to
     finish and are then ended with a 503 error (JSON, or an SSE error event and [DONE]); a second signal ends
     them at once."""
     import uvicorn
 
-    app = create_app(engine)
+    app = create_app(engine, drift)
     drain: Drain = app.state.drain
 
     class Server(uvicorn.Server):

@@ -293,9 +293,9 @@ class Engine(RequestParser):
                 continue
             vals = {}
             for name in mon.vectors:
-                key = (mon.layer, name)
+                key = (mon.layer_of(name), name)
                 if key not in cache:
-                    cache[key] = project(store[mon.layer], self.vectors[name].vector(mon.layer)).cpu()
+                    cache[key] = project(store[key[0]], self.vectors[name].vector(key[0])).cpu()
                 vals[name] = finite(cache[key][i])
             out[i] = vals
         return out
@@ -333,7 +333,7 @@ class Engine(RequestParser):
         steerer = self._steerer(rows)
         guard = self._batch_guard(rows)
         store: dict[int, torch.Tensor] = {}
-        monitored = {r.job.request.monitor.layer for r in rows if r.job.request.monitor}
+        monitored = {m.layer_of(n) for r in rows if (m := r.job.request.monitor) for n in m.vectors}
         capture = self._capture(monitored, store).attach()  # before the steering hooks: sees unsteered output
         try:
             if steerer is not None:

@@ -91,6 +91,10 @@ class GuardItem:
 class MonitorSpec:
     vectors: list[str]
     layer: int
+    layers: dict[str, int] = field(default_factory=dict)  # per-vector layers (the drift monitor's); others: layer
+
+    def layer_of(self, name: str) -> int:
+        return self.layers.get(name, self.layer)
 
 
 @dataclass

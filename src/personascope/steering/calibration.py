@@ -25,6 +25,8 @@ from .steer import DEFAULT_POSITIONS
 
 DISTRIBUTIONS = ("token", "response")
 META_KEY = "guard"
+OPTIONAL_FIELDS = ("distribution", "n_questions", "mean", "std", "prompt_mean", "prompt_std", "response_mean",
+                   "response_std")
 
 
 @dataclass
@@ -40,7 +42,17 @@ class GuardCalibration:
     n_questions: int = 0
     mean: float = 0.0
     std: float = 0.0
+    # the normal range of the two spans a drift trajectory reads (None in files calibrated before they existed)
+    prompt_mean: float | None = None  # the last prompt token (the paper's predictor)
+    prompt_std: float | None = None
+    response_mean: float | None = None  # an answer's mean over its tokens
+    response_std: float | None = None
     values: list[float] = field(default_factory=list, repr=False)  # the distribution itself (not stored)
+
+    def normal(self, span: str) -> tuple[float, float] | None:
+        """(mean, sd) of a span, 'prompt' or 'response' (None when the calibration predates span statistics)."""
+        mean, sd = (self.prompt_mean, self.prompt_std) if span == "prompt" else (self.response_mean, self.response_std)
+        return None if mean is None or sd is None else (mean, sd)
 
     def to_json(self) -> str:
         return json.dumps({k: v for k, v in asdict(self).items() if k != "values"})
@@ -54,7 +66,7 @@ class GuardCalibration:
         try:
             data = json.loads(raw)
             return cls(**{k: data[k] for k in ("layer", "lo", "hi", "percentile", "n")},
-                       **{k: data[k] for k in ("distribution", "n_questions", "mean", "std") if k in data})
+                       **{k: data[k] for k in OPTIONAL_FIELDS if k in data})
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{pv.path or 'vector'}: malformed '{META_KEY}' metadata ({e})") from None
 
@@ -141,9 +153,19 @@ def calibrate_guard(
     t = torch.tensor(values, dtype=torch.float64)
     hi = float(torch.quantile(t, percentile / 100))
     lo = float(torch.quantile(t, 1 - percentile / 100))
-    std = float(t.std()) if len(values) > 1 else 0.0
-    return GuardCalibration(layer, lo, hi, percentile, len(values), distribution, len(qs), float(t.mean()),
-                            std if math.isfinite(std) else 0.0, values)
+    prompt_mean, prompt_std = _mean_sd([row[0] for row in per_answer if row])
+    response_mean, response_std = _mean_sd([sum(row[1:]) / len(row[1:]) for row in per_answer if len(row) > 1])
+    return GuardCalibration(layer, lo, hi, percentile, len(values), distribution, len(qs), *_mean_sd(values),
+                            prompt_mean, prompt_std, response_mean, response_std, values)
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for fewer than two values or a non-finite result)."""
+    if not values:
+        return 0.0, 0.0
+    t = torch.tensor(values, dtype=torch.float64)
+    sd = float(t.std()) if len(values) > 1 else 0.0
+    return float(t.mean()), sd if math.isfinite(sd) else 0.0
 
 
 def guard_for(adapter: ModelAdapter, vector: PersonaVector, mode: str, layer: int | None = None,

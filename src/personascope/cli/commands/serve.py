@@ -17,6 +17,35 @@ def _parse_vector_spec(spec: str) -> tuple[str | None, Path]:
     return None, Path(spec)
 
 
+def _drift_service(engine, store, names: list[str], loaded: dict, rule_args: tuple, calibrate_n: int,
+                   auto_guard: str | None, keep_text: bool):
+    """The server's DriftService: each monitored vector with its normal range (measured now if its file has
+    none) and, for --auto-guard, its guard item; a problem is one `error:` line."""
+    from personascope.monitor import DriftRule
+    from personascope.serve import DriftService, GuardItem
+
+    from .common import console, fail
+    from .drift import drift_vector
+
+    dvs, guards = [], {}
+    for name in names:
+        try:
+            with console.status(f"normal range of {name} …"):
+                dv, cal = drift_vector(engine.adapter, name, loaded[name], None, calibrate_n)
+        except ValueError as e:
+            fail(f"--monitor {name}: {e}")
+        dvs.append(dv)
+        if dv.normal is None:
+            console.print(f"[yellow]warning:[/] {name} has no normal range at layer {dv.layer}: its raw projections "
+                          "are recorded, but it never raises an alert (calibrate it, or leave --drift-calibrate on)")
+        if cal is not None:
+            guards[name] = GuardItem(name, cal.layer, auto_guard or "cap", None, cal.hi, None, "response")
+    try:
+        return DriftService(engine, store, dvs, DriftRule(*rule_args), auto_guard, guards, keep_text)
+    except ValueError as e:
+        fail(str(e))
+
+
 def register(app: typer.Typer, traits_app: typer.Typer) -> None:
     """Add the serve commands to the main app."""
 
@@ -43,6 +72,24 @@ def register(app: typer.Typer, traits_app: typer.Typer) -> None:
         drain_timeout_s: Annotated[float, typer.Option(
             help="On SIGTERM/SIGINT: seconds running requests get to finish before they are ended with an "
                  "error (503).")] = 10.0,
+        monitor: Annotated[str | None, typer.Option(
+            "--monitor", help="NAME[,NAME]: record every conversation's trajectory on these --vector names "
+                              "(docs/drift.md).")] = None,
+        drift_db: Annotated[str | None, typer.Option(
+            "--drift-db", help="SQLite file or postgresql:// URL for the trajectories (default with --monitor: "
+                               "drift.sqlite3 here).")] = None,
+        drift_z: Annotated[float, typer.Option(help="Alert when a z-score is at least this ...")] = 2.0,
+        drift_turns: Annotated[int, typer.Option(help="... on this many consecutive turns.")] = 2,
+        drift_rise: Annotated[float | None, typer.Option(help="Also alert on a z rise this large since turn 0.")
+                              ] = None,
+        drift_span: Annotated[str, typer.Option(help="pre (last token before the turn) or response (its mean).")
+                              ] = "pre",
+        drift_calibrate: Annotated[int, typer.Option(help="Pool questions for a normal range a vector file lacks "
+                                                          "(0: record raw projections only).")] = 32,
+        auto_guard: Annotated[str | None, typer.Option(
+            "--auto-guard", help="cap or conditional: after an alert, guard that conversation from its next turn "
+                                 "(needs calibrated vectors).")] = None,
+        drift_text: Annotated[bool, typer.Option(help="Keep the turns' text in the drift database.")] = True,
     ) -> None:
         """Serve the model over an OpenAI-compatible API with persona steering, monitoring and a dashboard."""
         from personascope.vectors import VectorMismatchError, load_vector
@@ -95,15 +142,37 @@ def register(app: typer.Typer, traits_app: typer.Typer) -> None:
                           default_max_tokens=min(256, max_tokens_limit), max_body_bytes=max_body_bytes,
                           max_queue=max_queue, body_timeout_s=body_timeout_s, drain_timeout_s=drain_timeout_s,
                           api_key=key, host=host)
+        from personascope.steering import GUARD_MODES
+
+        names = [n.strip() for n in (monitor or "").split(",") if n.strip()]
+        unknown = [n for n in names if n not in loaded]
+        if unknown:
+            fail(f"--monitor {','.join(unknown)}: no --vector of that name (loaded: {', '.join(loaded) or 'none'})")
+        if auto_guard is not None and (auto_guard not in GUARD_MODES or not names):
+            fail(f"--auto-guard must be cap or conditional and needs --monitor, got {auto_guard!r}")
+        if drift_span not in ("pre", "response") or drift_turns < 1:
+            fail("--drift-span must be pre or response and --drift-turns at least 1")
+        store = None
+        if names or drift_db:
+            from personascope.serve import DriftStore, StoreError
+
+            try:
+                store = DriftStore(drift_db or "drift.sqlite3")
+            except StoreError as e:
+                fail(str(e))
         try:
             engine = Engine(adapter, loaded, cfg, model_id=model)
         except VectorMismatchError as e:
             fail(str(e))
+        drift = _drift_service(engine, store, names, loaded, (drift_z, drift_turns, drift_rise, drift_span),
+                               drift_calibrate, auto_guard, drift_text)
         for name, pv in loaded.items():
             console.print(f"vector [bold]{name}[/] ({pv.trait}, default layer {pv.default_layer()}) from {pv.path}")
         console.print(f"serving [bold]{model}[/] on http://{host}:{port}  (dashboard at /, API at /v1)"
                       + ("  [auth: bearer key]" if key else ""))
-        run_server(engine, host, port, sock=sock)
+        if store is not None:
+            console.print(f"recording conversations to {store.where} ({', '.join(names) or 'per request'})")
+        run_server(engine, host, port, sock=sock, drift=drift)
 
     @traits_app.command("new")
     def traits_new(
