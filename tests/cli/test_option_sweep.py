@@ -30,6 +30,7 @@ BASE = {
     "screen": ["data.jsonl", "--vector", "v.safetensors"],
     "vector export": ["v.safetensors", "--out", "out.gguf"],
     "guard calibrate": ["--vector", "v.safetensors", "--out", "out.safetensors"],
+    "drift": ["data.jsonl", "--vector", "v.safetensors"],
 }
 
 # numeric options typed as text (lists parsed by the command), which introspection cannot find
@@ -40,7 +41,7 @@ TEXT_NUMBERS = {("evaluate", "--layer"), ("evaluate", "--coef"), ("evaluate", "-
 ZERO_OK = {"--seed", "--temperature", "--layer", "--layers", "--steer-layer", "--coef", "--alpha", "--steer-coef",
            "--steer-alpha", "--guard-coef", "--threshold", "--percentile", "--shot-chars", "--shots",
            "--pos-threshold", "--neg-threshold", "--coherence-threshold", "--margin", "--trait-threshold",
-           "--min-coherence", "--max-coherence-drop", "--layer-range"}
+           "--min-coherence", "--max-coherence-drop", "--layer-range", "--calibrate"}
 NEG_OK = {"--coef", "--alpha", "--steer-coef", "--steer-alpha", "--guard-coef", "--threshold"}
 VALUES = ("0", "-1", "nan", "inf", "huge")
 HUGE = {"int": str(2**70), "float": "1e300"}

@@ -30,7 +30,10 @@ def drift_vector(adapter, name: str, pv, layer: int | None, calibrate_n: int, ba
 
 def register(app: typer.Typer) -> None:
     """Add the drift command to the main app."""
-    from .common import DeviceOpt, ModelOpt
+    from .common import BATCH, COUNT, LAYER, DeviceOpt, ModelOpt, Range
+
+    Z_SCORE = Range(0, 100, lo_open=True)
+    POOL = Range(0, 100_000)  # 0: no calibration, raw projections
 
     @app.command()
     def drift(
@@ -39,20 +42,20 @@ def register(app: typer.Typer) -> None:
         vector: Annotated[list[str], typer.Option("--vector", help="Ready-made vector NAME or FILE "
                                                                    "(repeatable).")],
         model: ModelOpt = DEFAULT_MODEL,
-        layer: Annotated[int | None, typer.Option(help="Layer for every vector (default: each vector's own).")
+        layer: Annotated[int | None, LAYER.option("Layer for every vector (default: each vector's own).")
                          ] = None,
         out: Annotated[Path | None, typer.Option(help="Output folder (default runs/drift-NAME).")] = None,
-        z: Annotated[float, typer.Option("--z", help="Flag when the z-score is at least this ...")] = 2.0,
-        turns: Annotated[int, typer.Option(help="... on this many consecutive assistant turns.")] = 2,
-        rise: Annotated[float | None, typer.Option(help="Also flag a rise of the z-score by this much since the "
-                                                        "first turn.")] = None,
+        z: Annotated[float, Z_SCORE.option("Flag when the z-score is at least this ...", "--z")] = 2.0,
+        turns: Annotated[int, COUNT.option("... on this many consecutive assistant turns.")] = 2,
+        rise: Annotated[float | None, Z_SCORE.option("Also flag a rise of the z-score by this much since the "
+                                                     "first turn.")] = None,
         span: Annotated[str, typer.Option(help="pre (the last token before the turn, the paper's predictor) or "
                                                "response (the turn's mean).")] = "pre",
-        calibrate: Annotated[int, typer.Option(help="Pool questions to measure a vector's normal range on when "
-                                                    "its file has none (`guard calibrate`); 0: raw projections.")
+        calibrate: Annotated[int, POOL.option("Pool questions to measure a vector's normal range on when "
+                                              "its file has none (`guard calibrate`); 0: raw projections.")
                              ] = 32,
-        batch_size: Annotated[int, typer.Option(help="Conversations per forward.")] = 4,
-        max_plots: Annotated[int, typer.Option(help="Flagged conversations drawn in report.html.")] = 50,
+        batch_size: Annotated[int, BATCH.option("Conversations per forward.")] = 4,
+        max_plots: Annotated[int, COUNT.option("Flagged conversations drawn in report.html.")] = 50,
         device: DeviceOpt = None,
         force: Annotated[bool, typer.Option(help="Start over instead of resuming.")] = False,
     ) -> None:
