@@ -387,7 +387,7 @@ def start_engines(engine: str, adapter, judge, n_answers: int, new_tokens: int):
     work = work_tokens(n_answers, 100, new_tokens)
     with console.status("measuring the engines on this machine (once per machine and model) …"):
         picked = resolve_engine(engine, adapter, work)
-    console.print(picked.line(), soft_wrap=True, highlight=False)
+    Console(stderr=True).print(picked.line(), soft_wrap=True, highlight=False)  # a note, not the result
     if picked.engine == "hf":
         return None
     with console.status(f"starting the {picked.engine} engine …"):

@@ -88,8 +88,9 @@ def vector_list() -> None:
         rep = _validity(pv)
         at = rep.at() if rep else {}
         steer = json.loads(pv.metadata.get("steering", "{}"))
-        delta = (f"{steer['delta_minus']:+.0f} / {steer['delta_plus']:+.0f}"
-                 if "delta_minus" in steer and "delta_plus" in steer else "—")
+        sides = [steer.get(k) for k in ("delta_minus", "delta_plus")]
+        # a direction with no fluent α that moves the trait has no Δ (the sweep's fluency gate)
+        delta = " / ".join("none" if d is None else f"{d:+.0f}" for d in sides) if steer else "—"
         table.add_row(trait, model, str(pv.best_layer), _fmt(at.get("held_out_auroc")),
                       _fmt(at.get("split_half_cosine")), _fmt(at.get("ladder_spearman")), _fmt(at.get("label_auroc")),
                       delta, "—" if rep is None else ("yes" if rep.valid else "no"))
