@@ -41,10 +41,10 @@ TEXT_NUMBERS = {("evaluate", "--layer"), ("evaluate", "--coef"), ("evaluate", "-
 ZERO_OK = {"--seed", "--temperature", "--layer", "--layers", "--steer-layer", "--coef", "--alpha", "--steer-coef",
            "--steer-alpha", "--guard-coef", "--threshold", "--percentile", "--shot-chars", "--shots",
            "--pos-threshold", "--neg-threshold", "--coherence-threshold", "--margin", "--trait-threshold",
-           "--min-coherence", "--max-coherence-drop", "--layer-range", "--calibrate", "--steer-above-alpha",
+           "--min-coherence", "--max-coherence-drop", "--layer-range", "--calibrate", "--z", "--steer-above-alpha",
            "--steer-above-coef"}
-NEG_OK = {"--coef", "--alpha", "--steer-coef", "--steer-alpha", "--guard-coef", "--threshold", "--steer-above-alpha",
-          "--steer-above-coef"}
+NEG_OK = {"--coef", "--alpha", "--steer-coef", "--steer-alpha", "--guard-coef", "--threshold", "--z",
+          "--steer-above-alpha", "--steer-above-coef"}
 VALUES = ("0", "-1", "nan", "inf", "huge")
 HUGE = {"int": str(2**70), "float": "1e300"}
 

@@ -32,7 +32,8 @@ def register(app: typer.Typer) -> None:
     """Add the drift command to the main app."""
     from .common import BATCH, COUNT, LAYER, DeviceOpt, ModelOpt, Range
 
-    Z_SCORE = Range(0, 100, lo_open=True)
+    Z_SCORE = Range(-100, 100)  # a threshold on z (negative: flag a drop below the normal range's mean too)
+    RISE = Range(0, 100, lo_open=True)
     POOL = Range(0, 100_000)  # 0: no calibration, raw projections
 
     @app.command()
@@ -47,7 +48,7 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path | None, typer.Option(help="Output folder (default runs/drift-NAME).")] = None,
         z: Annotated[float, Z_SCORE.option("Flag when the z-score is at least this ...", "--z")] = 2.0,
         turns: Annotated[int, COUNT.option("... on this many consecutive assistant turns.")] = 2,
-        rise: Annotated[float | None, Z_SCORE.option("Also flag a rise of the z-score by this much since the "
+        rise: Annotated[float | None, RISE.option("Also flag a rise of the z-score by this much since the "
                                                      "first turn.")] = None,
         span: Annotated[str, typer.Option(help="pre (the last token before the turn, the paper's predictor) or "
                                                "response (the turn's mean).")] = "pre",
