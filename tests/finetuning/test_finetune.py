@@ -7,15 +7,10 @@ from safetensors import safe_open
 from tiny import tiny_pair
 from transformers import TrainerCallback
 
+from personascope.finetuning.data import ChatCollator, encode_chat
 from personascope.finetuning.datasets import chat_row
-from personascope.finetuning.train import (
-    ChatCollator,
-    PreventativeSteering,
-    encode_chat,
-    finetune,
-    load_finetuned,
-    profile,
-)
+from personascope.finetuning.train import PreventativeSteering, finetune, profile
+from personascope.model import load_finetuned
 from personascope.model.adapter import ModelAdapter, block_output
 from personascope.model.chat import DatasetError, load_chat_jsonl
 from personascope.model.loading import load_model

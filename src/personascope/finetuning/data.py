@@ -7,15 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from personascope.model import (  # noqa: F401
-    META_FILE,
+from personascope.model import (
     ModelAdapter,
-    adapter_base_name,
-    is_adapter_dir,
-    load_chat_jsonl,
-    load_finetuned,
     pad_batch,
-    pad_id,
 )
 
 log = logging.getLogger(__name__)

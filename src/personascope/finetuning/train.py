@@ -28,14 +28,10 @@ from pathlib import Path
 
 import torch
 
-from personascope.model import (  # noqa: F401
+from personascope.model import (
     META_FILE,
     ModelAdapter,
-    adapter_base_name,
-    is_adapter_dir,
     load_chat_jsonl,
-    load_finetuned,
-    pad_batch,
     pad_id,
 )
 from personascope.steering import Steerer
@@ -43,7 +39,7 @@ from personascope.util import write_json
 from personascope.vectors import PersonaVector
 
 from .callback import PersonaShiftCallback
-from .data import ChatCollator, ChatDataset, Encoded, encode_chat, encode_dataset  # noqa: E402,F401
+from .data import ChatCollator, ChatDataset, encode_dataset
 
 log = logging.getLogger(__name__)
 
