@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, help="bf16 or fp32 (default: the product's choice)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench-judge-cost.json"))
     ap.add_argument("--no-record", action="store_true")
+    ap.add_argument("--noise", action="store_true",
+                    help="also score with the old path one row at a time: how far its own rounding moves a score")
     args = ap.parse_args()
     import torch
 
@@ -53,6 +55,8 @@ def main() -> None:
     reqs = [JudgeRequest(kind, r.question, r.answer, traits[r.trait]) for r in rows for kind in ("trait", "coherence")]
     judges = {"before": LocalJudge(model, tok, name=f"local:{args.model}", share_prefix=False),
               "after": LocalJudge(model, tok, name=f"local:{args.model}")}
+    # the old path's own rounding noise: the same full-prompt forwards one row at a time instead of four
+    plain_b1 = LocalJudge(model, tok, name=f"local:{args.model}", share_prefix=False, batch_size=1)
     secs = dict.fromkeys(judges, 0.0)
     scores: dict[str, list] = {k: [] for k in judges}
     for n, s in enumerate(range(0, len(reqs), 8)):
@@ -65,9 +69,13 @@ def main() -> None:
                 scores["before"] += got
             else:
                 scores["after"] += got
+        if args.noise:
+            scores.setdefault("before_b1", []).extend(plain_b1.score(chunk))
         print(f"chunk {n}: before {secs['before']:.0f} s, after {secs['after']:.0f} s", flush=True)
     pairs = [(a, b) for a, b in zip(scores["before"], scores["after"], strict=True) if a is not None and b is not None]
     diffs = [abs(a - b) for a, b in pairs]
+    noise = [abs(a - b) for a, b in zip(scores["before"], scores.get("before_b1", []), strict=False)
+             if a is not None and b is not None]
     # the probe read-out: one forward per answer (trait, coherence and refusal from it), layers as a probe uses them
     from personascope.model import ModelAdapter
 
@@ -86,7 +94,10 @@ def main() -> None:
            "mean_abs_diff": sum(diffs) / len(diffs) if diffs else None,
            "missing_one_side": sum((a is None) != (b is None) for a, b in zip(scores["before"], scores["after"],
                                                                                strict=True)),
-           "probe_s_per_answer": probe_s, "load_average": os.getloadavg()[0]}
+           "probe_s_per_answer": probe_s,
+           "old_path_b1_vs_b4_max_abs_diff": max(noise) if noise else None,
+           "old_path_b1_vs_b4_mean_abs_diff": sum(noise) / len(noise) if noise else None,
+           "load_average": os.getloadavg()[0]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
@@ -105,7 +116,10 @@ def main() -> None:
             f"| after: shared prefix once per batch, logits only where read | {sp['after']:.2f} |",
             f"| probe read-out (one forward per answer = 2 judgements), per answer | {probe_s:.2f} |", "",
             f"- speed ×{res['speedup']:.2f}; scores max |diff| {res['max_abs_diff']:.3f} points "
-            f"(mean {res['mean_abs_diff']:.3f}; {res['missing_one_side']} missing on one side only)"])
+            f"(mean {res['mean_abs_diff']:.3f}; {res['missing_one_side']} missing on one side only)",
+            *([f"- the old path alone, batch 1 vs batch 4 (its own rounding): max |diff| "
+               f"{res['old_path_b1_vs_b4_max_abs_diff']:.3f} points "
+               f"(mean {res['old_path_b1_vs_b4_mean_abs_diff']:.3f})"] if noise else [])])
 
 
 if __name__ == "__main__":

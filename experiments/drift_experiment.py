@@ -82,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--turns", type=int, default=2, help="the rule's consecutive turns")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 on a crowded machine)")
+    p.add_argument("--vector", action="append", default=[], metavar="TRAIT=FILE",
+                   help="use this vector file for TRAIT instead of the package's ready-made one (repeatable)")
     return p.parse_args(argv)
 
 
@@ -99,7 +101,8 @@ def _vectors(adapter: ModelAdapter, args) -> dict:
     for trait in args.traits.split(","):
         path = args.out / f"{trait}.safetensors"
         if not path.exists():
-            pv = load_vector(trait, model=args.model)
+            files = dict(v.split("=", 1) for v in args.vector)
+            pv = load_vector(files[trait]) if trait in files else load_vector(trait, model=args.model)
             t0 = time.monotonic()
             cal = calibrate_guard(adapter, pv, n_questions=args.n_calibration, batch_size=args.batch_size,
                                   max_new_tokens=args.calibration_tokens)

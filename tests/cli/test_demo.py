@@ -56,3 +56,18 @@ def test_ladder_climbs_while_answers_stay_fluent(setup, tmp_path, monkeypatch):
     assert len(rows) == 1 + 2 * len(ALPHA_LADDER)
     for side in ("plus", "minus"):  # a direction that moved the judged trait picks the ladder's strongest α
         assert choice[side] is None or abs(choice[side]["alpha"]) == ALPHA_LADDER[-1]
+
+
+def test_demo_judge_falls_back_to_the_packaged_probe(monkeypatch, setup):
+    """A subject without shipped probe weights is judged by the package's probe (its own model), not the
+    slow rubric LLM judge; naming a judge still picks the LLM judge."""
+    from personascope.cli import demo
+    from personascope.model import DEFAULT_MODEL
+
+    adapter = setup[0]
+    called: dict = {}
+    monkeypatch.setattr(demo, "load_probe_judge", lambda name, device=None: called.setdefault("probe", name))
+    monkeypatch.setattr(demo, "load_local_judge", lambda name, device=None: called.setdefault("local", name))
+    demo.demo_judge(adapter, None, None)
+    demo.demo_judge(adapter, "some-judge", None)
+    assert called == {"probe": DEFAULT_MODEL, "local": "some-judge"}

@@ -11,7 +11,14 @@ from rich.console import Console
 from rich.table import Table
 
 from personascope.evaluation import Condition, EvalConfig, choose_steering, evaluate, passes_gate, sweep_rows
-from personascope.judges import Judge, ProbeJudge, ProbeWeights, load_local_judge, probe_weights_path
+from personascope.judges import (
+    Judge,
+    ProbeJudge,
+    ProbeWeights,
+    load_local_judge,
+    load_probe_judge,
+    probe_weights_path,
+)
 from personascope.model import ModelAdapter, SamplingConfig, load_model
 from personascope.runtime.engines import make_engine, resolve_engine, work_tokens
 from personascope.traits import Trait, load_trait
@@ -26,10 +33,15 @@ ALPHA_LADDER = (0.25, 0.5, 0.75, 1.0, 1.5)  # relative α tried per direction, w
 
 def demo_judge(adapter: ModelAdapter, judge_name: str | None, device: str | None) -> Judge:
     """The probe judge on the subject model itself when the package has its weights (one model in memory,
-    ~0.1 s per answer), else the local LLM judge `judge_name`."""
-    weights = probe_weights_path(adapter.name)
-    if judge_name is None and weights.exists():
-        return ProbeJudge(adapter, ProbeWeights.load(weights), name=f"probe:{adapter.name}")
+    ~0.1 s per answer), else the package's probe judge on its own model (the one the ready-made vectors were
+    judged with; the 1.5B's rubric judge costs ~2 s per answer); `judge_name` picks a local LLM judge instead."""
+    if judge_name is None:
+        if (weights := probe_weights_path(adapter.name)).exists():
+            return ProbeJudge(adapter, ProbeWeights.load(weights), name=f"probe:{adapter.name}")
+        from personascope.model import DEFAULT_MODEL
+
+        if probe_weights_path(DEFAULT_MODEL).exists():
+            return load_probe_judge(DEFAULT_MODEL, device=device)
     from personascope.model import DEFAULT_JUDGE_MODEL
 
     return load_local_judge(judge_name or DEFAULT_JUDGE_MODEL, device=device)
