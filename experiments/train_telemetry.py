@@ -94,6 +94,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--no-judge", action="store_true", help="shift only: no judged evaluation, no capability")
     ap.add_argument("--report-only", action="store_true", help="rewrite report.md from summary.json (no model)")
+    ap.add_argument("--overhead-steps", type=int, default=0,
+                    help="also time the first trait's II finetune run for this many steps, with and without the "
+                         "callback (its cost is ~11 probes per run, so it shows only on runs of realistic length)")
     args = ap.parse_args()
     s = SIZES["smoke" if args.smoke else "full"]
     tag = "-smoke" if args.smoke else ""
@@ -130,9 +133,10 @@ def main() -> None:
             res.get(f"dataset|{t}-{lv}", lambda t=t, lv=lv: {
                 "rows": write_level(args.model, t, lv, s["rows"], work / "datasets" / f"{t}-{lv}.jsonl")})
 
-    def run(name: str, data: Path, trait: str, watch=None, capability: bool = False, measure: bool = True) -> dict:
+    def run(name: str, data: Path, trait: str, watch=None, capability: bool = False, measure: bool = True,
+            run_cfg=None) -> dict:
         def make() -> dict:
-            r = finetune(base, data, work / "ft" / name, cfg, base_name=args.model, profile_name="quick",
+            r = finetune(base, data, work / "ft" / name, run_cfg or cfg, base_name=args.model, profile_name="quick",
                          watch=watch, force=True)
             rec = {"steps": r.steps, "seconds": r.seconds, "losses": r.losses,
                    "measure_seconds": watch.seconds if watch else 0.0}
@@ -171,6 +175,11 @@ def main() -> None:
         capability=True)
     for t in args.traits[1:]:
         levels(t)
+    if args.overhead_steps:  # a longer run, same rows cycled: with the callback at its default interval, then without
+        long_cfg = ft_profile("quick", epochs=args.overhead_steps, max_steps=args.overhead_steps)
+        data = work / "datasets" / f"{t0}-II.jsonl"
+        for suffix, watch in (("", watch_traits(base, vectors.values(), n_questions=s["probe_q"])), ("-plain", None)):
+            run(f"{t0}-II-long{args.overhead_steps}{suffix}", data, t0, watch, measure=False, run_cfg=long_cfg)
     summarise(res.data, work, out, args.traits, {
         "model": args.model, "judge": judge.name if judge else None, "sizes": s, "steer_alpha": args.steer_alpha,
         "steer_coef": coef,
@@ -221,6 +230,14 @@ def summarise(data: dict, work: Path, out: Path, traits: list[str], meta: dict) 
                                "wall_overhead": w["seconds"] / plain["seconds"] - 1, "measure_s": w["measure_seconds"],
                                "measure_share": w["measure_seconds"] / w["seconds"],
                                "losses_identical": w["losses"] == plain["losses"]}
+    longs = sorted(k for k in runs if "-II-long" in k and not k.endswith("-plain"))
+    if longs and f"{longs[-1]}-plain" in runs:
+        w, plain = runs[longs[-1]], runs[f"{longs[-1]}-plain"]
+        summary["overhead_long"] = {"steps": w["steps"], "with_s": w["seconds"], "without_s": plain["seconds"],
+                                    "wall_overhead": w["seconds"] / plain["seconds"] - 1,
+                                    "measure_s": w["measure_seconds"],
+                                    "measure_share": w["measure_seconds"] / w["seconds"],
+                                    "losses_identical": w["losses"] == plain["losses"]}
     write_json(out / "summary.json", summary)
     plot(summary, out)
     report(summary, out)
@@ -287,6 +304,13 @@ def report(sm: dict, out: Path) -> None:
                   f"without: {o['without_s']:.1f} s "
                   f"(wall {o['wall_overhead']:+.1%}); time inside the callback {o['measure_s']:.1f} s "
                   f"({o['measure_share']:.1%} of the run); losses identical: {o['losses_identical']}."]
+    o = sm.get("overhead_long")
+    if o:
+        lines += ["", f"The same II rows cycled for {o['steps']} optimiser steps: with the callback "
+                  f"{o['with_s']:.1f} s, "
+                  f"without {o['without_s']:.1f} s (wall {o['wall_overhead']:+.1%}); time inside the callback "
+                  f"{o['measure_s']:.1f} s ({o['measure_share']:.1%} of the run); losses identical: "
+                  f"{o['losses_identical']}."]
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
