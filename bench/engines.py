@@ -24,8 +24,8 @@ N_JUDGE = int(os.environ.get("BENCH_N_JUDGE", "32"))
 EAGER = os.environ.get("BENCH_VLLM_EAGER", "1") == "1"  # eager (steerable) vLLM: no graph compilation
 # float32 by default: the product's CPU dtype (a CPU without native bf16 matmul, like AVX2-only EPYC, runs bf16 slower)
 DTYPE = os.environ.get("BENCH_DTYPE", "float32")
-PARTS = ("gen-hf16", "gen-hf64", "gen-hfauto", "gen-hf-bf16", "gen-hf-fp32", "gen-vllm", "gen-vllm-raw", "judge-hf",
-         "judge-hfengine", "judge-vllm")
+PARTS = ("gen-auto", "gen-hf16", "gen-hf64", "gen-hfauto", "gen-hf-bf16", "gen-hf-fp32", "gen-vllm", "gen-vllm-raw",
+         "judge-hf", "judge-hfengine", "judge-vllm")
 PART_DTYPE = {"gen-hf-bf16": "bfloat16", "gen-hf-fp32": "float32"}  # these ignore BENCH_DTYPE
 
 
@@ -91,6 +91,18 @@ def run_part(part: str, work: Path) -> dict:
             t0 = time.perf_counter()
             outs = llm.generate(toks, sp, use_tqdm=False)
             texts = [tok.decode(list(o.outputs[0].token_ids), skip_special_tokens=True).strip() for o in outs]
+        elif part == "gen-auto":  # the product's `--engine auto`: engine and dtype chosen by the cached calibration
+            from personascope.runtime.engines import make_engine, resolve_engine
+
+            model, tok = load_model(name, device="cpu")  # the product's own load, before the choice casts it
+            ad = ModelAdapter(model, tok)
+            choice = resolve_engine("auto", ad, len(prompts) * NEW_TOKENS)
+            res["choice"] = choice.line()
+            eng = make_engine(choice.engine, ad, len(prompts) * NEW_TOKENS, max_model_len=2048)
+            res["startup_s"] = time.perf_counter() - t0
+            eng.generate(prompts[:2], SamplingConfig(temperature=0.0, max_new_tokens=4))  # warm-up
+            t0 = time.perf_counter()
+            texts = eng.generate(prompts, cfg)
         elif part == "gen-hf16":  # the product's path before engines: sorted by length, batches of 16
             order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
             texts = [""] * len(prompts)
@@ -156,7 +168,8 @@ def drive(parts: list[str], work: Path) -> None:
              f"load average at the end {os.getloadavg()[0]:.1f}; vLLM {'eager' if EAGER else 'compiled'}; "
              f"torch threads {os.environ.get('BENCH_THREADS', '2')}", "",
              "| variant | seconds | rate | start-up (s) |", "|---|---|---|---|"]
-    labels = {"gen-hf16": "HF, product path (batch 16)", "gen-hf64": "HFEngine, batch 64",
+    labels = {"gen-auto": "product `--engine auto`", "gen-hf16": "HF, product path (batch 16)",
+              "gen-hf64": "HFEngine, batch 64",
               "gen-hfauto": "HFEngine, batch from memory", "gen-vllm": "VLLMEngine",
               "gen-hf-bf16": "HFEngine, batch from memory, bf16", "gen-hf-fp32": "HFEngine, batch from memory, fp32",
               "gen-vllm-raw": "raw vllm.LLM, compiled (anchor)",
@@ -168,6 +181,13 @@ def drive(parts: list[str], work: Path) -> None:
                                          "prompt tok/s)")
         lines.append(f"| {labels[p]} | {r['seconds']:.1f} | {rate} | {r.get('startup_s', 0):.0f} |")
     lines.append("")
+    if "gen-auto" in got:  # the target: auto at least as fast as the best of the HF engine and raw vLLM here
+        best = max((p for p in ("gen-hfauto", "gen-hf-bf16", "gen-hf-fp32", "gen-vllm-raw") if p in got),
+                   key=lambda p: got[p]["tok_per_s"], default=None)
+        lines.append(f"- auto chose: {got['gen-auto']['choice']}")
+        if best:
+            lines.append(f"- auto vs the best other variant here ({labels[best]}): speed "
+                         f"×{got['gen-auto']['tok_per_s'] / got[best]['tok_per_s']:.2f}")
     ref = next((p for p in ("gen-hf16", "gen-hfauto", "gen-hf64", "gen-hf-fp32") if p in got), None)
     base = got.get(ref) if ref else None
     for p in ("gen-hf64", "gen-hfauto", "gen-hf-bf16", "gen-vllm", "gen-vllm-raw"):
