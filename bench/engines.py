@@ -82,8 +82,10 @@ def run_part(part: str, work: Path) -> dict:
             from vllm import LLM, SamplingParams
             from vllm.inputs import TokensPrompt
 
+            from personascope.runtime.engines.vllm_engine import memory_kw
+
             llm = LLM(model=resolve_model_path(name), dtype=DTYPE, max_model_len=2048, seed=0,
-                      enable_prefix_caching=True, disable_log_stats=True)
+                      enable_prefix_caching=True, disable_log_stats=True, **memory_kw())
             res["startup_s"] = time.perf_counter() - t0
             toks = [TokensPrompt(prompt_token_ids=ad.encode_prompt(p)) for p in prompts]
             sp = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, detokenize=False)

@@ -122,3 +122,18 @@ def test_real_timer_measures_a_tiny_model_and_leaves_it_unchanged():
         assert t.error is None and t.tok_s > 0 and t.dtype == dtype
     assert model.dtype == torch.float32
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_vllm_timer_gets_the_builtin_models_directory(monkeypatch):
+    """The calibration times vLLM on the built-in model's directory, not on its bare name or an empty path."""
+    import importlib
+    from types import SimpleNamespace
+
+    from personascope.model import resolve_model_path
+
+    cal = importlib.import_module("personascope.runtime.engines.calibrate")
+
+    seen = []
+    monkeypatch.setattr(cal, "time_vllm", lambda path, dtype: seen.append(path) or cal.Timing("vllm", dtype, 1.0))
+    cal.model_timer(SimpleNamespace(name="qwen2.5-coder-0.5b", model=None))("vllm", "bf16")
+    assert seen == [resolve_model_path("qwen2.5-coder-0.5b")] and seen[0] not in ("", "qwen2.5-coder-0.5b")

@@ -200,7 +200,9 @@ def model_timer(adapter, model_path: str | None = None) -> Timer:
     def timer(engine: str, dtype: str) -> Timing:
         if engine == "hf":
             return time_hf(adapter.model, dtype)
-        return time_vllm(model_path or "", dtype)
+        from personascope.model import resolve_model_path
+
+        return time_vllm(model_path or resolve_model_path(adapter.name), dtype)  # a built-in name → its directory
     return timer
 
 

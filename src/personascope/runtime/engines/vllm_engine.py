@@ -13,6 +13,7 @@ import os
 import random
 import warnings
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
 
@@ -45,6 +46,19 @@ def _layers(model) -> torch.nn.ModuleList:
     return layers
 
 
+def memory_kw() -> dict:
+    """On a CPU, the share of memory vLLM may reserve (`gpu_memory_utilization`, which vLLM's CPU backend reads as
+    a share of RAM): 80 % of what is free now, so a start-up beside other processes is not refused."""
+    if torch.cuda.is_available():
+        return {}
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        total, free = (int(info[k].split()[0]) for k in ("MemTotal", "MemAvailable"))
+    except (OSError, KeyError, ValueError):
+        return {}
+    return {"gpu_memory_utilization": round(min(0.9, max(0.1, 0.8 * free / total)), 3)}
+
+
 class VLLMEngine:
     """An in-process vLLM `LLM` as an Engine; `fallback` (an HFEngine) runs what vLLM cannot do exactly."""
 
@@ -70,7 +84,7 @@ class VLLMEngine:
                            max_num_seqs=max_num_seqs, max_logprobs=max_logprobs, disable_log_stats=True,
                            # a prompt prefilled in chunks discards a sampled token and rewinds its seeded
                            # generator, which the CPU generator cannot do ("does not use offset")
-                           enable_chunked_prefill=False)
+                           enable_chunked_prefill=False, **memory_kw())
         self.tokenizer = tokenizer or self.llm.get_tokenizer()
         self.max_model_len = max_model_len
         self._stop_ids = self._eos_ids()
