@@ -28,8 +28,9 @@ def demo(
     out: Path = Path("runs/demo"),
     seed: Annotated[int, SEED.option("Sampling seed of the extraction answers.")] = 0,
     questions: Annotated[int, DEMO_QUESTIONS.option("Extraction and evaluation questions.")] = 6,
-    judge_model: Annotated[str | None, typer.Option(help="A local LLM judge instead of the probe judge on "
-                                                         "the model itself.")] = None,
+    judge_model: Annotated[str | None, typer.Option(help="A local LLM judge instead of the probe judge (on "
+                                                         "the model itself when the package has its probe, else on "
+                                                         "the 0.5B).")] = None,
     device: DeviceOpt = None,
     engine: EngineOpt = "auto",
     steer_with: Annotated[str, typer.Option(help="auto: steer with the package's ready-made vector for the model "
