@@ -82,7 +82,7 @@ def run_part(part: str, work: Path) -> dict:
             from vllm import LLM, SamplingParams
             from vllm.inputs import TokensPrompt
 
-            from personascope.runtime.engines.vllm_engine import memory_kw
+            from personascope.runtime.engines import memory_kw
 
             llm = LLM(model=resolve_model_path(name), dtype=DTYPE, max_model_len=2048, seed=0,
                       enable_prefix_caching=True, disable_log_stats=True, **memory_kw())
