@@ -13,21 +13,19 @@ from collections.abc import Sequence
 
 import torch
 
-from personascope.model import ModelAdapter, cache_kwarg, output_cache, pad_batch, pad_id, position_ids_for
+from personascope.model import (
+    ModelAdapter,
+    cache_kwarg,
+    common_prefix,
+    output_cache,
+    pad_batch,
+    pad_id,
+    position_ids_for,
+)
 
 MIN_SHARED = 16  # tokens; a shorter common prefix is not worth a separate forward
 GROUP = 64  # leading tokens that group rows into batches
 KEEP = 4  # prefix caches kept (trait rubric, coherence rubric, contrast sides)
-
-
-def common_prefix(rows: Sequence[Sequence[int]]) -> int:
-    """How many leading tokens every row shares."""
-    n = min(len(r) for r in rows)
-    first = rows[0]
-    for i in range(n):
-        if any(r[i] != first[i] for r in rows[1:]):
-            return i
-    return n
 
 
 class PrefixForward:

@@ -12,7 +12,15 @@ from collections.abc import Sequence
 
 import torch
 
-from personascope.model import ModelAdapter, cache_kwarg, output_cache, pad_batch, pad_id, position_ids_for
+from personascope.model import (
+    ModelAdapter,
+    cache_kwarg,
+    common_prefix,
+    output_cache,
+    pad_batch,
+    pad_id,
+    position_ids_for,
+)
 from personascope.steering import SteeringSpec
 
 MIN_SHARED_PREFIX = 16  # tokens; shorter common prefixes are not worth a separate forward
@@ -45,15 +53,6 @@ def memory_batch_size(adapter: ModelAdapter, tokens_per_row: int, cap: int | Non
     if cap is None:
         cap = 256 if adapter.device.type == "cuda" else 64
     return max(1, min(cap, int(budget // max(per_row, 1))))
-
-
-def _common_prefix(rows: list[list[int]]) -> int:
-    n = min(len(r) for r in rows)
-    first = rows[0]
-    for i in range(n):
-        if any(r[i] != first[i] for r in rows[1:]):
-            return i
-    return n
 
 
 class HFEngine:
@@ -149,7 +148,7 @@ class HFEngine:
         res: list[dict[int, float]] = [{} for _ in ids]
         for idx in self._batches(ids, 0, group_prefix=64):
             rows = [ids[i] for i in idx]
-            shared = min(_common_prefix(rows), min(len(r) for r in rows) - 1)
+            shared = min(common_prefix(rows), min(len(r) for r in rows) - 1)
             if shared >= MIN_SHARED_PREFIX:
                 cache = self._prefix_cache(tuple(rows[0][:shared]))
                 cache.batch_repeat_interleave(len(rows))
